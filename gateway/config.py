@@ -1,0 +1,251 @@
+"""Settings: a TOML file and ``GATEWAY_*`` environment variables, the environment winning.
+
+The file is named by ``--config FILE`` or ``GATEWAY_CONFIG``. Every setting has a default so that
+the gateway runs with none (the embedded default: SQLite and a ``./data`` folder). The table of
+environment variables below is the one place where names are mapped; README.md lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import GatewayError
+
+
+class SettingsError(GatewayError):
+    """A setting is missing, malformed or contradicts another; the message names it."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A DIMSE peer's permissions, keyed by its AE title (like Orthanc's ``DicomModalities``).
+
+    ``host`` restricts the peer to one address when set.
+    """
+
+    host: str | None = None
+    echo: bool = True
+    store: bool = True
+    find: bool = True
+    move: bool = True
+    get: bool = True
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-MOVE destination: where instances are sent for a given AE title."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class DimseSettings:
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "DICOMGW"
+    # Refuse associations whose Called AE Title is not ours (PS3.8 A-ASSOCIATE-RJ, reason 7).
+    require_called_ae: bool = True
+    max_associations: int = 32
+    # Largest P-DATA PDU we accept; large PDUs cut the per-PDU overhead (BENCHMARKING.md).
+    max_pdu_size: int = 262144
+    # Seconds without a PDU before an association is aborted.
+    network_timeout: float = 60.0
+    peers: Mapping[str, Peer] = field(default_factory=dict)
+    destinations: Mapping[str, Destination] = field(default_factory=dict)
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Largest STOW-RS body accepted, in bytes.
+    max_upload_bytes: int = 4 * 1024**3
+    # Largest QIDO-RS page (PS3.18 §8.3.4.4); bigger `limit` values are cut with a Warning.
+    max_results: int = 1000
+    cors_origins: tuple[str, ...] = ()
+    # Public base URL used in RetrieveURL and link URLs when the gateway sits behind a proxy.
+    base_url: str | None = None
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    # Replace an instance when a different one arrives under a stored SOP Instance UID.
+    overwrite: bool = False
+    # Refuse new instances (0xA700) when less than this many bytes are free in the data folder.
+    min_free_bytes: int = 512 * 1024**2
+    # fsync each file and the index commit before acknowledging (never switch off in production).
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("./data")
+    database_url: str | None = None
+    demo: bool = False
+    log_level: str = "INFO"
+    dimse: DimseSettings = field(default_factory=DimseSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    # Free-form tables of the other front ends ([links], [auth], ...), read by them.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def index_url(self) -> str:
+        """The SQLAlchemy URL of the index: the setting, or SQLite inside the data folder."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+
+# Environment variable -> (section, key). Section "" is the top level.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "GATEWAY_DATA_DIR": ("", "data_dir"),
+    "GATEWAY_DATABASE_URL": ("", "database_url"),
+    "GATEWAY_DEMO": ("", "demo"),
+    "GATEWAY_LOG_LEVEL": ("", "log_level"),
+    "GATEWAY_HTTP_HOST": ("http", "host"),
+    "GATEWAY_HTTP_PORT": ("http", "port"),
+    "GATEWAY_HTTP_MAX_UPLOAD_BYTES": ("http", "max_upload_bytes"),
+    "GATEWAY_HTTP_MAX_RESULTS": ("http", "max_results"),
+    "GATEWAY_HTTP_CORS_ORIGINS": ("http", "cors_origins"),
+    "GATEWAY_HTTP_BASE_URL": ("http", "base_url"),
+    "GATEWAY_DIMSE_HOST": ("dimse", "host"),
+    "GATEWAY_DIMSE_PORT": ("dimse", "port"),
+    "GATEWAY_AE_TITLE": ("dimse", "ae_title"),
+    "GATEWAY_DIMSE_MAX_ASSOCIATIONS": ("dimse", "max_associations"),
+    "GATEWAY_DIMSE_MAX_PDU_SIZE": ("dimse", "max_pdu_size"),
+    "GATEWAY_STORAGE_OVERWRITE": ("storage", "overwrite"),
+    "GATEWAY_STORAGE_MIN_FREE_BYTES": ("storage", "min_free_bytes"),
+}
+
+_SECTIONS: dict[str, type] = {
+    "dimse": DimseSettings,
+    "http": HttpSettings,
+    "storage": StorageSettings,
+}
+
+
+def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
+    """Convert a TOML or environment value to the type of the setting's default."""
+    try:
+        if "bool" in annotation:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(value)
+        if "int" in annotation and "Mapping" not in annotation:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if "float" in annotation:
+            return float(value)
+        if "tuple" in annotation:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if "Path" in annotation:
+            return None if value in (None, "") else Path(str(value))
+        if value is None:
+            return None
+        return str(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting {name}: {value!r} is not a valid value") from None
+
+
+def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in table.items():
+        if key not in known:
+            raise SettingsError(f"unknown setting {where}{key}; see README.md for the list")
+        annotation = str(known[key].type)
+        if key == "peers":
+            values[key] = {str(ae): _build(Peer, v, f"{where}peers.{ae}.") for ae, v in value.items()}
+        elif key == "destinations":
+            values[key] = {
+                str(ae): _build(Destination, v, f"{where}destinations.{ae}.")
+                for ae, v in value.items()
+            }
+        elif cls in (Peer, Destination):
+            values[key] = _coerce(where + key, value, None, annotation)
+        else:
+            values[key] = _coerce(where + key, value, getattr(defaults, key), annotation)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise SettingsError(f"settings {where.rstrip('.') or 'top level'}: {exc}") from None
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read the settings: defaults, then the TOML file, then the environment, then overrides.
+
+    Parameters
+    ----------
+    config_file
+        A TOML file; when ``None``, ``GATEWAY_CONFIG`` names it if set.
+    environ
+        The environment to read (``os.environ`` by default).
+    overrides
+        Top-level settings given on the command line (e.g. ``demo=True``).
+
+    Raises
+    ------
+    SettingsError
+        On an unreadable file, an unknown key or a malformed value.
+    """
+    env = os.environ if environ is None else environ
+    path = config_file or env.get("GATEWAY_CONFIG")
+    table: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from None
+
+    sections: dict[str, dict[str, Any]] = {name: dict(table.pop(name, {})) for name in _SECTIONS}
+    top = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    extra = {k: v for k, v in table.items() if isinstance(v, dict)}
+    for var, (section, key) in ENVIRONMENT.items():
+        if var in env:
+            (sections[section] if section else top)[key] = env[var]
+
+    built = {name: _build(cls, sections[name], f"[{name}] ") for name, cls in _SECTIONS.items()}
+    settings = _build(Settings, top, "")
+    settings = replace(settings, extra=extra, **built)
+    if overrides:
+        settings = replace(settings, **overrides)
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    ae = settings.dimse.ae_title
+    if not (0 < len(ae) <= 16) or not ae.isascii() or "\\" in ae or not ae.strip():
+        raise SettingsError(f"AE title {ae!r} must be 1 to 16 ASCII characters without backslash")
+    for name, port in (("http.port", settings.http.port), ("dimse.port", settings.dimse.port)):
+        if not 0 <= port <= 65535:
+            raise SettingsError(f"{name} {port} is not a TCP port")
+    if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise SettingsError(f"log_level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

@@ -1,0 +1,45 @@
+"""The core object every front end is handed: settings, storage, index and ingest, wired once."""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.config import Settings
+from gateway.index import Index
+from gateway.ingest import Ingestor
+from gateway.storage import FileStorage
+
+logger = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The transport-free core of one gateway process.
+
+    Call :meth:`open` before use (migrations, crash recovery) and :meth:`close` at the end.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = FileStorage(
+            settings.data_dir / "files",
+            fsync=settings.storage.fsync,
+            min_free_bytes=settings.storage.min_free_bytes,
+        )
+        self.index = Index(settings.index_url)
+        self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite)
+
+    def open(self) -> Gateway:
+        """Bring the schema up to date and finish or undo writes a crash left behind."""
+        self.index.upgrade()
+        self.storage.recover(self.index.has_file)
+        return self
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> Gateway:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

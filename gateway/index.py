@@ -1,0 +1,333 @@
+"""The index: one Engine, one sessionmaker, and the queries the core needs.
+
+SQLite (WAL, foreign keys, full synchronous commits) by default, PostgreSQL by URL, the same code.
+Writes go through a group committer: each caller hands in a unit of work and waits; a single
+writer thread runs all the units waiting at that moment in one transaction (a savepoint each) and
+commits once, so many instances share one fsync of the log without any of them being acknowledged
+before its row is durable (DESIGN.md: "group commits are the way to speed").
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.metadata import ParsedInstance
+from gateway.models import Base, Instance, Patient, Series, Study
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).parent / "migrations"
+# How many units of work one group commit takes at most.
+MAX_BATCH = 64
+
+
+def make_engine(url: str, *, writer: bool = False) -> Engine:
+    """Create an Engine, with SQLite's pragmas set on each new connection.
+
+    The ``writer`` engine (used by the one writer thread) takes SQLite's write lock when a
+    transaction begins, so that another process's writer waits instead of failing mid-way.
+    """
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=1 if writer else 8, max_overflow=0 if writer else 16)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, decide when transactions begin (savepoints work).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_size=2 if writer else 10, max_overflow=0 if writer else 20,
+                         pool_pre_ping=True)
+
+
+def _insert(dialect: str, table: Any) -> Any:
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Index:
+    """The SQL index of patients, studies, series and instances.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        self.write_engine = make_engine(url, writer=True)
+        self.WriteSession = sessionmaker(self.write_engine, expire_on_commit=False)
+        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+
+    # -- schema -------------------------------------------------------------------------------
+    def upgrade(self) -> None:
+        """Bring the schema to the newest Alembic revision (``dicom-gateway db upgrade``)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with self.write_engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=10)
+            self._writer = None
+        self.engine.dispose()
+        self.write_engine.dispose()
+
+    # -- group commit -------------------------------------------------------------------------
+    def write(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)`` in a committed transaction shared with concurrent writers.
+
+        Returns only after the transaction holding ``work`` is committed; raises what ``work``
+        raised (its savepoint rolled back, the others unaffected) or the commit's error.
+        """
+        if self._writer is None:
+            with self._writer_lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_loop, name="index-writer", daemon=True
+                    )
+                    self._writer.start()
+        future: Future[T] = Future()
+        self._queue.put((work, future))
+        return future.result()
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+        results: list[tuple[Future[Any], bool, Any]] = []
+        try:
+            with self.WriteSession() as session:
+                with session.begin():
+                    for work, future in batch:
+                        try:
+                            with session.begin_nested():
+                                results.append((future, True, work(session)))
+                        except Exception as exc:  # the unit's own failure
+                            results.append((future, False, exc))
+        except Exception as exc:
+            logger.exception("index commit failed for %d writes", len(batch))
+            for _work, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, ok, value in results:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    # -- instances ----------------------------------------------------------------------------
+    def find_instance(self, sop_instance_uid: str) -> Instance | None:
+        with self.Session() as session:
+            return session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).one_or_none()
+
+    def has_file(self, relpath: str) -> bool:
+        with self.Session() as session:
+            return session.scalar(
+                select(func.count()).select_from(Instance).where(Instance.file_path == relpath)
+            ) > 0
+
+    def file_paths(self) -> set[str]:
+        with self.Session() as session:
+            return set(session.scalars(select(Instance.file_path)))
+
+    def add_instance(self, session: Session, parsed: ParsedInstance, relpath: str,
+                     source: str, metadata_json: str) -> Instance:
+        """Insert one instance, creating its patient, study and series rows as needed.
+
+        Runs inside :meth:`write`. Raises ``IntegrityError`` if the SOP Instance UID is taken.
+        """
+        f = parsed.fields
+        stamp = now()
+        patient_pk = self._upsert(
+            session, Patient,
+            {"patient_id": f["patient_id"], "issuer_of_patient_id": f["issuer_of_patient_id"]},
+            {k: f[k] for k in ("patient_name", "patient_name_norm", "patient_birth_date",
+                               "patient_sex")},
+        )[0]
+        study_pk, _ = self._upsert(
+            session, Study, {"study_instance_uid": parsed.study_instance_uid},
+            {
+                "patient_pk": patient_pk, "created_at": stamp, "updated_at": stamp,
+                "attributes": parsed.study_attributes_json(),
+                **{k: f[k] for k in ("study_date", "study_time", "accession_number", "study_id",
+                                     "study_description", "referring_physician_name",
+                                     "referring_physician_name_norm", "timezone_offset")},
+            },
+        )
+        series_pk, new_series = self._upsert(
+            session, Series, {"series_instance_uid": parsed.series_instance_uid},
+            {
+                "study_pk": study_pk, "created_at": stamp,
+                "attributes": parsed.series_attributes_json(),
+                **{k: f[k] for k in ("modality", "series_number", "series_description",
+                                     "body_part_examined", "performed_procedure_step_start_date",
+                                     "performed_procedure_step_start_time", "series_date",
+                                     "series_time")},
+            },
+        )
+        row = Instance(
+            series_pk=series_pk,
+            sop_instance_uid=parsed.sop_instance_uid,
+            sop_class_uid=parsed.sop_class_uid,
+            instance_number=f["instance_number"],
+            transfer_syntax_uid=parsed.transfer_syntax_uid,
+            rows=f["rows"], columns=f["columns"], bits_allocated=f["bits_allocated"],
+            number_of_frames=f["number_of_frames"],
+            file_path=relpath, file_size=parsed.size, digest=parsed.digest,
+            metadata_json=metadata_json, source=source[:200], created_at=stamp,
+        )
+        session.add(row)
+        session.flush()
+        session.execute(update(Series).where(Series.pk == series_pk)
+                        .values(number_of_instances=Series.number_of_instances + 1))
+        values: dict[str, Any] = {
+            "number_of_instances": Study.number_of_instances + 1, "updated_at": stamp,
+        }
+        if new_series:
+            values["number_of_series"] = Study.number_of_series + 1
+            modalities = set(session.scalars(
+                select(Series.modality).where(Series.study_pk == study_pk).distinct()
+            ))
+            values["modalities_in_study"] = "\\".join(sorted(m for m in modalities if m))
+        session.execute(update(Study).where(Study.pk == study_pk).values(**values))
+        return row
+
+    def _upsert(self, session: Session, model: Any, key: dict[str, Any],
+                values: dict[str, Any]) -> tuple[int, bool]:
+        """Insert the row unless its key exists; return its pk and whether it was new."""
+        table = model.__table__
+        conditions = [table.c[k] == v for k, v in key.items()]
+        pk = session.scalar(select(table.c.pk).where(*conditions))
+        if pk is not None:
+            return pk, False
+        stmt = _insert(self.dialect, table).values(**key, **values).on_conflict_do_nothing()
+        result = session.execute(stmt.returning(table.c.pk))
+        pk = result.scalar()
+        if pk is not None:
+            return pk, True
+        return session.scalar(select(table.c.pk).where(*conditions)), False
+
+    def remove_instances(self, session: Session, instance_pks: Iterable[int]) -> list[str]:
+        """Delete instances and fix the counts; drop series, studies, patients left empty.
+
+        Returns the relative paths of the files to delete once committed.
+        """
+        pks = list(instance_pks)
+        if not pks:
+            return []
+        rows = session.execute(
+            select(Instance.pk, Instance.file_path, Instance.series_pk).where(Instance.pk.in_(pks))
+        ).all()
+        paths = [r.file_path for r in rows]
+        series_pks = {r.series_pk for r in rows}
+        session.execute(delete(Instance).where(Instance.pk.in_(pks)))
+        for series_pk in series_pks:
+            self._refresh_series(session, series_pk)
+        return paths
+
+    def _refresh_series(self, session: Session, series_pk: int) -> None:
+        count = session.scalar(select(func.count()).where(Instance.series_pk == series_pk))
+        study_pk = session.scalar(select(Series.study_pk).where(Series.pk == series_pk))
+        if count:
+            session.execute(update(Series).where(Series.pk == series_pk)
+                            .values(number_of_instances=count))
+        else:
+            session.execute(delete(Series).where(Series.pk == series_pk))
+        self.refresh_study(session, study_pk)
+
+    def refresh_study(self, session: Session, study_pk: int | None) -> None:
+        """Recount a study's series, instances and modalities; drop it (and its patient) if empty."""
+        if study_pk is None:
+            return
+        series = session.execute(
+            select(Series.modality, Series.number_of_instances).where(Series.study_pk == study_pk)
+        ).all()
+        if series:
+            session.execute(update(Study).where(Study.pk == study_pk).values(
+                number_of_series=len(series),
+                number_of_instances=sum(s.number_of_instances for s in series),
+                modalities_in_study="\\".join(sorted({s.modality for s in series if s.modality})),
+                updated_at=now(),
+            ))
+            return
+        patient_pk = session.scalar(select(Study.patient_pk).where(Study.pk == study_pk))
+        session.execute(delete(Study).where(Study.pk == study_pk))
+        if patient_pk is not None and not session.scalar(
+            select(func.count()).where(Study.patient_pk == patient_pk)
+        ):
+            session.execute(delete(Patient).where(Patient.pk == patient_pk))
+
+    def counts(self) -> dict[str, int]:
+        with self.Session() as session:
+            return {
+                name: session.scalar(select(func.count()).select_from(model)) or 0
+                for name, model in (("patients", Patient), ("studies", Study),
+                                    ("series", Series), ("instances", Instance))
+            }
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached (``/readyz``)."""
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
+
+__all__ = ["Base", "Index", "make_engine"]

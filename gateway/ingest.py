@@ -1,0 +1,185 @@
+"""One ingest path for C-STORE, STOW-RS and the CLI: validate, write durably, index.
+
+A success is returned only once the file is on stable storage and its index row is committed.
+An identical re-send (same data set bytes) is a no-op success. A different instance under a
+stored SOP Instance UID is refused (:class:`~gateway.errors.Conflict`) and the original kept,
+unless ``[storage] overwrite = true``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gateway.errors import Conflict, SOPClassMismatch
+from gateway.index import Index
+from gateway.metadata import ParsedInstance, parse_instance
+from gateway.metrics import METRICS
+from gateway.models import Instance
+from gateway.storage import FileStorage, relative_path
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+class Ingestor:
+    """Stores instances: the function every front end calls to keep a received instance.
+
+    Parameters
+    ----------
+    storage, index
+        Where files and rows go.
+    overwrite
+        Replace a stored instance when a different one arrives under its SOP Instance UID.
+    """
+
+    def __init__(self, storage: FileStorage, index: Index, *, overwrite: bool = False) -> None:
+        self.storage = storage
+        self.index = index
+        self.overwrite = overwrite
+
+    def ingest(
+        self,
+        data: bytes,
+        *,
+        source: str = "",
+        expected_sop_class_uid: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
+    ) -> IngestResult:
+        """Validate, store and index one Part 10 instance.
+
+        Parameters
+        ----------
+        data
+            The instance as received, with preamble and file meta information.
+        source
+            Who sent it, for the record (``dimse:AE@host``, ``stow:...``, ``cli``).
+        expected_sop_class_uid, expected_sop_instance_uid
+            The Affected SOP Class/Instance UIDs of the C-STORE request (PS3.7 9.1.1).
+        expected_study_instance_uid
+            The study of a STOW-RS request to ``/studies/{study}`` (PS3.18 §10.5.1).
+
+        Raises
+        ------
+        InvalidInstance
+            Unparsable, truncated, or missing its identifying UIDs.
+        SOPClassMismatch
+            The data set does not match the SOP Class or Instance it was announced as.
+        Conflict
+            Another instance is stored under this SOP Instance UID (and overwrite is off).
+        StorageFull
+            No room left; nothing was kept.
+        """
+        parsed = parse_instance(data)
+        if expected_sop_class_uid and parsed.sop_class_uid != expected_sop_class_uid:
+            raise SOPClassMismatch(
+                f"the data set's SOPClassUID {parsed.sop_class_uid} differs from the "
+                f"Affected SOP Class UID {expected_sop_class_uid} of the request"
+            )
+        if expected_sop_instance_uid and parsed.sop_instance_uid != expected_sop_instance_uid:
+            raise SOPClassMismatch(
+                f"the data set's SOPInstanceUID {parsed.sop_instance_uid} differs from the "
+                f"Affected SOP Instance UID {expected_sop_instance_uid} of the request"
+            )
+        if expected_study_instance_uid and parsed.study_instance_uid != expected_study_instance_uid:
+            raise SOPClassMismatch(
+                f"the instance belongs to study {parsed.study_instance_uid}, not to "
+                f"{expected_study_instance_uid} named in the request"
+            )
+        existing = self.index.find_instance(parsed.sop_instance_uid)
+        if existing is not None:
+            outcome = self._against_existing(parsed, existing)
+            if outcome is not None:
+                return outcome
+        return self._store(parsed, data, source)
+
+    def _result(self, parsed: ParsedInstance, outcome: Outcome) -> IngestResult:
+        METRICS.inc(f"gateway_instances_{outcome.value}_total")
+        return IngestResult(outcome, parsed.sop_class_uid, parsed.sop_instance_uid,
+                            parsed.study_instance_uid, parsed.series_instance_uid)
+
+    def _against_existing(self, parsed: ParsedInstance, existing: Instance) -> IngestResult | None:
+        if existing.digest == parsed.digest:
+            logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
+            return self._result(parsed, Outcome.DUPLICATE)
+        if not self.overwrite:
+            logger.warning(
+                "refused instance %s: a different instance is stored under this SOP Instance "
+                "UID (stored digest %s, received %s); the original is kept",
+                parsed.sop_instance_uid, existing.digest[:12], parsed.digest[:12],
+            )
+            METRICS.inc("gateway_instances_conflict_total")
+            raise Conflict(
+                f"a different instance is already stored under SOP Instance UID "
+                f"{parsed.sop_instance_uid}; the original is kept"
+            )
+        return None
+
+    def _store(self, parsed: ParsedInstance, data: bytes, source: str) -> IngestResult:
+        relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
+                                parsed.sop_instance_uid, parsed.digest)
+        metadata_json = parsed.metadata_json()
+        pending = self.storage.write(relpath, data)
+        replaced: list[str] = []
+
+        def work(session: Session) -> Outcome:
+            old = session.query(Instance).filter_by(
+                sop_instance_uid=parsed.sop_instance_uid).one_or_none()
+            if old is not None:
+                if old.digest == parsed.digest:
+                    return Outcome.DUPLICATE
+                if not self.overwrite:
+                    raise Conflict(
+                        f"a different instance is already stored under SOP Instance UID "
+                        f"{parsed.sop_instance_uid}; the original is kept"
+                    )
+                replaced.extend(self.index.remove_instances(session, [old.pk]))
+                self.index.add_instance(session, parsed, relpath, source, metadata_json)
+                return Outcome.REPLACED
+            self.index.add_instance(session, parsed, relpath, source, metadata_json)
+            return Outcome.STORED
+
+        try:
+            outcome = self.index.write(work)
+        except IntegrityError:
+            # A concurrent writer stored the same SOP Instance UID between our check and commit.
+            self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
+            existing = self.index.find_instance(parsed.sop_instance_uid)
+            if existing is not None:
+                result = self._against_existing(parsed, existing)
+                if result is not None:
+                    return result
+            raise
+        except BaseException:
+            self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
+            raise
+        if outcome is Outcome.DUPLICATE:
+            self.storage.abandon(pending, keep_final=True)
+        else:
+            self.storage.finish(pending)
+        for old_path in replaced:
+            if old_path != relpath:
+                self.storage.delete(old_path)
+        if outcome is Outcome.REPLACED:
+            logger.warning("replaced instance %s (storage.overwrite is on)",
+                           parsed.sop_instance_uid)
+        return self._result(parsed, outcome)

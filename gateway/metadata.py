@@ -1,0 +1,294 @@
+"""Reading a received instance once: validation, indexed attributes and DICOM JSON metadata.
+
+Everything the index needs is computed here, at ingest, so that queries and ``/metadata`` never
+open a DICOM file (DESIGN.md). The DICOM JSON model is pydicom's (PS3.18 Annex F); binary values
+longer than :data:`BULK_DATA_THRESHOLD` bytes, and the pixel data always, are replaced by a
+``BulkDataURI`` relative to the DICOMweb root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from gateway.errors import InvalidInstance
+from gateway.uids import is_valid_uid
+
+BULK_DATA_THRESHOLD = 1024
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# Patient and study level attributes kept with the study (returned by study-level QIDO-RS,
+# PS3.18 Table 10.6.3-3, and C-FIND, PS3.4 C.6.1.1.2/3).
+PATIENT_STUDY_KEYWORDS = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence", "PatientBirthDate",
+    "PatientBirthTime", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
+    "EthnicGroup", "PatientComments", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "NameOfPhysiciansReadingStudy", "ProcedureCodeSequence",
+    "AdmittingDiagnosesDescription", "TimezoneOffsetFromUTC", "InstitutionName",
+)
+# Series level attributes kept with the series (PS3.18 Table 10.6.3-4, PS3.4 C.6.1.1.4).
+SERIES_KEYWORDS = (
+    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
+    "SeriesTime", "BodyPartExamined", "Laterality", "ProtocolName", "OperatorsName",
+    "PerformingPhysicianName", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime", "PerformedProcedureStepID",
+    "PerformedProcedureStepDescription", "RequestAttributesSequence", "Manufacturer",
+    "ManufacturerModelName", "StationName", "FrameOfReferenceUID",
+)
+
+
+@dataclass
+class ParsedInstance:
+    """What ingest needs to know about one received instance."""
+
+    dataset: Dataset
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    digest: str
+    size: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def metadata_json(self) -> str:
+        """The instance's DICOM JSON (PS3.18 F.2), bulk data as relative BulkDataURIs."""
+        return to_json(self.dataset, self.bulk_prefix())
+
+    def study_attributes_json(self) -> str:
+        return to_json(_subset(self.dataset, PATIENT_STUDY_KEYWORDS), self.bulk_prefix())
+
+    def series_attributes_json(self) -> str:
+        return to_json(_subset(self.dataset, SERIES_KEYWORDS), self.bulk_prefix())
+
+    def bulk_prefix(self) -> str:
+        return (
+            f"studies/{self.study_instance_uid}/series/{self.series_instance_uid}"
+            f"/instances/{self.sop_instance_uid}/bulk/"
+        )
+
+
+def normalize_name(value: str) -> str:
+    """Upper case, accents removed: the form fuzzy person-name matching compares.
+
+    >>> normalize_name("Müller^Zoé")
+    'MULLER^ZOE'
+    """
+    decomposed = unicodedata.normalize("NFKD", value)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).upper()
+
+
+def dataset_offset(data: bytes | memoryview) -> int:
+    """Offset of the data set after the preamble and the file meta group (0 if not Part 10)."""
+    if len(data) >= 144 and bytes(data[128:132]) == b"DICM" and bytes(data[132:136]) == b"\x02\x00\x00\x00":
+        group_length = int.from_bytes(data[140:144], "little")
+        return 144 + group_length
+    return 0
+
+
+def parse_instance(data: bytes) -> ParsedInstance:
+    """Parse and check a Part 10 instance as received.
+
+    Raises
+    ------
+    InvalidInstance
+        When the bytes are not a complete DICOM Part 10 file with the four identifying UIDs
+        (garbage, truncated values or pixel data, missing or malformed UIDs).
+    """
+    try:
+        ds = dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, ValueError, KeyError, NotImplementedError) as exc:
+        raise InvalidInstance(f"not a DICOM Part 10 file: {exc}") from None
+    except Exception as exc:  # pydicom raises many kinds on corrupt input
+        raise InvalidInstance(f"unreadable DICOM data: {type(exc).__name__}: {exc}") from None
+
+    meta = ds.file_meta
+    ts = str(meta.get("TransferSyntaxUID", "") or "")
+    if not is_valid_uid(ts):
+        raise InvalidInstance("the file meta information has no valid TransferSyntaxUID")
+    _check_complete(ds)
+    uids = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        try:
+            value = ds.get(keyword)
+        except Exception as exc:
+            raise InvalidInstance(f"{keyword} cannot be read: {exc}") from None
+        value = str(value).strip("\x00 ") if value is not None else ""
+        if not is_valid_uid(value):
+            raise InvalidInstance(f"{keyword} {value[:80]!r} is missing or not a valid UID")
+        uids[keyword] = value
+    meta_sop = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip("\x00 ")
+    if meta_sop and meta_sop != uids["SOPInstanceUID"]:
+        raise InvalidInstance(
+            "MediaStorageSOPInstanceUID in the file meta differs from the SOPInstanceUID"
+        )
+    _check_pixel_data(ds, ts, uids["SOPClassUID"])
+    offset = dataset_offset(data)
+    digest = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+    parsed = ParsedInstance(
+        dataset=ds,
+        transfer_syntax_uid=ts,
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        digest=digest,
+        size=len(data),
+    )
+    parsed.fields = _index_fields(ds)
+    return parsed
+
+
+def _check_complete(ds: Dataset) -> None:
+    """Reject data cut short inside a value (pydicom reads short values silently)."""
+    for elem in ds._dict.values():  # noqa: SLF001 - raw elements, before conversion
+        if isinstance(elem, RawDataElement) and elem.length != UNDEFINED_LENGTH:
+            value = elem.value
+            if value is not None and len(value) < elem.length:
+                raise InvalidInstance(
+                    f"the data set is truncated: element ({elem.tag.group:04X},"
+                    f"{elem.tag.element:04X}) declares {elem.length} bytes, {len(value)} arrived"
+                )
+    try:
+        for _ in ds.iterall():
+            pass
+    except Exception as exc:
+        raise InvalidInstance(f"the data set cannot be decoded: {exc}") from None
+
+
+def _check_pixel_data(ds: Dataset, ts: str, sop_class_uid: str) -> None:
+    if UID(sop_class_uid).name.endswith("Image Storage") and not any(t in ds for t in PIXEL_TAGS):
+        raise InvalidInstance(
+            f"{UID(sop_class_uid).name} instance without pixel data (truncated data set?)"
+        )
+    if "Rows" not in ds or "Columns" not in ds:
+        return
+    if not any(tag in ds for tag in PIXEL_TAGS):
+        if "BitsAllocated" in ds and "SamplesPerPixel" in ds:
+            raise InvalidInstance("the image has Rows and Columns but no pixel data (truncated?)")
+        return
+    if 0x7FE00010 not in ds:
+        return
+    if UID(ts).is_encapsulated:
+        return  # fragments: a cut sequence fails while decoding (iterall above)
+    value = ds._dict[0x7FE00010].value  # noqa: SLF001
+    try:
+        expected = (
+            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+            * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)
+        )
+    except (TypeError, ValueError, AttributeError):
+        return
+    if value is not None and UID(ts).is_deflated is False and len(value) * 8 < expected:
+        raise InvalidInstance(
+            f"pixel data is truncated: {len(value)} bytes for an image needing {expected // 8}"
+        )
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or getattr(value, "VM", 1) > 1 and not isinstance(value, str):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _index_fields(ds: Dataset) -> dict[str, Any]:
+    patient_name = _text(ds, "PatientName", 324)
+    referring = _text(ds, "ReferringPhysicianName", 324)
+    return {
+        "patient_id": _text(ds, "PatientID"),
+        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID"),
+        "patient_name": patient_name,
+        "patient_name_norm": normalize_name(patient_name),
+        "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+        "patient_sex": _text(ds, "PatientSex", 16),
+        "study_date": _text(ds, "StudyDate", 8),
+        "study_time": _text(ds, "StudyTime", 16),
+        "accession_number": _text(ds, "AccessionNumber"),
+        "study_id": _text(ds, "StudyID", 16),
+        "study_description": _text(ds, "StudyDescription"),
+        "referring_physician_name": referring,
+        "referring_physician_name_norm": normalize_name(referring),
+        "timezone_offset": _text(ds, "TimezoneOffsetFromUTC", 5),
+        "modality": _text(ds, "Modality", 16),
+        "series_number": _int(ds, "SeriesNumber"),
+        "series_description": _text(ds, "SeriesDescription"),
+        "body_part_examined": _text(ds, "BodyPartExamined", 16),
+        "performed_procedure_step_start_date": _text(ds, "PerformedProcedureStepStartDate", 8),
+        "performed_procedure_step_start_time": _text(ds, "PerformedProcedureStepStartTime", 16),
+        "series_date": _text(ds, "SeriesDate", 8),
+        "series_time": _text(ds, "SeriesTime", 16),
+        "instance_number": _int(ds, "InstanceNumber"),
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+        "bits_allocated": _int(ds, "BitsAllocated"),
+        "number_of_frames": _int(ds, "NumberOfFrames"),
+    }
+
+
+def _subset(ds: Dataset, keywords: tuple[str, ...]) -> Dataset:
+    out = Dataset()
+    for keyword in keywords:
+        if keyword in ds:
+            out[keyword] = ds[keyword]
+    return out
+
+
+def to_json(ds: Dataset, bulk_prefix: str) -> str:
+    """Serialise ``ds`` as DICOM JSON, binary values over the threshold as BulkDataURIs.
+
+    The URI of a nested value carries its path: ``<tag>/<item>/<tag>...``, tags in hex.
+    """
+    paths: dict[int, str] = {}
+
+    def walk(dataset: Dataset, prefix: str) -> None:
+        for elem in dataset:
+            if elem.VR == "SQ":
+                for i, item in enumerate(elem.value):
+                    walk(item, f"{prefix}{elem.tag:08X}/{i}/")
+            elif elem.VR in BINARY_VRS:
+                paths[id(elem)] = f"{prefix}{elem.tag:08X}"
+
+    walk(ds, "")
+
+    def bulk(elem: DataElement) -> str:
+        return bulk_prefix + paths.get(id(elem), f"{elem.tag:08X}")
+
+    def handler(elem: DataElement) -> str:
+        return bulk(elem)
+
+    result = ds.to_json_dict(bulk_data_threshold=BULK_DATA_THRESHOLD,
+                             bulk_data_element_handler=handler)
+    # pydicom inlines short binary values; pixel data is always served as bulk data.
+    for tag in PIXEL_TAGS:
+        key = f"{tag:08X}"
+        if key in result and "BulkDataURI" not in result[key]:
+            elem = ds[tag]
+            result[key] = {"vr": result[key]["vr"], "BulkDataURI": bulk(elem)}
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,135 @@
+"""SQLAlchemy 2 typed models of the index: patient / study / series / instance.
+
+The columns are the attributes QIDO-RS and C-FIND match on (PS3.18 Tables 10.6.3-3/4/5, PS3.4
+C.6), indexed; the study's counts and ModalitiesInStudy are kept current at ingest. Each instance
+keeps its DICOM JSON metadata (PS3.18 F.2), computed once at ingest, with bulk data as
+``BulkDataURI`` relative to the DICOMweb root (``studies/.../bulk/...``); the web front end makes
+them absolute when it serves them.
+
+Person names are also kept normalised (upper case, accents removed) for fuzzy matching.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_name_norm: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    # Date the patient's shared record (DSP) was created, "YYYYMMDD"; studies before it are not
+    # reachable through DSP links.
+    dsp_created: Mapped[str | None] = mapped_column(String(8), nullable=True)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+    __table_args__ = (
+        Index("ix_study_date_time", "study_date", "study_time"),
+        Index("ix_study_patient_date", "patient_pk", "study_date"),
+    )
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.pk", ondelete="CASCADE"))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    referring_physician_name_norm: Mapped[str] = mapped_column(String(324), default="")
+    timezone_offset: Mapped[str] = mapped_column(String(5), default="")
+    # Backslash-separated, sorted, e.g. "CT\SR".
+    modalities_in_study: Mapped[str] = mapped_column(String(256), default="")
+    number_of_series: Mapped[int] = mapped_column(Integer, default=0)
+    number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
+    # DSP confidentiality level: normal | confidential | private; author for "private".
+    confidentiality: Mapped[str] = mapped_column(String(16), default="normal")
+    author: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Study and patient level attributes (DICOM JSON) of the first instance received.
+    attributes: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(
+        ForeignKey("study.pk", ondelete="CASCADE"), index=True
+    )
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    performed_procedure_step_start_date: Mapped[str] = mapped_column(String(8), default="")
+    performed_procedure_step_start_time: Mapped[str] = mapped_column(String(16), default="")
+    series_date: Mapped[str] = mapped_column(String(8), default="")
+    series_time: Mapped[str] = mapped_column(String(16), default="")
+    number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
+    # Series level attributes (DICOM JSON) of the first instance received.
+    attributes: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_pk: Mapped[int] = mapped_column(
+        ForeignKey("series.pk", ondelete="CASCADE"), index=True
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bits_allocated: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    file_path: Mapped[str] = mapped_column(String(512), unique=True)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    # SHA-256 of the data set (file meta excluded): identical re-sends are recognised by it.
+    digest: Mapped[str] = mapped_column(String(64))
+    # DICOM JSON of the whole instance, bulk data as relative BulkDataURI.
+    metadata_json: Mapped[str] = mapped_column(Text)
+    # Where it came from: "dimse:<calling AE>@<address>", "stow:<principal>", "cli".
+    source: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
