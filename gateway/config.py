@@ -25,12 +25,13 @@ class SettingsError(GatewayError):
 class Peer:
     """A DIMSE peer's permissions, keyed by its AE title (like Orthanc's ``DicomModalities``).
 
-    ``host`` restricts the peer to one address when set.
+    ``host`` restricts the peer to one address when set. Listing any peer with ``store = true``
+    turns storing into an allow-list of such peers.
     """
 
     host: str | None = None
     echo: bool = True
-    store: bool = True
+    store: bool = False
     find: bool = True
     move: bool = True
     get: bool = True

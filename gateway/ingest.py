@@ -9,13 +9,17 @@ unless ``[storage] overwrite = true``.
 from __future__ import annotations
 
 import enum
+import io
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway.errors import Conflict, SOPClassMismatch
+from gateway.errors import Conflict, InvalidInstance, SOPClassMismatch
 from gateway.index import Index
 from gateway.metadata import ParsedInstance, parse_instance
 from gateway.metrics import METRICS
@@ -183,3 +187,29 @@ class Ingestor:
             logger.warning("replaced instance %s (storage.overwrite is on)",
                            parsed.sop_instance_uid)
         return self._result(parsed, outcome)
+
+
+def read_part10(path: Path) -> bytes:
+    """Read a file for ingest, adding the Part 10 header if it is a bare data set.
+
+    Raises
+    ------
+    InvalidInstance
+        If the file is not DICOM, or is a DICOMDIR (a media index, not an instance).
+    """
+    data = path.read_bytes()
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        if b"1.2.840.10008.1.3.10" in data[:1024]:
+            raise InvalidInstance("a DICOMDIR is a media index, not an instance")
+        return data
+    try:
+        ds = dcmread(io.BytesIO(data), force=True)
+        if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
+            raise InvalidInstance("not a DICOM file (no SOP Class and Instance UIDs)")
+        out = io.BytesIO()
+        ds.save_as(out, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    except InvalidInstance:
+        raise
+    except Exception as exc:
+        raise InvalidInstance(f"not a DICOM file: {type(exc).__name__}") from None
+    return out.getvalue()

@@ -1,0 +1,1 @@
+"""DIMSE front end: a pynetdicom Application Entity serving the gateway core."""

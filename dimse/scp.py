@@ -1,0 +1,181 @@
+"""The gateway's DIMSE Application Entity: C-ECHO and C-STORE SCP (PS3.4 Annexes A and B).
+
+pynetdicom runs each association on its own thread; the handlers call the synchronous core
+directly. A C-STORE success is sent only after :meth:`gateway.ingest.Ingestor.ingest` returned,
+that is after the file is durable and its index row committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from dimse.peers import PeerPolicy
+from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
+from dimse.transport import install_fast_recv, tune_socket
+from gateway.core import Gateway
+from gateway.errors import GatewayError
+from gateway.metrics import METRICS
+
+logger = logging.getLogger(__name__)
+
+# Accepted for storage; stored as received (DESIGN.md "Transfer syntaxes").
+STORAGE_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.100",  # MPEG2 Main Profile
+    "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264 High Profile
+    "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main Profile
+]
+
+# A-ASSOCIATE-RJ: rejected-permanent, DUL service user, calling AE title not recognised.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+
+def peer_of(event: Any) -> tuple[str, str]:
+    """The calling AE title and the address of an event's association."""
+    requestor = event.assoc.requestor
+    return str(requestor.ae_title).strip(), str(requestor.address)
+
+
+def handle_open(event: Any) -> None:
+    """Tune the new connection's socket before any PDU is read."""
+    association_socket = event.assoc.dul.socket
+    if association_socket is not None and association_socket.socket is not None:
+        tune_socket(association_socket.socket)
+        install_fast_recv(association_socket)
+
+
+def handle_requested(event: Any, policy: PeerPolicy) -> None:
+    """Reject an association whose peer may use no service at all."""
+    ae_title, address = peer_of(event)
+    if not policy.allows_anything(ae_title, address):
+        logger.warning("rejected association from %s at %s: peer not allowed", ae_title, address)
+        METRICS.inc("gateway_dimse_associations_rejected_total")
+        event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+
+
+def handle_accepted(event: Any) -> None:
+    ae_title, address = peer_of(event)
+    METRICS.inc("gateway_dimse_associations_total")
+    logger.info("association from %s at %s accepted", ae_title, address)
+
+
+def handle_echo(event: Any, policy: PeerPolicy) -> int:
+    """C-ECHO (PS3.4 Annex A)."""
+    ae_title, address = peer_of(event)
+    if not policy.allows("echo", ae_title, address):
+        return NOT_AUTHORIZED
+    return SUCCESS
+
+
+def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> int:
+    """C-STORE (PS3.4 Annex B): keep the data set as received, then answer."""
+    ae_title, address = peer_of(event)
+    if not policy.allows("store", ae_title, address):
+        logger.warning("refused C-STORE from %s at %s: not in the store allow-list",
+                       ae_title, address)
+        return NOT_AUTHORIZED
+    request = event.request
+    try:
+        result = gateway.ingestor.ingest(
+            event.encoded_dataset(),
+            source=f"dimse:{ae_title}@{address}",
+            expected_sop_class_uid=str(request.AffectedSOPClassUID),
+            expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        )
+    except GatewayError as exc:
+        status = store_status(exc)
+        METRICS.inc("gateway_instances_rejected_total")
+        logger.warning("C-STORE from %s at %s of %s refused with 0x%04X: %s", ae_title, address,
+                       request.AffectedSOPInstanceUID, status, exc)
+        return status
+    except Exception as exc:  # never let an unexpected error kill the association silently
+        logger.exception("C-STORE from %s at %s of %s failed", ae_title, address,
+                         request.AffectedSOPInstanceUID)
+        return store_status(exc)
+    logger.debug("C-STORE %s from %s: %s", result.sop_instance_uid, ae_title,
+                 result.outcome.value)
+    return SUCCESS
+
+
+def build_ae(gateway: Gateway) -> AE:
+    """The Application Entity with every storage SOP class pynetdicom knows, and Verification."""
+    settings = gateway.settings.dimse
+    ae = AE(ae_title=settings.ae_title)
+    ae.require_called_aet = settings.require_called_ae
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.network_timeout = settings.network_timeout
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+    return ae
+
+
+def handlers(gateway: Gateway, policy: PeerPolicy) -> list[Any]:
+    return [
+        (evt.EVT_CONN_OPEN, handle_open),
+        (evt.EVT_REQUESTED, handle_requested, [policy]),
+        (evt.EVT_ACCEPTED, handle_accepted),
+        (evt.EVT_C_ECHO, handle_echo, [policy]),
+        (evt.EVT_C_STORE, handle_store, [gateway, policy]),
+    ]
+
+
+def tls_context(gateway: Gateway) -> ssl.SSLContext | None:
+    """A server TLS context (PS3.15 B.1) when certificate files are configured."""
+    settings = gateway.settings.dimse
+    if not settings.tls_certificate:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+    if settings.tls_ca_certificates:
+        context.load_verify_locations(settings.tls_ca_certificates)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def start_server(gateway: Gateway) -> ThreadedAssociationServer:
+    """Start listening (non-blocking); stop with ``server.shutdown()``."""
+    settings = gateway.settings.dimse
+    policy = PeerPolicy(settings.peers)
+    ae = build_ae(gateway)
+    server = ae.start_server(
+        (settings.host, settings.port),
+        block=False,
+        evt_handlers=handlers(gateway, policy),
+        ssl_context=tls_context(gateway),
+    )
+    host, port = server.server_address[:2]
+    logger.info("DIMSE %s listening on %s:%s", settings.ae_title, host, port)
+    return server
+
+
+__all__ = ["STORAGE_TRANSFER_SYNTAXES", "UID", "build_ae", "start_server"]

@@ -1,0 +1,57 @@
+"""Socket tuning for associations: no Nagle stalls, immediate ACKs, fewer Python-level reads.
+
+Many modalities and dcmtk tools leave Nagle's algorithm on; combined with delayed ACKs each
+C-STORE then waits ~40 ms (BENCHMARKING.md, "The TCP trap"). The gateway sets ``TCP_NODELAY`` on
+its side and, on Linux, re-arms ``TCP_QUICKACK`` after each read so that a Nagle-held sender is
+acknowledged at once. Reads fill a preallocated buffer instead of pynetdicom's 4 KiB chunks.
+"""
+
+from __future__ import annotations
+
+import socket
+import types
+from typing import Any
+
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Set ``TCP_NODELAY`` (and ``TCP_QUICKACK`` where the platform has it)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if TCP_QUICKACK is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+    except OSError:
+        pass
+
+
+def install_fast_recv(association_socket: Any) -> None:
+    """Replace an ``AssociationSocket``'s ``recv`` with one that reads into one buffer.
+
+    Same contract as pynetdicom's: return ``nr_bytes`` bytes, or fewer if the peer closed.
+    """
+    raw = association_socket.socket
+    if raw is None or not isinstance(raw, socket.socket) or hasattr(raw, "pending"):
+        return  # TLS sockets keep pynetdicom's own reader
+    quickack = TCP_QUICKACK
+
+    def recv(self: Any, nr_bytes: int) -> bytearray:
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        nr_read = 0
+        sock = self.socket
+        while nr_read < nr_bytes:
+            n = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if quickack is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+                except OSError:
+                    pass
+            if not n:
+                del view
+                return buffer[:nr_read]
+            nr_read += n
+        del view
+        return buffer
+
+    association_socket.recv = types.MethodType(recv, association_socket)

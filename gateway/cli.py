@@ -1,0 +1,187 @@
+"""The ``dicom-gateway`` command (composition root for the command line)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import Settings, SettingsError, load_settings
+from gateway.core import Gateway
+from gateway.errors import GatewayError
+from gateway.ingest import IngestResult, read_part10
+
+logger = logging.getLogger("gateway")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO; keep its details for DEBUG.
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    )
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    return load_settings(args.config, **overrides)
+
+
+# -- serve -------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import serve_forever
+
+    overrides = {"demo": True} if args.demo else {}
+    settings = _settings(args, **overrides)
+    configure_logging(settings.log_level)
+    with Gateway(settings) as gateway:
+        asyncio.run(serve_forever(gateway))
+    return 0
+
+
+# -- ingest ------------------------------------------------------------------------------------
+def iter_files(paths: Sequence[str]) -> Iterator[Path]:
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for file in sorted(files):
+                    yield Path(root) / file
+        elif path.exists():
+            yield path
+        else:
+            raise SettingsError(f"{name}: no such file or folder")
+
+
+def ingest_paths(gateway: Gateway, paths: Sequence[str], *, progress: bool = True,
+                 workers: int = 4) -> tuple[Counter[str], list[tuple[Path, str]]]:
+    """Ingest files and folders (recursively); return outcome counts and the rejections."""
+    from tqdm import tqdm
+
+    files = list(iter_files(paths))
+    counts: Counter[str] = Counter()
+    rejected: list[tuple[Path, str]] = []
+
+    def one(path: Path) -> tuple[Path, IngestResult | str]:
+        try:
+            return path, gateway.ingestor.ingest(read_part10(path), source="cli")
+        except GatewayError as exc:
+            return path, f"{type(exc).__name__}: {exc}"
+        except OSError as exc:
+            return path, f"cannot read: {exc.strerror}"
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(files), unit="file", disable=not progress, file=sys.stderr
+    ) as bar:
+        for path, outcome in pool.map(one, files):
+            if isinstance(outcome, str):
+                counts["rejected"] += 1
+                rejected.append((path, outcome))
+            else:
+                counts[outcome.outcome.value] += 1
+            bar.update(1)
+    return counts, rejected
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging("WARNING" if not args.verbose else settings.log_level)
+    with Gateway(settings) as gateway:
+        counts, rejected = ingest_paths(gateway, args.paths, progress=not args.quiet)
+    print(f"stored: {counts['stored'] + counts['replaced']}, duplicates: {counts['duplicate']}, "
+          f"rejected: {counts['rejected']}")
+    for path, reason in rejected:
+        print(f"  rejected {path}: {reason}")
+    return 1 if rejected else 0
+
+
+# -- demo --------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sample_dicom.generator import write_demo_study
+
+    settings = _settings(args)
+    configure_logging("WARNING")
+    with Gateway(settings) as gateway, tempfile.TemporaryDirectory() as tmp:
+        files = write_demo_study(Path(tmp))
+        counts, rejected = ingest_paths(gateway, [str(f) for f in files], progress=False)
+        for path, reason in rejected:
+            print(f"rejected {path.name}: {reason}", file=sys.stderr)
+        from pydicom import dcmread
+
+        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    base = settings.http.base_url or f"http://{settings.http.host}:{settings.http.port}"
+    print(f"sample study {study}: {counts['stored']} stored, {counts['duplicate']} already there")
+    print(f"DICOMweb: {base}/dicomweb/studies/{study}/series")
+    return 1 if rejected else 0
+
+
+# -- db ----------------------------------------------------------------------------------------
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings.log_level)
+    gateway = Gateway(settings)
+    try:
+        gateway.index.upgrade()
+    finally:
+        gateway.close()
+    print("index schema is up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-gateway",
+        description="DICOM imaging gateway: DIMSE and DICOMweb archive with viewer links.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML settings file (default: $GATEWAY_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve DIMSE and HTTP until stopped")
+    serve.add_argument("--demo", action="store_true",
+                       help="let anonymous clients read and write (loopback listeners only)")
+    serve.set_defaults(func=cmd_serve)
+
+    ingest = sub.add_parser("ingest", help="store DICOM files and folders (recursively)")
+    ingest.add_argument("paths", nargs="+", metavar="PATH")
+    ingest.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ingest.add_argument("-v", "--verbose", action="store_true", help="log each refusal")
+    ingest.set_defaults(func=cmd_ingest)
+
+    demo = sub.add_parser("demo", help="generate and load the sample study")
+    demo.set_defaults(func=cmd_demo)
+
+    db = sub.add_parser("db", help="index database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_sub.add_parser("upgrade", help="apply schema migrations")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SettingsError, GatewayError) as exc:
+        print(f"dicom-gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Composition root: one process serving DIMSE and HTTP over the same core.
+
+This is the only module of ``gateway`` that imports the front ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from dimse.peers import is_loopback
+from dimse.scp import start_server as start_dimse
+from gateway.config import Settings
+from gateway.core import Gateway
+from gateway.errors import GatewayError
+from gateway.http import GATEWAY, add_routes
+
+logger = logging.getLogger(__name__)
+
+
+class DemoNotOnLoopback(GatewayError):
+    """Demo mode lets anonymous users read and write: it runs only on loopback listeners."""
+
+
+def check_demo(settings: Settings) -> None:
+    """Refuse demo mode unless every listener is bound to a loopback address."""
+    if not settings.demo:
+        return
+    for name, host in (("http", settings.http.host), ("dimse", settings.dimse.host)):
+        if not is_loopback(host):
+            raise DemoNotOnLoopback(
+                f"demo mode lets anyone read and write, so every listener must be on loopback; "
+                f"[{name}] host is {host!r}. Use 127.0.0.1 or turn demo mode off."
+            )
+
+
+def create_app(gateway: Gateway) -> web.Application:
+    """The root aiohttp application with every HTTP front end mounted."""
+    app = web.Application(client_max_size=gateway.settings.http.max_upload_bytes)
+    app[GATEWAY] = gateway
+    add_routes(app)
+    return app
+
+
+class Server:
+    """DIMSE and HTTP listeners of one gateway process."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.dimse = None
+        self.runner: web.AppRunner | None = None
+        self.http_port: int | None = None
+        self.dimse_port: int | None = None
+
+    async def start(self) -> None:
+        settings = self.gateway.settings
+        check_demo(settings)
+        self.dimse = start_dimse(self.gateway)
+        self.dimse_port = self.dimse.server_address[1]
+        self.runner = web.AppRunner(create_app(self.gateway), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, settings.http.host, settings.http.port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # noqa: SLF001
+        self.http_port = sockets[0].getsockname()[1] if sockets else settings.http.port
+        logger.info("HTTP listening on http://%s:%s", settings.http.host, self.http_port)
+        # One line a supervisor (or a test) can wait for.
+        print(f"gateway ready: dimse={self.dimse_port} http={self.http_port}", flush=True)
+
+    async def stop(self) -> None:
+        if self.dimse is not None:
+            await asyncio.to_thread(self.dimse.shutdown)
+            self.dimse = None
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@contextlib.asynccontextmanager
+async def running(gateway: Gateway) -> AsyncIterator[Server]:
+    server = Server(gateway)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+
+
+async def serve_forever(gateway: Gateway) -> None:
+    """Serve until SIGINT or SIGTERM, then stop listening and let running work finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(gateway):
+        await stop.wait()
+        logger.info("stopping")
