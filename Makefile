@@ -1,0 +1,55 @@
+# `make run`: set up and start the gateway on the embedded default (SQLite + ./data), demo mode.
+# `make test`: set up (venv, Python packages, dcmtk and the other tools the tests drive) and run
+# the whole suite. `.ci/run` calls `make test`.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages the tests drive: dcmtk (echoscu/storescu/findscu/movescu/getscu),
+# Orthanc (interoperability peer), Chromium (viewer test).
+TEST_DEBS := dcmtk orthanc orthanc-dicomweb chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install system-deps bench lint typecheck clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+system-deps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc orthanc-dicomweb"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing \
+	    || echo "warning: could not install$$missing; tests needing them say so"; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/dicom-gateway demo
+	GATEWAY_DEMO=1 $(BIN)/dicom-gateway serve
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) system-deps
+	$(BIN)/python bench/store.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway dimse dicomweb viewer_links sample_dicom tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache

@@ -1,0 +1,169 @@
+"""Shared fixtures: a real gateway on 127.0.0.1, over SQLite always and PostgreSQL when asked.
+
+Set ``GATEWAY_TEST_DATABASE_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/test``)
+to run every database-backed test on PostgreSQL too; each test gets its own schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import Dataset
+from sqlalchemy import create_engine, text
+
+from gateway.config import Settings, load_settings
+from gateway.core import Gateway
+
+PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "")
+BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+
+
+def _with_search_path(url: str, schema: str) -> str:
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The index URL of one test: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'index.sqlite'}"
+        return
+    schema = f"t_{secrets.token_hex(6)}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield _with_search_path(PG_URL, schema)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def make_settings(tmp_path: Path, database_url: str, **env: str) -> Settings:
+    environ = {
+        "GATEWAY_DATA_DIR": str(tmp_path / "data"),
+        "GATEWAY_DATABASE_URL": database_url,
+        "GATEWAY_DIMSE_PORT": "0",
+        "GATEWAY_HTTP_PORT": "0",
+        "GATEWAY_STORAGE_MIN_FREE_BYTES": "0",
+        **env,
+    }
+    return load_settings(environ=environ)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return make_settings(tmp_path, database_url)
+
+
+@pytest.fixture
+def gateway(settings: Settings) -> Iterator[Gateway]:
+    gw = Gateway(settings).open()
+    try:
+        yield gw
+    finally:
+        gw.close()
+
+
+class LiveServer:
+    """A gateway's DIMSE and HTTP listeners running on a background event loop."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        from gateway.server import Server
+
+        self.gateway = gateway
+        self.server = Server(gateway)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    @property
+    def dimse_port(self) -> int:
+        assert self.server.dimse_port is not None
+        return self.server.dimse_port
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    @property
+    def ae_title(self) -> str:
+        return self.gateway.settings.dimse.ae_title
+
+
+@pytest.fixture
+def live(gateway: Gateway) -> Iterator[LiveServer]:
+    with LiveServer(gateway) as server:
+        yield server
+
+
+def part10(ds: Dataset, **kwargs: Any) -> bytes:
+    """Encode a data set as a Part 10 file in memory."""
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True, **kwargs)
+    return out.getvalue()
+
+
+def ct_dataset(index: int = 0, *, study: str = "1.2.826.0.1.3680043.8.498.1",
+               series: str | None = None, rows: int = 64) -> Dataset:
+    """A small, valid CT Image Storage data set with predictable UIDs."""
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    series = series or f"{study}.1"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = f"{series}.{index + 1}"
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = f"{series}.{index + 1}"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientName = "Müller^Zoé"
+    ds.PatientID = "PAT-001"
+    ds.PatientBirthDate = "19800101"
+    ds.PatientSex = "F"
+    ds.StudyDate = "20260105"
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = "ACC-001"
+    ds.ReferringPhysicianName = "Schmit^Marc"
+    ds.StudyID = "1"
+    ds.Modality = "CT"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = index + 1
+    ds.Rows = rows
+    ds.Columns = rows
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.PixelData = (np.arange(rows * rows, dtype=np.uint16) % 4096 + index).astype(
+        np.uint16).tobytes()
+    return ds
