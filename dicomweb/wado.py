@@ -222,6 +222,9 @@ async def _retrieve(request: web.Request, study: str, series: str | None = None,
     await audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
                 detail=f"WADO-RS retrieve of {len(refs)} instances")
     await response.prepare(request)
+    if request.method == "HEAD":
+        await response.write_eof()
+        return response
     for ref, syntax, header, stored in zip(refs, plan.syntaxes, headers, as_stored, strict=True):
         await response.write(header)
         path = storage.path(ref.file_path)
