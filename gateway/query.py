@@ -417,6 +417,9 @@ class Wildcard(ColumnElement[bool]):
 
     inherit_cache = False
     type = Boolean()
+    # A predicate, not a boolean value: no "= 1" on databases without a boolean type (which
+    # would hide the column from SQLite's index planner).
+    _is_implicitly_boolean = True
 
     def __init__(self, column: Any, value: str) -> None:
         self.column = column
@@ -662,7 +665,14 @@ class QueryEngine:
                 truncated_by_max = limit is not None
                 limit = self.max_results
         stmt = self._select(query, wanted)
-        stmt = stmt.where(*(c.clause for c in conditions), *self._scope(query, principal))
+        # Patient keys select patients first (their indexes), then the patients' studies
+        # (ix_study_patient_date): a plan the databases pick reliably, unlike a join they may
+        # reorder into a scan of every study.
+        on_patient = [c.clause for c in conditions if c.spec.column.table is Patient.__table__]
+        others = [c.clause for c in conditions if c.spec.column.table is not Patient.__table__]
+        if on_patient:
+            others.append(Study.patient_pk.in_(select(Patient.pk).where(*on_patient)))
+        stmt = stmt.where(*others, *self._scope(query, principal))
         if limit is not None:
             stmt = stmt.limit(limit + 1)
         if query.offset:
@@ -702,7 +712,6 @@ class QueryEngine:
                 select(Study.pk, Study.study_instance_uid, Study.attributes,
                        Study.modalities_in_study, Study.number_of_series,
                        Study.number_of_instances)
-                .join(Patient, Patient.pk == Study.patient_pk)
                 .order_by(Study.pk)
             )
         if level is Level.SERIES:
@@ -711,7 +720,6 @@ class QueryEngine:
                        Series.number_of_instances, Study.study_instance_uid,
                        Study.attributes.label("study_attributes"), Study.pk.label("study_pk"))
                 .join(Study, Study.pk == Series.study_pk)
-                .join(Patient, Patient.pk == Study.patient_pk)
             )
             if query.study_uid is not None:
                 return stmt.order_by(Series.series_number, Series.pk)
@@ -734,7 +742,6 @@ class QueryEngine:
             select(*columns)
             .join(Series, Series.pk == Instance.series_pk)
             .join(Study, Study.pk == Series.study_pk)
-            .join(Patient, Patient.pk == Study.patient_pk)
         )
         if query.series_uid is not None:
             return stmt.order_by(Instance.instance_number, Instance.pk)
