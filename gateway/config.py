@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +136,8 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
-    """Convert a TOML or environment value to the type of the setting's default."""
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Convert a TOML or environment value to the setting's declared type."""
     try:
         if "bool" in annotation:
             if isinstance(value, bool):
@@ -170,7 +170,6 @@ def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
 def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
-    defaults = cls()
     for key, value in table.items():
         if key not in known:
             raise SettingsError(f"unknown setting {where}{key}; see README.md for the list")
@@ -182,14 +181,13 @@ def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
                 str(ae): _build(Destination, v, f"{where}destinations.{ae}.")
                 for ae, v in value.items()
             }
-        elif cls in (Peer, Destination):
-            values[key] = _coerce(where + key, value, None, annotation)
         else:
-            values[key] = _coerce(where + key, value, getattr(defaults, key), annotation)
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise SettingsError(f"settings {where.rstrip('.') or 'top level'}: {exc}") from None
+            values[key] = _coerce(where + key, value, annotation)
+    missing = [f.name for f in known.values()
+               if f.name not in values and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise SettingsError(f"settings {where.rstrip('.') or 'top level'}: missing {missing}")
+    return cls(**values)
 
 
 def load_settings(

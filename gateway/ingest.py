@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -206,8 +208,14 @@ def read_part10(path: Path) -> bytes:
         ds = dcmread(io.BytesIO(data), force=True)
         if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
             raise InvalidInstance("not a DICOM file (no SOP Class and Instance UIDs)")
+        implicit, little = ds.original_encoding
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit or implicit is None
+            else ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+        )
         out = io.BytesIO()
-        ds.save_as(out, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        ds.save_as(out, enforce_file_format=True)
     except InvalidInstance:
         raise
     except Exception as exc:
