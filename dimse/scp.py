@@ -11,7 +11,7 @@ import logging
 import ssl
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
@@ -73,12 +73,35 @@ def handle_open(event: Any) -> None:
 
 
 def handle_requested(event: Any, policy: PeerPolicy) -> None:
-    """Reject an association whose peer may use no service at all."""
+    """Reject an association whose peer may use no service at all; else prefer its syntaxes.
+
+    pynetdicom accepts, for each proposed context, the first syntax of the *acceptor's* list.
+    To keep instances as received, this association's list is reordered to follow the order
+    the requestor proposed (its preference), keeping only syntaxes the gateway supports.
+    """
     ae_title, address = peer_of(event)
     if not policy.allows_anything(ae_title, address):
         logger.warning("rejected association from %s at %s: peer not allowed", ae_title, address)
         METRICS.inc("gateway_dimse_associations_rejected_total")
         event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+        return
+    prefer_requestor_syntaxes(event.assoc)
+
+
+def prefer_requestor_syntaxes(assoc: Any) -> None:
+    proposed: dict[str, list[str]] = {}
+    for context in assoc.requestor.primitive.presentation_context_definition_list:
+        # With several contexts for one SOP class, the first proposal wins the ordering.
+        proposed.setdefault(str(context.abstract_syntax), [str(t) for t in context.transfer_syntax])
+    contexts = []
+    for context in assoc.acceptor.supported_contexts:
+        wanted = proposed.get(str(context.abstract_syntax))
+        if wanted:
+            ours = [str(t) for t in context.transfer_syntax]
+            ordered = [t for t in wanted if t in ours] + [t for t in ours if t not in wanted]
+            context = build_context(context.abstract_syntax, ordered)
+        contexts.append(context)
+    assoc.acceptor.supported_contexts = contexts
 
 
 def handle_accepted(event: Any) -> None:

@@ -111,7 +111,7 @@ class Ingestor:
                 f"the instance belongs to study {parsed.study_instance_uid}, not to "
                 f"{expected_study_instance_uid} named in the request"
             )
-        existing = self.index.find_instance(parsed.sop_instance_uid)
+        existing = self.index.find_digest(parsed.sop_instance_uid)
         if existing is not None:
             outcome = self._against_existing(parsed, existing)
             if outcome is not None:
@@ -123,15 +123,15 @@ class Ingestor:
         return IngestResult(outcome, parsed.sop_class_uid, parsed.sop_instance_uid,
                             parsed.study_instance_uid, parsed.series_instance_uid)
 
-    def _against_existing(self, parsed: ParsedInstance, existing: Instance) -> IngestResult | None:
-        if existing.digest == parsed.digest:
+    def _against_existing(self, parsed: ParsedInstance, digest: str) -> IngestResult | None:
+        if digest == parsed.digest:
             logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
             return self._result(parsed, Outcome.DUPLICATE)
         if not self.overwrite:
             logger.warning(
                 "refused instance %s: a different instance is stored under this SOP Instance "
                 "UID (stored digest %s, received %s); the original is kept",
-                parsed.sop_instance_uid, existing.digest[:12], parsed.digest[:12],
+                parsed.sop_instance_uid, digest[:12], parsed.digest[:12],
             )
             METRICS.inc("gateway_instances_conflict_total")
             raise Conflict(
@@ -169,7 +169,7 @@ class Ingestor:
         except IntegrityError:
             # A concurrent writer stored the same SOP Instance UID between our check and commit.
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
-            existing = self.index.find_instance(parsed.sop_instance_uid)
+            existing = self.index.find_digest(parsed.sop_instance_uid)
             if existing is not None:
                 result = self._against_existing(parsed, existing)
                 if result is not None:
