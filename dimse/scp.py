@@ -8,7 +8,9 @@ that is after the file is durable and its index row committed.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import threading
 from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
@@ -185,17 +187,33 @@ def tls_context(gateway: Gateway) -> ssl.SSLContext | None:
     return context
 
 
-def start_server(gateway: Gateway) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); stop with ``server.shutdown()``."""
+class SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other worker processes may bind too (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociationServer:
+    """Start listening (non-blocking); stop with ``server.shutdown()``.
+
+    With ``[dimse] workers`` above 1 the port is bound with SO_REUSEPORT so that worker
+    processes (``port`` given: the port the first process bound) share the connections.
+    """
     settings = gateway.settings.dimse
     policy = PeerPolicy(settings.peers)
     ae = build_ae(gateway)
-    server = ae.start_server(
-        (settings.host, settings.port),
-        block=False,
+    server = ae.make_server(
+        (settings.host, settings.port if port is None else port),
         evt_handlers=handlers(gateway, policy),
         ssl_context=tls_context(gateway),
+        server_class=SharedPortServer if settings.workers > 1 else ThreadedAssociationServer,
     )
+    ae._servers.append(server)  # noqa: SLF001 - as AE.start_server does; shutdown() removes it
+    thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
+    thread.start()
     host, port = server.server_address[:2]
     logger.info("DIMSE %s listening on %s:%s", settings.ae_title, host, port)
     return server
