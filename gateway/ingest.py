@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,6 +30,10 @@ from gateway.models import Instance
 from gateway.storage import FileStorage, relative_path
 
 logger = logging.getLogger(__name__)
+
+
+_INSTANCE_BY_UID = select(Instance.__table__.c.pk, Instance.__table__.c.digest).where(
+    Instance.__table__.c.sop_instance_uid == bindparam("uid"))
 
 
 class Outcome(enum.Enum):
@@ -111,11 +116,6 @@ class Ingestor:
                 f"the instance belongs to study {parsed.study_instance_uid}, not to "
                 f"{expected_study_instance_uid} named in the request"
             )
-        existing = self.index.find_digest(parsed.sop_instance_uid)
-        if existing is not None:
-            outcome = self._against_existing(parsed, existing)
-            if outcome is not None:
-                return outcome
         return self._store(parsed, data, source)
 
     def _result(self, parsed: ParsedInstance, outcome: Outcome) -> IngestResult:
@@ -125,7 +125,6 @@ class Ingestor:
 
     def _against_existing(self, parsed: ParsedInstance, digest: str) -> IngestResult | None:
         if digest == parsed.digest:
-            logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
             return self._result(parsed, Outcome.DUPLICATE)
         if not self.overwrite:
             logger.warning(
@@ -148,16 +147,12 @@ class Ingestor:
         replaced: list[str] = []
 
         def work(session: Session) -> Outcome:
-            old = session.query(Instance).filter_by(
-                sop_instance_uid=parsed.sop_instance_uid).one_or_none()
+            old = session.connection().execute(
+                _INSTANCE_BY_UID, {"uid": parsed.sop_instance_uid}).first()
             if old is not None:
                 if old.digest == parsed.digest:
                     return Outcome.DUPLICATE
-                if not self.overwrite:
-                    raise Conflict(
-                        f"a different instance is already stored under SOP Instance UID "
-                        f"{parsed.sop_instance_uid}; the original is kept"
-                    )
+                self._against_existing(parsed, old.digest)  # raises Conflict unless overwrite
                 replaced.extend(self.index.remove_instances(session, [old.pk]))
                 self.index.add_instance(session, parsed, relpath, source, metadata_json)
                 return Outcome.REPLACED
@@ -180,6 +175,7 @@ class Ingestor:
             raise
         if outcome is Outcome.DUPLICATE:
             self.storage.abandon(pending, keep_final=True)
+            logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
         else:
             self.storage.finish(pending)
         for old_path in replaced:

@@ -63,10 +63,13 @@ class ParsedInstance:
     digest: str
     size: int
     fields: dict[str, Any] = field(default_factory=dict)
+    metadata: str = ""
 
     def metadata_json(self) -> str:
         """The instance's DICOM JSON (PS3.18 F.2), bulk data as relative BulkDataURIs."""
-        return to_json(self.dataset, self.bulk_prefix())
+        if not self.metadata:
+            self.metadata = to_json(self.dataset, self.bulk_prefix())
+        return self.metadata
 
     def study_attributes_json(self) -> str:
         return to_json(_subset(self.dataset, PATIENT_STUDY_KEYWORDS), self.bulk_prefix())
@@ -149,6 +152,11 @@ def parse_instance(data: bytes) -> ParsedInstance:
         size=len(data),
     )
     parsed.fields = _index_fields(ds)
+    try:
+        # Decodes every element: a value pydicom cannot read makes the instance invalid.
+        parsed.metadata_json()
+    except Exception as exc:
+        raise InvalidInstance(f"the data set cannot be decoded: {exc}") from None
     return parsed
 
 
@@ -162,11 +170,6 @@ def _check_complete(ds: Dataset) -> None:
                     f"the data set is truncated: element ({elem.tag.group:04X},"
                     f"{elem.tag.element:04X}) declares {elem.length} bytes, {len(value)} arrived"
                 )
-    try:
-        for _ in ds.iterall():
-            pass
-    except Exception as exc:
-        raise InvalidInstance(f"the data set cannot be decoded: {exc}") from None
 
 
 def _check_pixel_data(ds: Dataset, ts: str, sop_class_uid: str) -> None:
@@ -183,7 +186,7 @@ def _check_pixel_data(ds: Dataset, ts: str, sop_class_uid: str) -> None:
     if 0x7FE00010 not in ds:
         return
     if UID(ts).is_encapsulated:
-        return  # fragments: a cut sequence fails while decoding (iterall above)
+        return  # fragments: a cut sequence fails while decoding (metadata_json)
     value = ds._dict[0x7FE00010].value  # noqa: SLF001
     try:
         expected = (
