@@ -13,9 +13,6 @@ import ssl
 import threading
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -23,6 +20,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dimse.peers import PeerPolicy
 from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
@@ -160,7 +160,8 @@ def build_ae(gateway: Gateway) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -191,7 +192,7 @@ class SharedPortServer(ThreadedAssociationServer):
     """An association server whose port other worker processes may bind too (SO_REUSEPORT)."""
 
     def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):
+        if hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 

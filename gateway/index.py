@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     Engine,
+    Table,
     bindparam,
     create_engine,
     delete,
@@ -77,9 +78,9 @@ def _insert(dialect: str, table: Any) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
-_instance = Instance.__table__
-_series = Series.__table__
-_study = Study.__table__
+_instance = cast(Table, Instance.__table__)
+_series = cast(Table, Series.__table__)
+_study = cast(Table, Study.__table__)
 _SERIES_BY_UID = select(_series.c.pk, _series.c.study_pk).where(
     _series.c.series_instance_uid == bindparam("uid"))
 _INSERT_INSTANCE = insert(_instance)
@@ -228,9 +229,10 @@ class Index:
 
     def has_file(self, relpath: str) -> bool:
         with self.Session() as session:
-            return session.scalar(
+            count = session.scalar(
                 select(func.count()).select_from(Instance).where(Instance.file_path == relpath)
-            ) > 0
+            )
+            return bool(count)
 
     def file_paths(self) -> set[str]:
         with self.Session() as session:
@@ -242,7 +244,6 @@ class Index:
 
         Runs inside :meth:`write`. Raises ``IntegrityError`` if the SOP Instance UID is taken.
         """
-        f = parsed.fields
         stamp = now()
         known = session.connection().execute(
             _SERIES_BY_UID, {"uid": parsed.series_instance_uid}).first()
@@ -327,7 +328,10 @@ class Index:
         pk = result.scalar()
         if pk is not None:
             return pk, True
-        return session.scalar(select(table.c.pk).where(*conditions)), False
+        existing = session.scalar(select(table.c.pk).where(*conditions))
+        if existing is None:
+            raise RuntimeError(f"{table.name} row vanished during insert")  # cannot happen
+        return existing, False
 
     def remove_instances(self, session: Session, instance_pks: Iterable[int]) -> list[str]:
         """Delete instances and fix the counts; drop series, studies, patients left empty.
@@ -358,7 +362,7 @@ class Index:
         self.refresh_study(session, study_pk)
 
     def refresh_study(self, session: Session, study_pk: int | None) -> None:
-        """Recount a study's series, instances and modalities; drop it (and its patient) if empty."""
+        """Recount a study's series, instances and modalities; drop it (and patient) if empty."""
         if study_pk is None:
             return
         series = session.execute(

@@ -18,6 +18,7 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from gateway.errors import InvalidInstance
@@ -96,7 +97,8 @@ def normalize_name(value: str) -> str:
 
 def dataset_offset(data: bytes | memoryview) -> int:
     """Offset of the data set after the preamble and the file meta group (0 if not Part 10)."""
-    if len(data) >= 144 and bytes(data[128:132]) == b"DICM" and bytes(data[132:136]) == b"\x02\x00\x00\x00":
+    if (len(data) >= 144 and bytes(data[128:132]) == b"DICM"
+            and bytes(data[132:136]) == b"\x02\x00\x00\x00"):
         group_length = int.from_bytes(data[140:144], "little")
         return 144 + group_length
     return 0
@@ -187,7 +189,7 @@ def _check_pixel_data(ds: Dataset, ts: str, sop_class_uid: str) -> None:
         return
     if UID(ts).is_encapsulated:
         return  # fragments: a cut sequence fails while decoding (metadata_json)
-    value = ds._dict[0x7FE00010].value  # noqa: SLF001
+    value = ds._dict[Tag(0x7FE00010)].value  # noqa: SLF001
     try:
         expected = (
             int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
@@ -208,7 +210,7 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
         return ""
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or getattr(value, "VM", 1) > 1 and not isinstance(value, str):
+    if isinstance(value, list | tuple):
         value = "\\".join(str(v) for v in value)
     return str(value).strip()[:limit]
 

@@ -79,7 +79,7 @@ class FileStorage:
         """The absolute path of a stored file (``relpath`` comes from the index, never input)."""
         return self.root / relpath
 
-    def open(self, relpath: str) -> "os.PathLike[str]":
+    def open(self, relpath: str) -> os.PathLike[str]:
         return self.path(relpath)
 
     def exists(self, relpath: str) -> bool:
