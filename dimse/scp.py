@@ -30,6 +30,7 @@ from dimse.transport import install_fast_recv, tune_socket
 from gateway.core import Gateway
 from gateway.errors import GatewayError
 from gateway.metrics import METRICS
+from gateway.part10 import file_meta_header
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +129,14 @@ def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> int:
                        ae_title, address)
         return NOT_AUTHORIZED
     request = event.request
+    context = event.context
     try:
+        data = file_meta_header(
+            str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+            str(context.transfer_syntax), ae_title,
+        ) + event.encoded_dataset(include_meta=False)
         result = gateway.ingestor.ingest(
-            event.encoded_dataset(),
+            data,
             source=f"dimse:{ae_title}@{address}",
             expected_sop_class_uid=str(request.AffectedSOPClassUID),
             expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
