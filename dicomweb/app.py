@@ -190,7 +190,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     audit_sink
         Where accesses are recorded; ``gateway.audit`` if the core has one, else a log.
     """
-    from dicomweb import delete, qido, stow, wado
+    from dicomweb import capabilities, delete, qido, stow, wado
 
     app = web.Application(middlewares=[cors_middleware, problem_middleware, auth_middleware])
     app[GATEWAY] = gateway
@@ -202,4 +202,5 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     wado.add_routes(app)
     stow.add_routes(app)
     delete.add_routes(app)
+    capabilities.add_routes(app)
     return app

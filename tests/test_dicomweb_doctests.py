@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["gateway.query", "gateway.apikeys", "dicomweb.media", "dicomweb.problems",
-           "dicomweb.wado", "dicomweb.stow", "dicomweb.xml"]
+           "dicomweb.wado", "dicomweb.stow", "dicomweb.xml", "dicomweb.capabilities"]
 
 
 @pytest.mark.parametrize("name", MODULES)
