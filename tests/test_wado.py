@@ -321,7 +321,8 @@ def test_retrieval_streams_with_flat_memory(live: LiveServer) -> None:
         live.gateway.ingestor.ingest(part10(ct_dataset(i, study=study, series=series, rows=512)))
     token = api_key(live.gateway, "reader", "dicomweb:read")
     request = urllib.request.Request(f"{live.http_url}/dicomweb/studies/{study}", headers={
-        "Authorization": f"Bearer {token}", "Accept": 'multipart/related; type="application/dicom"'})
+        "Authorization": f"Bearer {token}",
+        "Accept": 'multipart/related; type="application/dicom"'})
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
