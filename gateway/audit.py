@@ -24,16 +24,16 @@ import json
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.access import Principal
 from gateway.index import Index
-from gateway.models import AuditEvent, Patient, Study
+from gateway.models import AuditRecord, Patient, Study, ViewerLink
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def add(
     address: str | None = None,
     jti: str | None = None,
     detail: str = "",
-) -> AuditEvent:
+) -> AuditRecord:
     """Append one entry inside a unit of work already running (``Index.write``).
 
     Parameters
@@ -144,7 +144,7 @@ def add(
         if len(uids) > MAX_INSTANCES:
             detail = f"{detail} ({len(uids)} instances, first {MAX_INSTANCES} listed)".strip()
             uids = uids[:MAX_INSTANCES]
-    event = AuditEvent(
+    event = AuditRecord(
         recorded_at=datetime.now(UTC),
         action=action.value,
         outcome=int(outcome),
@@ -175,14 +175,91 @@ def record(index: Index, action: Action | str, **fields: Any) -> None:
     index.write(work)
 
 
+# -- the sink interface the front ends call (DICOMweb, DIMSE) -----------------------------------
+class AuditAction(enum.StrEnum):
+    """PS3.15 A.5.3 event identifiers, named after the standard's messages."""
+
+    QUERY = "110112"                 # Query
+    INSTANCES_ACCESSED = "110103"    # DICOM Instances Accessed (metadata, rendered views)
+    INSTANCES_TRANSFERRED = "110104"  # DICOM Instances Transferred (retrieve, store)
+    STUDY_DELETED = "110105"         # DICOM Study Deleted
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One access, as a front end reports it (never a token; the ``jti`` names a link)."""
+
+    action: AuditAction
+    principal: str
+    address: str
+    study_uids: tuple[str, ...] = ()
+    detail: str = ""
+    success: bool = True
+    jti: str | None = None
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    instance_uids: tuple[str, ...] = ()
+
+
+class AuditSink(Protocol):
+    """Where audit events go. ``record`` is called from worker threads and must not raise."""
+
+    def record(self, event: AuditEvent) -> None: ...
+
+
+class LogAudit:
+    """A sink that only logs at DEBUG (no patient names or IDs); for tools without an index."""
+
+    def record(self, event: AuditEvent) -> None:
+        logger.debug("audit %s by %s from %s studies=%s %s", event.action.name,
+                     event.principal, event.address, ",".join(event.study_uids), event.detail)
+
+
+SINK_ACTIONS: dict[AuditAction, Action] = {
+    AuditAction.QUERY: Action.QUERY,
+    AuditAction.INSTANCES_ACCESSED: Action.RETRIEVE,
+    AuditAction.INSTANCES_TRANSFERRED: Action.TRANSFER,
+    AuditAction.STUDY_DELETED: Action.DELETE,
+}
+
+
+class DatabaseAudit:
+    """The persistent sink: one ``audit_event`` row per study the event names (one if none).
+
+    For a viewer session (``jti`` set) the viewer's display name and relationship to the patient
+    are taken from the link registry, so the patient's trail says who looked, and as what.
+    """
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def record(self, event: AuditEvent) -> None:
+        def work(session: Session) -> None:
+            name = relationship = None
+            if event.jti:
+                link = session.get(ViewerLink, event.jti)
+                if link is not None:
+                    name, relationship = link.viewer_name, link.viewer_relationship
+            for study in event.study_uids or (None,):
+                add(session, SINK_ACTIONS.get(event.action, Action.RETRIEVE),
+                    outcome=Outcome.SUCCESS if event.success else Outcome.MINOR_FAILURE,
+                    actor=event.principal, actor_name=name, relationship=relationship,
+                    study_uid=study, address=event.address, jti=event.jti,
+                    instance_uids=event.instance_uids or None, detail=event.detail)
+
+        try:
+            self.index.write(work)
+        except Exception:  # the sink must not fail the access it records
+            logger.exception("audit entry could not be written (%s)", event.action.name)
+
+
 def events_for_patient(index: Index, patient_id: str, *, limit: int = 1000,
-                       since: datetime | None = None) -> list[AuditEvent]:
+                       since: datetime | None = None) -> list[AuditRecord]:
     """The trail of one patient, newest first (``GET /api/audit?patient=``)."""
     with index.Session() as session:
-        query = select(AuditEvent).where(AuditEvent.patient_id == patient_id)
+        query = select(AuditRecord).where(AuditRecord.patient_id == patient_id)
         if since is not None:
-            query = query.where(AuditEvent.recorded_at >= since)
-        query = query.order_by(AuditEvent.recorded_at.desc(), AuditEvent.pk.desc()).limit(limit)
+            query = query.where(AuditRecord.recorded_at >= since)
+        query = query.order_by(AuditRecord.recorded_at.desc(), AuditRecord.pk.desc()).limit(limit)
         return list(session.scalars(query))
 
 
@@ -192,12 +269,12 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def _instances(event: AuditEvent) -> list[str]:
+def _instances(event: AuditRecord) -> list[str]:
     return list(json.loads(event.instance_uids)) if event.instance_uids else []
 
 
 # -- FHIR R4 AuditEvent (IHE Basic Audit Log Patterns style) ------------------------------------
-def fhir_audit_event(event: AuditEvent) -> dict[str, Any]:
+def fhir_audit_event(event: AuditRecord) -> dict[str, Any]:
     """One trail entry as a FHIR R4 AuditEvent resource.
 
     ``type`` is the DICOM event (PS3.15 A.5.3); the agent is the viewer or API principal with
@@ -262,7 +339,7 @@ def fhir_audit_event(event: AuditEvent) -> dict[str, Any]:
     return resource
 
 
-def fhir_bundle(events: Sequence[AuditEvent], base_url: str = "") -> dict[str, Any]:
+def fhir_bundle(events: Sequence[AuditRecord], base_url: str = "") -> dict[str, Any]:
     """A FHIR ``searchset`` Bundle of AuditEvent resources (newest first)."""
     return {
         "resourceType": "Bundle",
@@ -282,7 +359,7 @@ def _coded(parent: ET.Element, tag: str, code: str, scheme: str, meaning: str) -
                                 "originalText": meaning})
 
 
-def dicom_audit_message(event: AuditEvent) -> str:
+def dicom_audit_message(event: AuditRecord) -> str:
     """One trail entry as a DICOM audit message (PS3.15 A.5.1 schema, RFC 3881 based)."""
     code = EVENTS[Action(event.action)]
     root = ET.Element("AuditMessage")
@@ -326,5 +403,6 @@ def dicom_audit_message(event: AuditEvent) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-__all__ = ["Action", "EVENTS", "Outcome", "add", "dicom_audit_message", "events_for_patient",
+__all__ = ["Action", "AuditAction", "AuditEvent", "AuditSink", "DatabaseAudit", "EVENTS",
+           "LogAudit", "Outcome", "add", "dicom_audit_message", "events_for_patient",
            "fhir_audit_event", "fhir_bundle", "record"]

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DatabaseError
 from gateway import audit
 from gateway.access import Principal, PrincipalKind
 from gateway.core import Gateway
-from gateway.models import AuditEvent
+from gateway.models import AuditRecord
 from tests.conftest import ct_dataset, part10
 
 VIEWER = Principal(kind=PrincipalKind.VIEWER_SESSION, id="dr-1", display_name="Dr One",
@@ -55,7 +55,7 @@ def test_record_resolves_patient_and_exports(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize("statement", [
-    update(AuditEvent).values(outcome=0), delete(AuditEvent),
+    update(AuditRecord).values(outcome=0), delete(AuditRecord),
 ])
 def test_trail_is_append_only(gateway: Gateway, statement: object) -> None:
     audit.record(gateway.index, audit.Action.QUERY, actor="api_key:x", patient_id="P")

@@ -1,7 +1,7 @@
 """viewer links (jti registry), viewer sessions, access trail (append-only)
 
 Revision ID: 0002_links
-Revises: 0001
+Revises: 0002_dicomweb
 Create Date: 2026-11-25
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_links"
-down_revision = "0001"
+down_revision = "0002_dicomweb"  # chained after the DICOMweb migration
 branch_labels = None
 depends_on = None
 
