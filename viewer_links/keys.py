@@ -290,6 +290,24 @@ class KeyRing:
             raise MalformedLink(f"the link is malformed: {exc}") from None
 
 
+def signed_claims(ring: KeyRing, token: str) -> dict[str, Any] | None:
+    """The claims of a token whose *signature* verifies, ignoring its time and audience checks.
+
+    Used only to attribute a refusal (expired, not yet valid, wrong audience) to the right
+    patient and link in the access trail; never to grant anything.
+    """
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+        key = ring.keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            return None
+        return jwt.decode(token, key.verification_key(), algorithms=[key.algorithm],
+                          options={"verify_exp": False, "verify_nbf": False,
+                                   "verify_aud": False, "verify_iat": False})
+    except jwt.PyJWTError:
+        return None
+
+
 def now() -> int:
     return int(time.time())
 

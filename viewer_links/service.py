@@ -39,11 +39,15 @@ from gateway.uids import is_valid_uid, validate_uid
 from viewer_links.keys import (
     KeyRing,
     LinkError,
+    LinkExpired,
     LinkRevoked,
     LinkUsedUp,
     MalformedLink,
+    NotYetValid,
     PolicyRefused,
     StudyUnavailable,
+    WrongAudience,
+    signed_claims,
 )
 from viewer_links.settings import LinkSettings
 
@@ -174,7 +178,8 @@ class LinkService:
         if not 0 < ttl <= self.settings.max_ttl:
             raise InvalidLinkRequest(
                 f"ttl must be between 1 and {self.settings.max_ttl} seconds, not {ttl}")
-        if request.max_uses is not None and not 0 < request.max_uses <= self.settings.max_uses_limit:
+        limit = self.settings.max_uses_limit
+        if request.max_uses is not None and not 0 < request.max_uses <= limit:
             raise InvalidLinkRequest(
                 f"max_uses must be null or between 1 and {self.settings.max_uses_limit}")
         return MintRequest(request.study, request.viewer_id, request.viewer_name,
@@ -312,8 +317,18 @@ class LinkService:
         try:
             claims, kid = self._claims(token)
         except LinkError as exc:
+            # A genuine link refused for its time or audience still names its patient's study.
+            signed = (signed_claims(self.keys, token)
+                      if isinstance(exc, LinkExpired | NotYetValid | WrongAudience) else None)
+            study = signed.get("study") if signed else None
+            jti = signed.get("jti") if signed else None
             audit.record(self.index, audit.Action.LINK_REFUSE,
-                         outcome=audit.Outcome.MINOR_FAILURE, actor="unverified link",
+                         outcome=audit.Outcome.MINOR_FAILURE,
+                         actor=f"viewer:{signed.get('sub')}" if signed else "unverified link",
+                         relationship=str(signed.get("rel"))[:32] if signed else None,
+                         study_uid=study if isinstance(study, str) and is_valid_uid(study)
+                         else None,
+                         jti=jti[:64] if isinstance(jti, str) else None,
                          address=address, detail=f"refused: {exc.reason}")
             logger.info("link refused from %s: %s", address, exc.reason)
             raise
