@@ -41,8 +41,10 @@ def links_toml(viewer_dir: Path | None, *, keep_old: bool = True, extra: str = "
     if keep_old:
         keys.append(f'[[links.keys]]\nkid = "gw-old"\nalg = "HS256"\nsecret = "{HS_OLD}"\n')
     keys.append(f'[[links.keys]]\nkid = "gw-new"\nalg = "HS256"\nsecret = "{HS_NEW}"\n')
-    keys.append(f'[[links.keys]]\nkid = "portal-ed"\nalg = "EdDSA"\npublic_key = """{pem(ED_PRIVATE)}"""\n')
-    keys.append(f'[[links.keys]]\nkid = "portal-ec"\nalg = "ES256"\npublic_key = """{pem(EC_PRIVATE)}"""\n')
+    for kid, alg, private in (("portal-ed", "EdDSA", ED_PRIVATE),
+                              ("portal-ec", "ES256", EC_PRIVATE)):
+        keys.append(f'[[links.keys]]\nkid = "{kid}"\nalg = "{alg}"\n'
+                    f'public_key = """{pem(private)}"""\n')
     viewer = f'viewer_dir = "{viewer_dir}"\n' if viewer_dir else ""
     return (f'[links]\nsigning_kid = "gw-new"\nleeway = 30\nmax_ttl = 7200\n{viewer}{extra}\n'
             + "\n".join(keys))

@@ -282,7 +282,8 @@ def test_dsp_date_moved_after_study_stops_sessions(env: dict[str, Any]) -> None:
 # -- the portal API ------------------------------------------------------------------------------
 def test_api_requires_credential_and_scope(env: dict[str, Any]) -> None:
     anonymous = env["browser"].request("POST", "/api/links", {"study": env["study"]})
-    assert anonymous.status == 401 and anonymous.headers["Content-Type"].startswith("application/problem+json")
+    assert anonymous.status == 401
+    assert anonymous.headers["Content-Type"].startswith("application/problem+json")
     reader = env["browser"].request("POST", "/api/links", {"study": env["study"]},
                                     bearer=env["tokens"]["reader"])
     assert reader.status == 403 and "links:mint" in reader.json()["detail"]
