@@ -42,9 +42,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {"demo": True} if args.demo else {}
     settings = _settings(args, **overrides)
+    if args.config:
+        os.environ["GATEWAY_CONFIG"] = args.config  # DIMSE worker processes read the same file
     configure_logging(settings.log_level)
     with Gateway(settings) as gateway:
         asyncio.run(serve_forever(gateway))
+    return 0
+
+
+def cmd_dimse_worker(args: argparse.Namespace) -> int:
+    """A DIMSE worker process started by ``serve`` when ``[dimse] workers`` > 1."""
+    from gateway.server import run_dimse_worker
+
+    settings = _settings(args)
+    configure_logging(settings.log_level)
+    gateway = Gateway(settings).open(recover=False)
+    try:
+        run_dimse_worker(gateway, args.port)
+    finally:
+        gateway.close()
     return 0
 
 
@@ -154,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true",
                        help="let anonymous clients read and write (loopback listeners only)")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("dimse-worker")  # started by `serve` when [dimse] workers > 1
+    worker.add_argument("--port", type=int, required=True)
+    worker.set_defaults(func=cmd_dimse_worker)
 
     ingest = sub.add_parser("ingest", help="store DICOM files and folders (recursively)")
     ingest.add_argument("paths", nargs="+", metavar="PATH")

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -179,6 +179,13 @@ class Index:
                 select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
             ).one_or_none()
 
+    def find_digest(self, sop_instance_uid: str) -> str | None:
+        """The stored digest of an instance, or ``None`` (a cheap existence check)."""
+        with self.engine.connect() as connection:
+            return connection.execute(
+                select(Instance.digest).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).scalar()
+
     def has_file(self, relpath: str) -> bool:
         with self.Session() as session:
             return session.scalar(
@@ -190,7 +197,7 @@ class Index:
             return set(session.scalars(select(Instance.file_path)))
 
     def add_instance(self, session: Session, parsed: ParsedInstance, relpath: str,
-                     source: str, metadata_json: str) -> Instance:
+                     source: str, metadata_json: str) -> None:
         """Insert one instance, creating its patient, study and series rows as needed.
 
         Runs inside :meth:`write`. Raises ``IntegrityError`` if the SOP Instance UID is taken.
@@ -200,12 +207,12 @@ class Index:
         patient_pk = self._upsert(
             session, Patient,
             {"patient_id": f["patient_id"], "issuer_of_patient_id": f["issuer_of_patient_id"]},
-            {k: f[k] for k in ("patient_name", "patient_name_norm", "patient_birth_date",
-                               "patient_sex")},
+            lambda: {k: f[k] for k in ("patient_name", "patient_name_norm",
+                                       "patient_birth_date", "patient_sex")},
         )[0]
         study_pk, _ = self._upsert(
             session, Study, {"study_instance_uid": parsed.study_instance_uid},
-            {
+            lambda: {
                 "patient_pk": patient_pk, "created_at": stamp, "updated_at": stamp,
                 "attributes": parsed.study_attributes_json(),
                 **{k: f[k] for k in ("study_date", "study_time", "accession_number", "study_id",
@@ -215,7 +222,7 @@ class Index:
         )
         series_pk, new_series = self._upsert(
             session, Series, {"series_instance_uid": parsed.series_instance_uid},
-            {
+            lambda: {
                 "study_pk": study_pk, "created_at": stamp,
                 "attributes": parsed.series_attributes_json(),
                 **{k: f[k] for k in ("modality", "series_number", "series_description",
@@ -224,7 +231,7 @@ class Index:
                                      "series_time")},
             },
         )
-        row = Instance(
+        session.execute(insert(Instance).values(
             series_pk=series_pk,
             sop_instance_uid=parsed.sop_instance_uid,
             sop_class_uid=parsed.sop_class_uid,
@@ -234,9 +241,7 @@ class Index:
             number_of_frames=f["number_of_frames"],
             file_path=relpath, file_size=parsed.size, digest=parsed.digest,
             metadata_json=metadata_json, source=source[:200], created_at=stamp,
-        )
-        session.add(row)
-        session.flush()
+        ))
         session.execute(update(Series).where(Series.pk == series_pk)
                         .values(number_of_instances=Series.number_of_instances + 1))
         values: dict[str, Any] = {
@@ -249,17 +254,16 @@ class Index:
             ))
             values["modalities_in_study"] = "\\".join(sorted(m for m in modalities if m))
         session.execute(update(Study).where(Study.pk == study_pk).values(**values))
-        return row
 
     def _upsert(self, session: Session, model: Any, key: dict[str, Any],
-                values: dict[str, Any]) -> tuple[int, bool]:
+                values: Callable[[], dict[str, Any]]) -> tuple[int, bool]:
         """Insert the row unless its key exists; return its pk and whether it was new."""
         table = model.__table__
         conditions = [table.c[k] == v for k, v in key.items()]
         pk = session.scalar(select(table.c.pk).where(*conditions))
         if pk is not None:
             return pk, False
-        stmt = _insert(self.dialect, table).values(**key, **values).on_conflict_do_nothing()
+        stmt = _insert(self.dialect, table).values(**key, **values()).on_conflict_do_nothing()
         result = session.execute(stmt.returning(table.c.pk))
         pk = result.scalar()
         if pk is not None:

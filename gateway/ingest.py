@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -109,7 +111,7 @@ class Ingestor:
                 f"the instance belongs to study {parsed.study_instance_uid}, not to "
                 f"{expected_study_instance_uid} named in the request"
             )
-        existing = self.index.find_instance(parsed.sop_instance_uid)
+        existing = self.index.find_digest(parsed.sop_instance_uid)
         if existing is not None:
             outcome = self._against_existing(parsed, existing)
             if outcome is not None:
@@ -121,15 +123,15 @@ class Ingestor:
         return IngestResult(outcome, parsed.sop_class_uid, parsed.sop_instance_uid,
                             parsed.study_instance_uid, parsed.series_instance_uid)
 
-    def _against_existing(self, parsed: ParsedInstance, existing: Instance) -> IngestResult | None:
-        if existing.digest == parsed.digest:
+    def _against_existing(self, parsed: ParsedInstance, digest: str) -> IngestResult | None:
+        if digest == parsed.digest:
             logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
             return self._result(parsed, Outcome.DUPLICATE)
         if not self.overwrite:
             logger.warning(
                 "refused instance %s: a different instance is stored under this SOP Instance "
                 "UID (stored digest %s, received %s); the original is kept",
-                parsed.sop_instance_uid, existing.digest[:12], parsed.digest[:12],
+                parsed.sop_instance_uid, digest[:12], parsed.digest[:12],
             )
             METRICS.inc("gateway_instances_conflict_total")
             raise Conflict(
@@ -167,7 +169,7 @@ class Ingestor:
         except IntegrityError:
             # A concurrent writer stored the same SOP Instance UID between our check and commit.
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
-            existing = self.index.find_instance(parsed.sop_instance_uid)
+            existing = self.index.find_digest(parsed.sop_instance_uid)
             if existing is not None:
                 result = self._against_existing(parsed, existing)
                 if result is not None:
@@ -206,8 +208,14 @@ def read_part10(path: Path) -> bytes:
         ds = dcmread(io.BytesIO(data), force=True)
         if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
             raise InvalidInstance("not a DICOM file (no SOP Class and Instance UIDs)")
+        implicit, little = ds.original_encoding
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit or implicit is None
+            else ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+        )
         out = io.BytesIO()
-        ds.save_as(out, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        ds.save_as(out, enforce_file_format=True)
     except InvalidInstance:
         raise
     except Exception as exc:

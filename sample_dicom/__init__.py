@@ -7,30 +7,20 @@ small ones; ``files/`` holds one small file per transfer syntax (see ``files/MAN
 from pathlib import Path
 
 from sample_dicom.generator import (
-    SeriesSpec,
-    StudySpec,
-    demo_study,
-    deterministic_uid,
-    generate_corpus,
-    generate_study,
-    key_object,
-    write_datasets,
-    write_demo_study,
-    write_study,
+                                    SeriesSpec,
+                                    StudySpec,
+                                    demo_study,
+                                    deterministic_uid,
+                                    generate_corpus,
+                                    generate_study,
+                                    key_object,
+                                    write_datasets,
+                                    write_demo_study,
+                                    write_study,
 )
 
 FILES_DIR = Path(__file__).parent / "files"
 
-__all__ = [
-    "FILES_DIR",
-    "SeriesSpec",
-    "StudySpec",
-    "demo_study",
-    "deterministic_uid",
-    "generate_corpus",
-    "generate_study",
-    "key_object",
-    "write_datasets",
-    "write_demo_study",
-    "write_study",
-]
+__all__ = ["FILES_DIR", "SeriesSpec", "StudySpec", "demo_study", "deterministic_uid",
+           "generate_corpus", "generate_study", "key_object", "write_datasets", "write_demo_study",
+           "write_study"]

@@ -14,27 +14,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, uid
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import (
-    UID,
-    CTImageStorage,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    KeyObjectSelectionDocumentStorage,
-    MRImageStorage,
-)
 
 UTF8 = "ISO_IR 192"  # PS3.3 C.12.1.1.2, Specific Character Set for UTF-8
 MANUFACTURER = "SampleDICOM"
 INSTITUTION = "Centre Hospitalier Synthétique"
-NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
-SOP_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
-# Tissue values: HU for CT, arbitrary T2-weighted intensity for MR; last entry is noise sigma.
+NATIVE_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
+                   uid.DeflatedExplicitVRLittleEndian)
+SOP_CLASSES = {"CT": uid.CTImageStorage, "MR": uid.MRImageStorage}
+# Tissue values: HU for CT, arbitrary T2-weighted intensity for MR, and the noise sigma.
 TISSUES = {
-    "CT": {"air": -1000, "bone": 1300, "grey": 40, "white": 28, "csf": 8, "lesion": 75, "noise": 4},
-    "MR": {"air": 0, "bone": 60, "grey": 1100, "white": 800, "csf": 2600, "lesion": 1900, "noise": 15},
+    "CT": {"air": -1000, "bone": 1300, "grey": 40, "white": 28, "csf": 8, "lesion": 75,
+           "noise": 4},
+    "MR": {"air": 0, "bone": 60, "grey": 1100, "white": 800, "csf": 2600, "lesion": 1900,
+           "noise": 15},
 }
 WINDOWS = {"CT": (40.0, 80.0), "MR": (1300.0, 2600.0)}  # (center, width)
 OF_INTEREST = ("113000", "DCM", "Of Interest")  # PS3.16 CID 7010, KOS document title
@@ -52,7 +46,7 @@ class SeriesSpec:
     instances: int = 16
     rows: int = 256
     columns: int = 256
-    transfer_syntax: str = ExplicitVRLittleEndian
+    transfer_syntax: str = uid.ExplicitVRLittleEndian
     body_part: str = "HEAD"
     slice_thickness: float = 5.0
     field_of_view: float = 230.0
@@ -83,7 +77,7 @@ class StudySpec:
     key_object: bool = True
 
 
-def deterministic_uid(*parts: object) -> UID:
+def deterministic_uid(*parts: object) -> uid.UID:
     """Return a ``2.25.`` UID from a name-based UUID of ``parts`` (PS3.5 B.2, RFC 4122 §4.3).
 
     ``pydicom.uid.generate_uid(prefix=None)`` ignores its entropy sources, hence uuid5.
@@ -91,10 +85,11 @@ def deterministic_uid(*parts: object) -> UID:
     >>> deterministic_uid(0, "study")
     '2.25.66297273873807987927296476899288566191'
     """
-    return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join(map(str, parts))).int}")
+    return uid.UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join(map(str, parts))).int}")
 
 
-def phantom(rows: int, columns: int, z: float, modality: str, rng: np.random.Generator) -> np.ndarray:
+def phantom(rows: int, columns: int, z: float, modality: str,
+            rng: np.random.Generator) -> np.ndarray:
     """Return a head phantom slice (HU for CT, intensity for MR) as a float array.
 
     Parameters
@@ -120,8 +115,8 @@ def phantom(rows: int, columns: int, z: float, modality: str, rng: np.random.Gen
                                    ("white", (0, 0.02, 0.48, 0.58))):
         img[ellipse(cx, cy, ax * r, ay * r)] = t[name]
     if abs(z) < 0.5:
-        for cx in (-0.12, 0.12):
-            img[ellipse(cx, -0.05, 0.07 * r, 0.22 * r)] = t["csf"]
+        for side in (-0.12, 0.12):
+            img[ellipse(side, -0.05, 0.07 * r, 0.22 * r)] = t["csf"]
     img[ellipse(0.3 * np.cos(3 * z) * r, 0.3 * np.sin(3 * z) * r, 0.09, 0.09)] = t["lesion"]
     return img + rng.normal(0.0, t["noise"], img.shape)
 
@@ -159,11 +154,34 @@ def _with_file_meta(ds: Dataset, transfer_syntax: str) -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta.TransferSyntaxUID = uid.UID(transfer_syntax)
     return ds
 
 
-def _image(spec: StudySpec, series: SeriesSpec, number: int, index: int, seed: int,
+def _geometry(ds: Dataset, series: SeriesSpec, index: int) -> None:
+    """Set the Image Plane module (PS3.3 C.7.6.2): axial slices centred on the isocentre."""
+    spacing = series.field_of_view / max(series.rows, series.columns)
+    z_mm = (index - (series.instances - 1) / 2) * series.slice_thickness
+    ds.ImagePositionPatient = [round(-spacing * series.columns / 2, 3),
+                               round(-spacing * series.rows / 2, 3), z_mm]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SliceLocation, ds.SliceThickness = z_mm, series.slice_thickness
+    ds.PixelSpacing = [round(spacing, 6)] * 2
+
+
+def _acquisition(ds: Dataset, series: SeriesSpec) -> None:
+    """Set the modality-specific acquisition attributes of the CT or MR Image module."""
+    if series.modality == "CT":
+        ds.KVP, ds.ConvolutionKernel = 120, "H30s" if series.window is None else "H70h"
+    else:
+        ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "SE", "SK", "2D"
+        ds.ScanOptions, ds.EchoTime, ds.RepetitionTime = "", 90, 4000
+        ds.MagneticFieldStrength, ds.EchoTrainLength = 1.5, 16
+    ds.RescaleType = "HU" if series.modality == "CT" else "US"
+    ds.WindowCenter, ds.WindowWidth = series.window or WINDOWS[series.modality]
+
+
+def _image(spec: StudySpec, series: SeriesSpec, number: int, index: int,
            uids: tuple[str, str, str]) -> Dataset:
     """Return one axial slice of ``series`` (PS3.3 A.3 CT Image / A.4 MR Image IOD)."""
     study_uid, series_uid, frame_uid = uids
@@ -177,31 +195,18 @@ def _image(spec: StudySpec, series: SeriesSpec, number: int, index: int, seed: i
     ds.PatientPosition, ds.ManufacturerModelName = "HFS", f"Synthetic {series.modality}"
     ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
     ds.InstanceNumber, ds.AcquisitionNumber = index + 1, 1
-    spacing = series.field_of_view / max(series.rows, series.columns)
-    z_mm = (index - (series.instances - 1) / 2) * series.slice_thickness
-    ds.ImagePositionPatient = [round(-spacing * series.columns / 2, 3),
-                               round(-spacing * series.rows / 2, 3), z_mm]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SliceLocation, ds.SliceThickness = z_mm, series.slice_thickness
-    ds.PixelSpacing = [round(spacing, 6)] * 2
-    if series.modality == "CT":
-        ds.KVP, ds.ConvolutionKernel = 120, "H30s" if series.window is None else "H70h"
-    else:
-        ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "SE", "SK", "2D"
-        ds.ScanOptions, ds.EchoTime, ds.RepetitionTime = "", 90, 4000
-        ds.MagneticFieldStrength, ds.EchoTrainLength = 1.5, 16
+    _geometry(ds, series, index)
+    _acquisition(ds, series)
     z = 0.0 if series.instances == 1 else 1.6 * index / (series.instances - 1) - 0.8
-    rng = np.random.default_rng([seed, number, index])
-    stored, intercept = _stored_pixels(series, phantom(series.rows, series.columns, z,
-                                                       series.modality, rng))
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, 1, (
-        "HU" if series.modality == "CT" else "US")
-    ds.WindowCenter, ds.WindowWidth = series.window or WINDOWS[series.modality]
+    rng = np.random.default_rng([int(study_uid.removeprefix("2.25.")), number, index])
+    values = phantom(series.rows, series.columns, z, series.modality, rng)
+    stored, ds.RescaleIntercept = _stored_pixels(series, values)
+    ds.RescaleSlope = 1
     set_pixels(ds, stored)
-    _with_file_meta(ds, ExplicitVRLittleEndian)
+    _with_file_meta(ds, uid.ExplicitVRLittleEndian)
     if series.transfer_syntax not in NATIVE_SYNTAXES:
         ds.compress(series.transfer_syntax, stored, generate_instance_uid=False)
-    ds.file_meta.TransferSyntaxUID = series.transfer_syntax
+    ds.file_meta.TransferSyntaxUID = uid.UID(series.transfer_syntax)
     return ds
 
 
@@ -235,7 +240,7 @@ def key_object(spec: StudySpec, images: list[Dataset], number: int, study_uid: s
     (grouped by series) and as IMAGE content items of the ``(113000, DCM) Of Interest`` root.
     """
     series_uid = deterministic_uid(study_uid, "series", number)
-    ds = _common(spec, study_uid, KeyObjectSelectionDocumentStorage,
+    ds = _common(spec, study_uid, uid.KeyObjectSelectionDocumentStorage,
                  deterministic_uid(series_uid, 0))
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "KO", series_uid, number
     ds.SeriesDescription, ds.ReferencedPerformedProcedureStepSequence = "Key images", []
@@ -246,9 +251,9 @@ def key_object(spec: StudySpec, images: list[Dataset], number: int, study_uid: s
         by_series.setdefault(image.SeriesInstanceUID, []).append(image)
     evidence = Dataset()
     evidence.StudyInstanceUID, evidence.ReferencedSeriesSequence = study_uid, []
-    for uid, members in by_series.items():
+    for series_ref, members in by_series.items():
         item = Dataset()
-        item.SeriesInstanceUID, item.ReferencedSOPSequence = uid, [_ref(m) for m in members]
+        item.SeriesInstanceUID, item.ReferencedSOPSequence = series_ref, [_ref(m) for m in members]
         evidence.ReferencedSeriesSequence.append(item)
     ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
     ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
@@ -266,7 +271,7 @@ def key_object(spec: StudySpec, images: list[Dataset], number: int, study_uid: s
         item.RelationshipType, item.ValueType = "CONTAINS", "IMAGE"
         item.ReferencedSOPSequence = [_ref(image)]
         ds.ContentSequence.append(item)
-    return _with_file_meta(ds, ExplicitVRLittleEndian)
+    return _with_file_meta(ds, uid.ExplicitVRLittleEndian)
 
 
 def _key_picks(count: int, total: int) -> list[int]:
@@ -282,7 +287,7 @@ def generate_study(spec: StudySpec | None = None, *, seed: int = 0) -> list[Data
     spec : StudySpec, optional
         The study to build; the default is the demo CT head study.
     seed : int
-        Root of every UID and of the pixel noise.
+        Root of every UID, hence of the pixel noise too.
 
     Returns
     -------
@@ -296,7 +301,7 @@ def generate_study(spec: StudySpec | None = None, *, seed: int = 0) -> list[Data
     keys: list[Dataset] = []
     for number, series in enumerate(spec.series, start=1):
         uids = (study_uid, deterministic_uid(study_uid, "series", number), frame_uid)
-        images = [_image(spec, series, number, i, seed, uids) for i in range(series.instances)]
+        images = [_image(spec, series, number, i, uids) for i in range(series.instances)]
         keys += [images[i] for i in _key_picks(series.key_images, series.instances)]
         datasets += images
     if spec.key_object and keys:
