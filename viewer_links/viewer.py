@@ -68,6 +68,7 @@ def install(folder: Path, version: str, *, npm: str = "npm", force: bool = False
     ViewerInstallError
         npm is missing or failed, or the package has no ``dist/``.
     """
+    folder = folder.resolve()
     if not force and installed_version(folder) == version:
         return False
     if shutil.which(npm) is None:
