@@ -182,7 +182,8 @@ class ImagePixel:
     def encapsulated(self) -> bool:
         return self.transfer_syntax_uid not in NATIVE_SYNTAXES
 
-    def decode_options(self, transfer_syntax_uid: str | None = None) -> dict[str, Any]:
+    def decode_options(self, transfer_syntax_uid: str | None = None,
+                       as_rgb: bool = True) -> dict[str, Any]:
         """Keyword options of pydicom's ``Decoder.as_array`` for one frame."""
         options: dict[str, Any] = {
             "rows": self.rows, "columns": self.columns,
@@ -193,6 +194,7 @@ class ImagePixel:
             "number_of_frames": 1,
             "transfer_syntax_uid": UID(transfer_syntax_uid or self.transfer_syntax_uid),
             "pixel_keyword": self.pixel_keyword,
+            "as_rgb": as_rgb,
         }
         if self.samples_per_pixel > 1:
             options["planar_configuration"] = self.planar_configuration
@@ -274,6 +276,8 @@ class PixelFile:
     fragments: list[list[tuple[int, int]]] = field(default_factory=list)
     # Deflated or big endian files: the whole pixel data value, already read.
     inline: bytes | None = None
+    # Frames pydicom's heuristics had to find in the whole value (no table, no markers).
+    frame_data: list[bytes] | None = None
 
     @property
     def number_of_frames(self) -> int:
@@ -310,6 +314,8 @@ class PixelFile:
         self._check_index(index)
         info = self.image
         if info.encapsulated:
+            if self.frame_data is not None:
+                return self.frame_data[index]
             parts = [self._read(offset, length) for offset, length in self.fragments[index]]
             return parts[0] if len(parts) == 1 else b"".join(parts)
         if info.bits_allocated == 1 and info.frame_bits % 8:
@@ -347,8 +353,8 @@ class PixelFile:
                 raise PixelDataError(
                     f"no decoder is installed for {UID(info.transfer_syntax_uid).name}")
             try:
-                arr, _ = decoder.as_array(encapsulate([data]), as_rgb=as_rgb,
-                                          **info.decode_options())
+                arr, _ = decoder.as_array(encapsulate([data]),
+                                          **info.decode_options(as_rgb=as_rgb))
             except Exception as exc:
                 raise PixelDataError(
                     f"frame {index + 1} cannot be decoded from "
@@ -392,8 +398,8 @@ class PixelFile:
         photometric = "RGB" if info.samples_per_pixel == 3 else info.photometric_interpretation
         options = dict(info.decode_options(), photometric_interpretation=photometric,
                        planar_configuration=0)
-        options.pop("transfer_syntax_uid")
-        options.pop("pixel_keyword")
+        for key in ("transfer_syntax_uid", "pixel_keyword", "as_rgb"):
+            options.pop(key)
         if info.pixel_representation == 0 and arr.dtype.kind == "i":
             arr = arr.astype(arr.dtype.str.replace("i", "u"))
         try:
@@ -453,8 +459,7 @@ def _native_array(data: bytes, info: ImagePixel, *, as_rgb: bool) -> np.ndarray:
             info.rows, info.columns, *((3,) if info.samples_per_pixel == 3 else ()))
     decoder = get_decoder(ExplicitVRLittleEndian)
     try:
-        arr, _ = decoder.as_array(data, as_rgb=as_rgb,
-                                  **info.decode_options(ExplicitVRLittleEndian))
+        arr, _ = decoder.as_array(data, **info.decode_options(ExplicitVRLittleEndian, as_rgb))
     except Exception as exc:
         raise PixelDataError(f"the native pixel data cannot be read: {exc}") from exc
     return arr
@@ -690,13 +695,24 @@ def _map_fragments(pixel_file: PixelFile) -> list[list[tuple[int, int]]]:
         pixel_file.transfer_syntax_uid.startswith("1.2.840.10008.1.2.4.20") else JPEG_SOI
     grouped: list[list[tuple[int, int]]] = []
     for offset, length in fragments:
-        begins = pixel_file._read(offset, min(length, 4))
-        if begins.startswith(marker) or (marker == J2K_SOC and begins.startswith(b"\x00\x00")) \
+        begins = pixel_file._read(offset, min(length, 12))
+        if begins.startswith(marker) or (marker == J2K_SOC and begins.startswith(JP2_SIGNATURE)) \
                 or not grouped:
             grouped.append([])
         grouped[-1].append((offset, length))
     if len(grouped) == frames:
         return grouped
+    # Last resort: pydicom's own heuristics over the whole value (JPEG EOI markers...).
+    whole = struct.pack("<HHI", 0xFFFE, 0xE000, 0) + b"".join(
+        struct.pack("<HHI", 0xFFFE, 0xE000, length) + pixel_file._read(offset, length)
+        for offset, length in fragments)
+    try:
+        found = list(generate_frames(whole, number_of_frames=frames))
+    except (ValueError, StopIteration):
+        found = []
+    if len(found) == frames:
+        pixel_file.frame_data = found
+        return []
     raise PixelDataError(
         f"cannot tell which of {len(fragments)} fragments belong to which of {frames} frames "
         "(no offset table and no codestream markers)")

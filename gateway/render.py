@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from pydicom import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from gateway.errors import InvalidQuery
 from gateway.pixels import (
@@ -177,7 +177,7 @@ def _frame_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:
 def _first(value: object) -> float:
     if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(
             value, (str, bytes)):
-        value = value[0]  # type: ignore[index]
+        value = value[0]
     return float(value)  # type: ignore[arg-type]
 
 
@@ -247,7 +247,7 @@ def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: 
             present = np.zeros(1 << bits, dtype=bool)
             present[index_array] = True
             chosen = _min_max_window(values[present])
-        grey = _voi(values, ds, chosen)
+        grey = _voi(values, ds, chosen, voi_sequence)
         lut = grey.astype(np.uint8)
         if invert:
             lut = 255 - lut
@@ -255,7 +255,7 @@ def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: 
     values = _modality(arr.astype(np.float64), modality_ds)
     if chosen is None and not voi_sequence:
         chosen = _min_max_window(values)
-    out = _voi(values, ds, chosen).astype(np.uint8)
+    out = _voi(values, ds, chosen, voi_sequence).astype(np.uint8)
     return 255 - out if invert else out
 
 
@@ -277,16 +277,36 @@ def _min_max_window(values: np.ndarray) -> Window:
     return Window((low + high) / 2, max(high - low, 1e-6), "LINEAR_EXACT")
 
 
-def _voi(values: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
+def _voi(values: np.ndarray, ds: Dataset, window: Window | None,
+         sequence: object = None) -> np.ndarray:
     if window is not None:
         return apply_window(values, window)
-    item = ds["VOILUTSequence"][0]
-    descriptor = item.LUTDescriptor
-    lut_bits = int(descriptor[2]) if len(descriptor) > 2 else 16
-    mapped = np.asarray(apply_voi(values, ds), dtype=np.float64)
-    top = float((1 << lut_bits) - 1) if lut_bits else float(mapped.max() or 1)
-    top = max(top, float(np.max(item.LUTData)) if "LUTData" in item else top)
-    return np.rint(np.clip(mapped / top * 255.0, 0, 255))
+    return voi_lut(values, (sequence or ds.VOILUTSequence)[0])  # type: ignore[index]
+
+
+def voi_lut(values: np.ndarray, item: Dataset) -> np.ndarray:
+    """Apply a VOI LUT Sequence item (PS3.3 C.11.2.1.1) and scale its output to 0..255.
+
+    Values below the first mapped value take the first entry, values beyond the last take
+    the last (the LUT Descriptor's number of entries 0 means 65536).
+    """
+    try:
+        entries, first, bits = (int(v) for v in item.LUTDescriptor[:3])
+        raw = item.LUTData
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise PixelDataError(f"the VOI LUT Sequence is malformed: {exc}") from exc
+    entries = entries or 65536
+    if isinstance(raw, bytes):
+        # OW: 16 bits per entry, or 8-bit entries packed two to a word.
+        lut = np.frombuffer(raw, dtype="<u2" if len(raw) >= 2 * entries else "u1")
+    else:
+        lut = np.asarray(raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__len__")
+                         else [raw], dtype=np.float64)
+    if lut.size < entries:
+        raise PixelDataError(f"the VOI LUT has {lut.size} entries, its descriptor {entries}")
+    position = np.clip(np.rint(values) - first, 0, entries - 1).astype(np.int64)
+    top = float((1 << bits) - 1) if 0 < bits <= 16 else float(lut.max() or 1)
+    return np.rint(np.clip(lut[position].astype(np.float64) / top * 255.0, 0, 255))
 
 
 def color_to_display(arr: np.ndarray, ds: Dataset, photometric: str,
@@ -343,9 +363,8 @@ def apply_viewport(image: Image.Image, viewport: Viewport | None) -> Image.Image
         sy = min(viewport.sy or 0, height - 1)
         sw = viewport.sw if viewport.sw is not None else width - sx
         sh = viewport.sh if viewport.sh is not None else height - sy
-        x0, x1 = sorted((sx, sx + sw))
-        y0, y1 = sorted((sy, sy + sh))
-        image = image.crop((max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)))
+        # The region is sx..sx+|sw|, sy..sy+|sh|; a negative size flips it.
+        image = image.crop((sx, sy, min(sx + abs(sw), width), min(sy + abs(sh), height)))
         if sw < 0:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if sh < 0:
