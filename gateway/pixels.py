@@ -47,7 +47,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from gateway.errors import GatewayError, InvalidQuery
+from gateway.errors import GatewayError, InvalidQuery, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,12 @@ class ImageTooLarge(GatewayError):
     """An image is larger than the configured limits allow decoding or rendering."""
 
 
-class NoSuchFrame(InvalidQuery):
-    """A requested frame number is not in the instance (frames are numbered from 1)."""
+class InvalidFrameList(InvalidQuery):
+    """A frame list is malformed (frames are numbered from 1, PS3.18 §10.4.1.1.4)."""
+
+
+class NoSuchFrame(NotFound):
+    """A requested frame number is beyond the instance's Number of Frames."""
 
 
 @dataclass(frozen=True)
@@ -762,17 +766,19 @@ def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int
 
     Raises
     ------
+    InvalidFrameList
+        A number that is not a positive integer.
     NoSuchFrame
-        A number that is not a positive integer, or beyond ``number_of_frames``.
+        A number beyond ``number_of_frames``.
     """
     frames: list[int] = []
     for part in text.split(","):
         part = part.strip()
         if not part.isdigit() or int(part) < 1:
-            raise NoSuchFrame(f"frame list {text!r}: {part!r} is not a frame number (1, 2, ...)")
+            raise InvalidFrameList(f"frame list {text!r}: {part!r} is not a frame number (1, 2, ...)")
         frames.append(int(part))
     if len(frames) > 10000:
-        raise NoSuchFrame("frame list: at most 10000 frames per request")
+        raise InvalidFrameList("frame list: at most 10000 frames per request")
     if number_of_frames is not None:
         beyond = [n for n in frames if n > number_of_frames]
         if beyond:

@@ -28,6 +28,7 @@ from pydicom.uid import (
 
 from gateway.pixels import (
     ImageTooLarge,
+    InvalidFrameList,
     NoSuchFrame,
     NotAcceptable,
     PixelDataError,
@@ -275,7 +276,7 @@ def test_truncated_and_pixelless_files_are_clear_errors(tmp_path: Path) -> None:
 def test_parse_frame_list() -> None:
     assert parse_frame_list("3, 1,2") == [3, 1, 2]
     for bad in ("0", "1,,2", "a", "-1", "1.5"):
-        with pytest.raises(NoSuchFrame, match="is not a frame number"):
+        with pytest.raises(InvalidFrameList, match="is not a frame number"):
             parse_frame_list(bad)
     with pytest.raises(NoSuchFrame, match="frame 5 does not exist"):
         parse_frame_list("1,5", number_of_frames=3)
