@@ -65,7 +65,29 @@ def viewer_env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
         patient = str(datasets[0].PatientID)
         assert portal.request("PUT", f"/api/patients/{patient}/dsp",
                               {"created": "2020-01-01"}).status == 200
-        yield {"server": server, "portal": portal, "study": study}
+        from gateway.keyimages import key_images
+
+        with gateway.index.Session() as session:
+            keys = [k.sop_instance_uid for k in key_images(session, study)]
+        yield {"server": server, "portal": portal, "study": study, "key_images": keys}
+
+
+def wait_for_image(page: Any, dicomweb: list[str]) -> list[dict[str, Any]]:
+    """Poll the page's canvases until one shows an image (lit pixels, many grey levels)."""
+    deadline = time.monotonic() + 120
+    stats: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        stats = page.evaluate(CANVAS_STATS)
+        drawn = [s for s in stats if s["lit"] > 1000 and s["levels"] > 8]
+        if drawn:
+            page.wait_for_timeout(1500)  # let thumbnails and the first frames settle
+            return drawn
+        page.wait_for_timeout(500)
+    raise AssertionError(f"no image drawn; canvases: {stats}; DICOMweb: {dicomweb[-10:]}")
+
+
+def launch(playwright: Any) -> Any:
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 def test_minted_link_opens_ohif_and_draws_the_study(viewer_env: dict[str, Any]) -> None:
@@ -83,7 +105,7 @@ def test_minted_link_opens_ohif_and_draws_the_study(viewer_env: dict[str, Any]) 
     errors: list[str] = []
     dicomweb: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(playwright)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}"))
@@ -101,18 +123,10 @@ def test_minted_link_opens_ohif_and_draws_the_study(viewer_env: dict[str, Any]) 
             assert "gw_session" not in page.evaluate("document.cookie")  # HttpOnly
             assert page.evaluate("window.crossOriginIsolated") is True
 
-            deadline = time.monotonic() + 120
-            stats: list[dict[str, Any]] = []
-            drawn: list[dict[str, Any]] = []
-            while time.monotonic() < deadline:
-                stats = page.evaluate(CANVAS_STATS)
-                drawn = [s for s in stats if s["lit"] > 1000 and s["levels"] > 8]
-                if drawn:
-                    break
-                page.wait_for_timeout(500)
-            page.wait_for_timeout(1500)  # let thumbnails and the first frames settle
-            page.screenshot(path=str(ARTIFACTS / "viewer-sample-study.png"))
-            assert drawn, f"no image drawn; canvases: {stats}; DICOMweb: {dicomweb[-10:]}"
+            try:
+                wait_for_image(page, dicomweb)
+            finally:
+                page.screenshot(path=str(ARTIFACTS / "viewer-sample-study.png"))
             assert any("/frames/" in d or "/bulk/" in d for d in dicomweb), dicomweb
             assert not failed, failed
             assert not errors, errors
@@ -124,3 +138,42 @@ def test_minted_link_opens_ohif_and_draws_the_study(viewer_env: dict[str, Any]) 
             page.screenshot(path=str(ARTIFACTS / "viewer-tampered-link.png"))
         finally:
             browser.close()
+
+
+def test_key_images_link_opens_ohif_on_key_images_only(viewer_env: dict[str, Any]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    minted = viewer_env["portal"].request("POST", "/api/links", {
+        "study": viewer_env["study"], "viewer": {"id": "dr-weber", "name": "Dr Weber"},
+        "relationship": "referring_physician", "key_images_only": True})
+    assert minted.status == 201, minted.text
+    keys = {str(ds.SOPInstanceUID) for ds in demo_study()
+            if ds.Modality != "KO"} & set(viewer_env["key_images"])
+    assert len(keys) == 2
+    fetched: list[str] = []
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+
+            def on_response(response: Any) -> None:
+                if "/dicomweb/" in response.url:
+                    fetched.append(response.url)
+                if response.status >= 400:
+                    errors.append(f"{response.status} {response.url}")
+
+            page.on("response", on_response)
+            page.goto(minted.json()["url"])
+            assert "SeriesInstanceUIDs=" in page.url and "initialSOPInstanceUID=" in page.url
+            try:
+                wait_for_image(page, fetched)
+            finally:
+                page.screenshot(path=str(ARTIFACTS / "viewer-key-images.png"))
+        finally:
+            browser.close()
+    frames = [u for u in fetched if "/frames/" in u]
+    assert frames, fetched
+    for url in frames:  # every pixel fetched belongs to a key image
+        assert url.split("/instances/")[1].split("/")[0] in keys, url
+    assert not errors, errors

@@ -165,7 +165,8 @@ def app_config(*, fuzzy_matching: bool = True, include_field: bool = True) -> st
     showStudyList: false,
     extensions: [],
     modes: [],
-    customizationService: {{}},
+    // no onboarding tour for a patient opening one exam from the DSP
+    customizationService: {{ 'ohif.tours': {{ $set: [] }} }},
     showWarningMessageForCrossOrigin: false,
     showCPUFallbackMessage: true,
     showLoadingIndicator: true,
