@@ -104,7 +104,7 @@ def demo_link(gateway: Gateway, study_uid: str, patient_id: str) -> str:
     return minted.url
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the ``links`` and ``viewer`` commands."""
     links = sub.add_parser("links", help="viewer links: mint, revoke, list")
     actions = links.add_subparsers(dest="links_command", required=True, metavar="ACTION")
