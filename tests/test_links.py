@@ -189,6 +189,8 @@ def test_revoked_link_and_its_sessions_stop(env: dict[str, Any]) -> None:
 
 def test_use_limit(env: dict[str, Any]) -> None:
     body = mint(env, max_uses=2).json()
+    # A HEAD (a link preview, a mail scanner) spends no use.
+    assert env["browser"].request("HEAD", path_of(body["url"])).status == 405
     for _ in range(2):
         assert env["browser"].request("GET", path_of(body["url"])).status == 303
     third = env["browser"].request("GET", path_of(body["url"]))
@@ -209,6 +211,13 @@ def test_portal_signed_use_limit_and_algorithms(env: dict[str, Any]) -> None:
                         HS_OLD, algorithm="HS256", headers={"kid": "portal-ed"})
     reply = env["browser"].request("GET", f"/view/{forged}")
     assert reply.status == 403 and "bad_signature" in reply.text
+
+
+def test_jti_cannot_be_reused_by_another_link(env: dict[str, Any]) -> None:
+    body = mint(env).json()
+    forged = portal_token(env["other"], jti=body["jti"])
+    reply = env["browser"].request("GET", f"/view/{forged}")
+    assert reply.status == 400 and "malformed" in reply.text
 
 
 def test_leeway_tolerates_small_clock_skew(env: dict[str, Any]) -> None:

@@ -356,7 +356,10 @@ class LinkService:
             error: LinkError | None = None
             patient_id: str | None = None
             keys: list[tuple[str, str]] = []
-            if link.revoked_at is not None:
+            if link.kid != kid or link.study_instance_uid != study or link.viewer_id != viewer:
+                # a jti names one link: another key or study under it is not that link
+                error = MalformedLink("the link's jti is already used by another link")
+            elif link.revoked_at is not None:
                 error = LinkRevoked("the link has been revoked")
             elif link.max_uses is not None and link.uses >= link.max_uses:
                 error = LinkUsedUp(f"the link has been used {link.uses} times, its limit")
