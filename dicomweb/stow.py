@@ -127,9 +127,26 @@ def _identify(data: bytes) -> tuple[str, str]:
         return "", ""
 
 
+def as_part10(data: bytes) -> bytes:
+    r"""Add the preamble and ``DICM`` prefix when a part starts right at the file meta group.
+
+    pydicom's ``dcmwrite`` (used by dicomweb-client's ``store_instances``) omits the 128-byte
+    preamble unless the data set carries one; the meta group, hence the transfer syntax, is
+    there, so the part is accepted as the Part 10 file it otherwise is.
+
+    >>> as_part10(b"\x02\x00\x00\x00UL")[128:134]
+    b'DICM\x02\x00'
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return data
+    if data[:2] == b"\x02\x00":
+        return bytes(128) + b"DICM" + data
+    return data
+
+
 def _store_part(request: web.Request, spool: Spool, study: str | None, source: str) -> Outcome:
     """Ingest one part (on a worker thread); map refusals to FailureReason values."""
-    data = spool.read()
+    data = as_part10(spool.read())
     try:
         result: IngestResult = gateway_of(request).ingestor.ingest(
             data, source=source, expected_study_instance_uid=study)

@@ -13,9 +13,6 @@ import ssl
 import threading
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -23,6 +20,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dimse.peers import PeerPolicy
 from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
@@ -30,6 +30,7 @@ from dimse.transport import install_fast_recv, tune_socket
 from gateway.core import Gateway
 from gateway.errors import GatewayError
 from gateway.metrics import METRICS
+from gateway.part10 import file_meta_header
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +129,14 @@ def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> int:
                        ae_title, address)
         return NOT_AUTHORIZED
     request = event.request
+    context = event.context
     try:
+        data = file_meta_header(
+            str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+            str(context.transfer_syntax), ae_title,
+        ) + event.encoded_dataset(include_meta=False)
         result = gateway.ingestor.ingest(
-            event.encoded_dataset(),
+            data,
             source=f"dimse:{ae_title}@{address}",
             expected_sop_class_uid=str(request.AffectedSOPClassUID),
             expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
@@ -160,7 +166,8 @@ def build_ae(gateway: Gateway) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -191,7 +198,7 @@ class SharedPortServer(ThreadedAssociationServer):
     """An association server whose port other worker processes may bind too (SO_REUSEPORT)."""
 
     def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):
+        if hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 

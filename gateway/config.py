@@ -179,7 +179,9 @@ def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
             raise SettingsError(f"unknown setting {where}{key}; see README.md for the list")
         annotation = str(known[key].type)
         if key == "peers":
-            values[key] = {str(ae): _build(Peer, v, f"{where}peers.{ae}.") for ae, v in value.items()}
+            values[key] = {
+                str(ae): _build(Peer, v, f"{where}peers.{ae}.") for ae, v in value.items()
+            }
         elif key == "destinations":
             values[key] = {
                 str(ae): _build(Destination, v, f"{where}destinations.{ae}.")

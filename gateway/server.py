@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from pynetdicom.transport import ThreadedAssociationServer
 
 import viewer_links
 from dicomweb.app import MOUNT as DICOMWEB_MOUNT
@@ -71,7 +72,7 @@ class Server:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.dimse = None
+        self.dimse: ThreadedAssociationServer | None = None
         self.runner: web.AppRunner | None = None
         self.http_port: int | None = None
         self.dimse_port: int | None = None
@@ -80,15 +81,17 @@ class Server:
     async def start(self) -> None:
         settings = self.gateway.settings
         check_demo(settings)
-        self.dimse = start_dimse(self.gateway)
-        self.dimse_port = self.dimse.server_address[1]
+        dimse = start_dimse(self.gateway)
+        self.dimse = dimse
+        self.dimse_port = int(dimse.server_address[1])
         self.workers = [spawn_dimse_worker(self.dimse_port)
                         for _ in range(settings.dimse.workers - 1)]
         self.runner = web.AppRunner(create_app(self.gateway), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, settings.http.host, settings.http.port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001
+        server = site._server  # noqa: SLF001 - aiohttp exposes no bound port otherwise
+        sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else settings.http.port
         logger.info("HTTP listening on http://%s:%s", settings.http.host, self.http_port)
         # One line a supervisor (or a test) can wait for.

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from conftest import ct_dataset, part10
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
 
-from conftest import ct_dataset, part10
 from gateway.access import AccessPolicy, Principal
 from gateway.apikeys import ApiKeys
 from gateway.core import Gateway

@@ -9,12 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import LiveServer, ct_dataset, make_settings, part10
+from dimse_helpers import associate, send_raw_store
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import CTImageStorage, MRImageStorage
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from conftest import LiveServer, ct_dataset, make_settings, part10
 from dimse.status import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -22,7 +23,6 @@ from dimse.status import (
     NOT_AUTHORIZED,
     OUT_OF_RESOURCES,
 )
-from dimse_helpers import associate, send_raw_store
 from gateway.core import Gateway
 from gateway.metadata import dataset_offset
 from gateway.models import Instance, Study

@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, select
-
 from conftest import ct_dataset
 from dimse_helpers import associate
-from gateway.models import Instance
 from gateway_process import GatewayProcess
+from sqlalchemy import create_engine, func, select
+
+from gateway.models import Instance
 
 
 def test_workers_share_the_port_and_lose_nothing(tmp_path: Path, database_url: str) -> None:

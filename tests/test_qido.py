@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from conftest import LiveServer
 from dicomweb_client.api import DICOMwebClient
+from dicomweb_helpers import Corpus, api_key, client, load_corpus, raw
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
 
-from conftest import LiveServer
-from dicomweb_helpers import Corpus, api_key, client, load_corpus, raw
 from gateway.access import DEMO_PRINCIPAL, Principal, PrincipalKind
 from gateway.query import InvalidQueryParameter, Level, Query, QueryEngine, parse_qido
 
@@ -263,6 +263,7 @@ def test_warning_header_when_the_result_is_cut(dw: Setup) -> None:
 
 def test_max_results_setting_cuts_and_warns(tmp_path, database_url) -> None:  # noqa: ANN001
     from conftest import make_settings
+
     from gateway.core import Gateway
 
     settings = make_settings(tmp_path, database_url, GATEWAY_HTTP_MAX_RESULTS="2")
@@ -320,7 +321,8 @@ def test_xml_response(dw: Setup) -> None:
                 headers={"Authorization": f"Bearer {dw.token}",
                          "Accept": 'multipart/related; type="application/dicom+xml"'})
     assert reply.status == 200
-    assert reply.headers["Content-Type"].startswith('multipart/related; type="application/dicom+xml"')
+    content_type = reply.headers["Content-Type"]
+    assert content_type.startswith('multipart/related; type="application/dicom+xml"')
     assert b'<DicomAttribute tag="00100020" vr="LO" keyword="PatientID"><Value number="1">P-002' \
         in reply.body
     assert b"<FamilyName>Doe</FamilyName><GivenName>John</GivenName>" in reply.body
@@ -328,6 +330,7 @@ def test_xml_response(dw: Setup) -> None:
 
 def test_retrieve_url_follows_host_or_base_url(dw: Setup, tmp_path, database_url) -> None:  # noqa: ANN001
     from conftest import make_settings
+
     from gateway.core import Gateway
 
     reply = raw(dw.live.http_url + "/dicomweb/studies?PatientID=P-002",
