@@ -363,9 +363,8 @@ class PixelFile:
                 raise PixelDataError(
                     f"frame {index + 1} cannot be decoded from "
                     f"{UID(info.transfer_syntax_uid).name}: {exc}") from exc
-        else:
-            arr = _native_array(data, info, as_rgb=as_rgb)
-        return _clean_bits(arr, info)
+            return arr  # pydicom has already corrected the bits above Bits Stored
+        return _clean_bits(_native_array(data, info, as_rgb=as_rgb), info)
 
     def native_frame(self, index: int, *, limits: PixelLimits = DEFAULT_LIMITS) -> bytes:
         """Frame ``index`` in Explicit VR Little Endian form (PS3.5 §8.1.1, §A.2).

@@ -7,6 +7,7 @@ media types, multipart parts, and pixel values.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -391,8 +392,14 @@ async def test_thumbnails_are_representative_scaled_and_cached(served: Served) -
     response, body = await served.get(f"{served.url}/dicomweb/studies/{STUDY}/thumbnail")
     assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
     assert max(image(body).size) == 128
+    entries: set[Path] = set()
+    for _ in range(100):  # the entry is written after the response, in a worker thread
+        entries = {p for p in cache.iterdir() if not p.name.startswith(".")}
+        if entries:
+            break
+        await asyncio.sleep(0.02)
+    assert len(entries) == 1 and entries.pop().read_bytes() == body
     entries = set(cache.iterdir())
-    assert len(entries) == 1
     again = (await served.get(f"{served.url}/dicomweb/studies/{STUDY}/thumbnail"))[1]
     assert again == body and set(cache.iterdir()) == entries
     name = "sc_multiframe_explicit_le.dcm"
