@@ -21,8 +21,8 @@ and, for frames, from four concurrent clients:
 - thumbnails: the gateway's ``/thumbnail`` (128 px, cold and warm); Orthanc has no
   ``/thumbnail`` in its DICOMweb plugin 1.7, so it is asked ``/rendered?viewport=128,128``.
 
-Figures are medians over ``--rounds`` rounds; the machine's other load makes them vary (say so
-when you quote them).
+Figures are medians over ``--rounds`` rounds, the servers taking turns within each round; the
+machine's other load makes them vary (say so when you quote them).
 """
 
 from __future__ import annotations
@@ -213,46 +213,50 @@ async def measure(servers: list[Server], kinds: dict[str, list[tuple[str, str, s
 
     async def rate(label: str, make: Callable[[Server], list[str]], accept: str,
                    concurrency: int = 1) -> None:
-        values = {}
-        for server in servers:
-            urls = make(server)
-            figures = []
-            try:
-                for _ in range(rounds):
+        """frames/s; the servers take turns in each round, so that the machine's other load
+        falls on both alike."""
+        figures: dict[str, list[float]] = {s.name: [] for s in servers}
+        failed: set[str] = set()
+        for _ in range(rounds):
+            for server in servers:
+                if server.name in failed:
+                    continue
+                urls = make(server)
+                try:
                     seconds, _ = await timed(urls, accept, concurrency)
-                    figures.append(len(urls) / seconds)
-            except RuntimeError as exc:
-                print(f"{server.name} cannot do '{label}': {str(exc)[-120:]}")
-                continue
-            values[server.name] = statistics.median(figures)
-        rows.append(Row(label, "frames/s", values))
+                except RuntimeError as exc:
+                    print(f"{server.name} cannot do '{label}': {str(exc)[-120:]}")
+                    failed.add(server.name)
+                    continue
+                figures[server.name].append(len(urls) / seconds)
+        rows.append(Row(label, "frames/s", {name: statistics.median(values)
+                                            for name, values in figures.items() if values}))
 
     async def latency(label: str, make: Callable[[Server, int], list[str]],
                       accept: str) -> None:
         """ms per request. Cold: each round asks new URLs (another ``quality``), so nothing
         is served from the gateway's render cache; warm: the last round's URLs again."""
-        values: dict[str, float] = {}
-        warm: dict[str, float] = {}
-        for server in servers:
-            figures, warm_figures = [], []
-            try:
-                for round_number in range(rounds):
-                    urls = make(server, round_number)
+        figures: dict[str, list[float]] = {s.name: [] for s in servers}
+        failed: set[str] = set()
+        for round_number in range(rounds):
+            for server in servers:
+                if server.name in failed:
+                    continue
+                urls = make(server, round_number)
+                try:
                     seconds, _ = await timed(urls, accept)
-                    figures.append(seconds / len(urls) * 1000)
-                if server.name == "gateway":
-                    for _ in range(rounds):
-                        seconds, _ = await timed(urls, accept)
-                        warm_figures.append(seconds / len(urls) * 1000)
-            except RuntimeError as exc:
-                print(f"{server.name} cannot do '{label}': {str(exc)[-120:]}")
-                continue
-            values[server.name] = statistics.median(figures)
-            if warm_figures:
-                warm[server.name] = statistics.median(warm_figures)
-        rows.append(Row(label + " (cold)", "ms", values))
-        if warm:
-            rows.append(Row(label + " (gateway render cache warm)", "ms", warm))
+                except RuntimeError as exc:
+                    print(f"{server.name} cannot do '{label}': {str(exc)[-120:]}")
+                    failed.add(server.name)
+                    continue
+                figures[server.name].append(seconds / len(urls) * 1000)
+        rows.append(Row(label + " (cold)", "ms", {name: statistics.median(values)
+                                                  for name, values in figures.items() if values}))
+        gateway = servers[0]
+        urls = make(gateway, rounds - 1)
+        warm = [(await timed(urls, accept))[0] / len(urls) * 1000 for _ in range(rounds)]
+        rows.append(Row(label + " (gateway render cache warm)", "ms",
+                        {gateway.name: statistics.median(warm)}))
 
     def frames(kind: str) -> Callable[[Server], list[str]]:
         return lambda s: [instance_url(s, uids) + "/frames/1" for uids in kinds[kind]]
