@@ -58,7 +58,6 @@ from gateway.pixels import (
 from gateway.render import (
     MEDIA_GIF,
     MEDIA_JPEG,
-    MEDIA_PNG,
     RENDERED_MEDIA_TYPES,
     RenderParams,
     parse_quality,
@@ -231,6 +230,12 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     return sorted(ranges, key=lambda r: -r.q)
 
 
+def accept_of(request: web.Request) -> str | None:
+    """The ``accept`` query parameter, which overrides the header (PS3.18 §8.3.3.1), or
+    the Accept header."""
+    return request.query.get("accept") or request.headers.get("Accept")
+
+
 @dataclass(frozen=True)
 class FrameChoice:
     """The negotiated answer of a frames request."""
@@ -256,8 +261,8 @@ def negotiate_frames(ranges: Sequence[MediaRange], pixel_file: PixelFile,
             media = media_range.params.get("type", MEDIA_OCTET_STREAM)
         elif media_range.type in ("*/*", "application/*"):
             media = MEDIA_OCTET_STREAM
-        elif media_range.type == MEDIA_OCTET_STREAM and frame_count == 1:
-            media, multipart = MEDIA_OCTET_STREAM, False
+        elif media_range.type in SYNTAXES_OF_MEDIA and frame_count == 1:
+            media, multipart = media_range.type, False  # one frame, single part
         else:
             continue
         syntaxes = SYNTAXES_OF_MEDIA.get(media)
@@ -270,7 +275,10 @@ def negotiate_frames(ranges: Sequence[MediaRange], pixel_file: PixelFile,
             if media == MEDIA_OCTET_STREAM or stored in syntaxes:
                 return FrameChoice(multipart, media, "*")
             continue
-        if wanted in syntaxes and pixel_file.can_produce(wanted):
+        # Lenient: application/octet-stream with a compressed syntax (which Table 8.7.3-2
+        # gives its own media type) is answered too, as some viewers ask for it.
+        if (wanted in syntaxes or media == MEDIA_OCTET_STREAM) and \
+                pixel_file.can_produce(wanted):
             return FrameChoice(multipart, media, wanted)
     offered = ["multipart/related; type=\"application/octet-stream\"; transfer-syntax=*",
                "multipart/related; type=\"application/octet-stream\"; "
@@ -384,7 +392,7 @@ async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
     services = request.config_dict[PIXELS]
     study, series, sop = (request.match_info[k] for k in ("study", "series", "instance"))
     numbers = parse_frame_list(request.match_info["frames"])
-    ranges = parse_accept(request.headers.get("Accept"))
+    ranges = parse_accept(accept_of(request))
     limits = services.limits
 
     def work() -> _Frames:
@@ -496,7 +504,7 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     frames_text = request.match_info.get("frames")
     numbers = parse_frame_list(frames_text) if frames_text is not None else None
     with _problems():
-        media = negotiate_rendered(parse_accept(request.headers.get("Accept")))
+        media = negotiate_rendered(parse_accept(accept_of(request)))
     params = render_params(request, media, thumbnail=False, limits=services.limits)
     if sop is None and params.media_type == MEDIA_GIF:
         params = RenderParams(MEDIA_JPEG, params.window, params.viewport, params.quality)
@@ -549,7 +557,7 @@ async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
     if numbers is not None and len(numbers) != 1:
         raise HTTPProblem(400, "a thumbnail is of one frame", parameter="frames")
     with _problems():
-        media = negotiate_rendered(parse_accept(request.headers.get("Accept")), allow_gif=False)
+        media = negotiate_rendered(parse_accept(accept_of(request)), allow_gif=False)
     params = render_params(request, media, thumbnail=True, limits=services.limits)
 
     def work() -> tuple[bytes, str | None]:
@@ -584,5 +592,5 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/studies/{study}/thumbnail", retrieve_thumbnail)
 
 
-__all__ = ["MEDIA_PNG", "PIXELS", "PixelServices", "add_routes", "find_images",
+__all__ = ["PIXELS", "PixelServices", "add_routes", "find_images",
            "negotiate_frames", "negotiate_rendered", "parse_accept"]

@@ -773,8 +773,9 @@ def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int
     frames: list[int] = []
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 1:
-            raise InvalidFrameList(f"frame list {text!r}: {part!r} is not a frame number (1, 2, ...)")
+        if not (part.isascii() and part.isdigit()) or int(part) < 1:
+            raise InvalidFrameList(
+                f"frame list {text!r}: {part!r} is not a frame number (1, 2, ...)")
         frames.append(int(part))
     if len(frames) > 10000:
         raise InvalidFrameList("frame list: at most 10000 frames per request")
@@ -788,7 +789,18 @@ def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int
 
 def frames_of(pixel_file: PixelFile, numbers: Sequence[int], transfer_syntax_uid: str, *,
               limits: PixelLimits = DEFAULT_LIMITS) -> list[bytes]:
-    """The frames numbered ``numbers`` (from 1) in ``transfer_syntax_uid`` (``*``: as stored)."""
+    """The frames numbered ``numbers`` (from 1) in ``transfer_syntax_uid`` (``*``: as stored).
+
+    Raises
+    ------
+    ImageTooLarge
+        A native frame larger than ``limits.max_frame_bytes`` (it would be read into memory
+        whole), or more decoded pixels than ``limits.max_total_pixels``.
+    """
+    info = pixel_file.image
+    if not info.encapsulated and info.frame_length > limits.max_frame_bytes:
+        raise ImageTooLarge(f"a frame of {info.frame_length} bytes exceeds the limit of "
+                            f"{limits.max_frame_bytes} bytes ([pixels] max_frame_bytes)")
     if transfer_syntax_uid not in ("*", pixel_file.transfer_syntax_uid):
         total = pixel_file.image.rows * pixel_file.image.columns * len(numbers)
         if total > limits.max_total_pixels:

@@ -21,13 +21,13 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from conftest import ct_dataset, part10
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import RLELossless
 
-from conftest import ct_dataset, part10
 from gateway.access import Principal, PrincipalKind
 from gateway.apikeys import ApiKeys
 from gateway.core import Gateway
@@ -252,6 +252,29 @@ async def test_accept_with_qualities_and_single_part(served: Served) -> None:
     assert response.headers["Content-Type"] == \
         f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"
     assert hashlib.sha256(body).hexdigest() == MANIFEST[name]["pixel_sha256"]
+
+
+async def test_accept_query_parameter_and_single_part_image_types(served: Served) -> None:
+    """PS3.18 §8.3.3.1 ``accept=`` overrides the header (OHIF's urlArguments use it)."""
+    name = "ct_jpegls_lossless.dcm"
+    response, body = await served.get(served.uri(name, "/frames/1?accept=image/jls"),
+                                      "application/dicom+json")
+    assert response.status == 200, body
+    assert response.headers["Content-Type"] == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
+    assert body == stored_frames(name)[0]
+    response, body = await served.get(served.uri(name, "/frames/1"), "image/jls")
+    assert body == stored_frames(name)[0]
+    # application/octet-stream naming the stored compressed syntax: answered as stored
+    response, body = await served.get(
+        served.uri(name, "/frames/1"),
+        "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.80")
+    ((headers, content),) = multipart(response, body)
+    assert cornerstone_transfer_syntax(headers["Content-Type"]) == "1.2.840.10008.1.2.4.80"
+    assert content == stored_frames(name)[0]
+    response, body = await served.get(
+        served.uri(name, "/frames/1"),
+        "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.50")
+    problem(response, body, 406)
 
 
 async def test_multiframe_frames_in_requested_order(served: Served) -> None:

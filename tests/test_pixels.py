@@ -252,6 +252,8 @@ def test_absurd_dimensions_are_refused_before_decoding(tmp_path: Path) -> None:
     many = PixelLimits(max_total_pixels=128 * 128 * 2)
     multiframe = read_pixel_file(FILES_DIR / "sc_multiframe_explicit_le.dcm")
     frames_of(multiframe, [1, 2, 3], ExplicitVRLittleEndian, limits=many)  # native: no decode
+    with pytest.raises(ImageTooLarge, match="a frame of 8192 bytes exceeds"):
+        frames_of(multiframe, [1], "*", limits=PixelLimits(max_frame_bytes=8000))
     with pytest.raises(ImageTooLarge, match="per request"):
         frames_of(normal, [1, 1, 1], ExplicitVRLittleEndian, limits=many)
 
@@ -275,7 +277,7 @@ def test_truncated_and_pixelless_files_are_clear_errors(tmp_path: Path) -> None:
 
 def test_parse_frame_list() -> None:
     assert parse_frame_list("3, 1,2") == [3, 1, 2]
-    for bad in ("0", "1,,2", "a", "-1", "1.5"):
+    for bad in ("0", "1,,2", "a", "-1", "1.5", "\u00b2", ""):
         with pytest.raises(InvalidFrameList, match="is not a frame number"):
             parse_frame_list(bad)
     with pytest.raises(NoSuchFrame, match="frame 5 does not exist"):
