@@ -21,7 +21,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
-from conftest import ct_dataset, part10
+from conftest import ct_dataset, make_settings, part10
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import encapsulate, generate_frames
@@ -461,3 +461,40 @@ async def test_decompression_bomb_is_refused_over_http(served: Served, tmp_path:
     response, body = await served.get(base + "/frames/1", OHIF_ACCEPT)
     ((headers, content),) = multipart(response, body)
     assert content == bytes(bomb)  # as stored: bytes, no decoding, no danger
+
+
+async def test_replaced_instance_is_not_served_from_the_cache(tmp_path: Path,
+                                                              database_url: str) -> None:
+    """The render cache key holds the file digest: a replaced instance renders anew."""
+    settings = make_settings(tmp_path, database_url, GATEWAY_STORAGE_OVERWRITE="1",
+                             GATEWAY_DEMO="1")
+    ds = dcmread(FILES_DIR / "ct_explicit_le.dcm")
+    with Gateway(settings) as gateway:
+        gateway.ingestor.ingest(part10(ds), source="test")
+        runner = web.AppRunner(create_app(gateway))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = (f"http://127.0.0.1:{runner.addresses[0][1]}/dicomweb/studies/"
+               f"{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+               f"{ds.SOPInstanceUID}/rendered")
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url, headers={"Accept": "image/png"}) as response:
+                    before = np.asarray(image(await response.read()))
+                assert before.max() == 255
+                cache = settings.data_dir / "cache" / "rendered"
+                for _ in range(100):  # wait for the entry, written after the response
+                    if any(p.suffix == ".bin" for p in cache.iterdir()):
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    raise AssertionError("the rendered image was not cached")
+                ds.PixelData = np.zeros((128, 128), "<u2").tobytes()  # -1024 HU: black
+                result = gateway.ingestor.ingest(part10(ds), source="test")
+                assert result.outcome.value == "replaced"
+                async with session.get(url, headers={"Accept": "image/png"}) as response:
+                    after = np.asarray(image(await response.read()))
+                assert after.shape == before.shape and after.max() == 0
+        finally:
+            await runner.cleanup()
