@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,6 +29,10 @@ from gateway.models import Instance
 from gateway.storage import FileStorage, relative_path
 
 logger = logging.getLogger(__name__)
+
+
+_INSTANCE_BY_UID = select(Instance.__table__.c.pk, Instance.__table__.c.digest).where(
+    Instance.__table__.c.sop_instance_uid == bindparam("uid"))
 
 
 class Outcome(enum.Enum):
@@ -109,11 +115,6 @@ class Ingestor:
                 f"the instance belongs to study {parsed.study_instance_uid}, not to "
                 f"{expected_study_instance_uid} named in the request"
             )
-        existing = self.index.find_instance(parsed.sop_instance_uid)
-        if existing is not None:
-            outcome = self._against_existing(parsed, existing)
-            if outcome is not None:
-                return outcome
         return self._store(parsed, data, source)
 
     def _result(self, parsed: ParsedInstance, outcome: Outcome) -> IngestResult:
@@ -121,15 +122,14 @@ class Ingestor:
         return IngestResult(outcome, parsed.sop_class_uid, parsed.sop_instance_uid,
                             parsed.study_instance_uid, parsed.series_instance_uid)
 
-    def _against_existing(self, parsed: ParsedInstance, existing: Instance) -> IngestResult | None:
-        if existing.digest == parsed.digest:
-            logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
+    def _against_existing(self, parsed: ParsedInstance, digest: str) -> IngestResult | None:
+        if digest == parsed.digest:
             return self._result(parsed, Outcome.DUPLICATE)
         if not self.overwrite:
             logger.warning(
                 "refused instance %s: a different instance is stored under this SOP Instance "
                 "UID (stored digest %s, received %s); the original is kept",
-                parsed.sop_instance_uid, existing.digest[:12], parsed.digest[:12],
+                parsed.sop_instance_uid, digest[:12], parsed.digest[:12],
             )
             METRICS.inc("gateway_instances_conflict_total")
             raise Conflict(
@@ -146,16 +146,12 @@ class Ingestor:
         replaced: list[str] = []
 
         def work(session: Session) -> Outcome:
-            old = session.query(Instance).filter_by(
-                sop_instance_uid=parsed.sop_instance_uid).one_or_none()
+            old = session.connection().execute(
+                _INSTANCE_BY_UID, {"uid": parsed.sop_instance_uid}).first()
             if old is not None:
                 if old.digest == parsed.digest:
                     return Outcome.DUPLICATE
-                if not self.overwrite:
-                    raise Conflict(
-                        f"a different instance is already stored under SOP Instance UID "
-                        f"{parsed.sop_instance_uid}; the original is kept"
-                    )
+                self._against_existing(parsed, old.digest)  # raises Conflict unless overwrite
                 replaced.extend(self.index.remove_instances(session, [old.pk]))
                 self.index.add_instance(session, parsed, relpath, source, metadata_json)
                 return Outcome.REPLACED
@@ -167,7 +163,7 @@ class Ingestor:
         except IntegrityError:
             # A concurrent writer stored the same SOP Instance UID between our check and commit.
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
-            existing = self.index.find_instance(parsed.sop_instance_uid)
+            existing = self.index.find_digest(parsed.sop_instance_uid)
             if existing is not None:
                 result = self._against_existing(parsed, existing)
                 if result is not None:
@@ -178,6 +174,7 @@ class Ingestor:
             raise
         if outcome is Outcome.DUPLICATE:
             self.storage.abandon(pending, keep_final=True)
+            logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
         else:
             self.storage.finish(pending)
         for old_path in replaced:
@@ -206,8 +203,14 @@ def read_part10(path: Path) -> bytes:
         ds = dcmread(io.BytesIO(data), force=True)
         if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
             raise InvalidInstance("not a DICOM file (no SOP Class and Instance UIDs)")
+        implicit, little = ds.original_encoding
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit or implicit is None
+            else ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+        )
         out = io.BytesIO()
-        ds.save_as(out, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        ds.save_as(out, enforce_file_format=True)
     except InvalidInstance:
         raise
     except Exception as exc:

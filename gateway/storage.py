@@ -79,7 +79,7 @@ class FileStorage:
         """The absolute path of a stored file (``relpath`` comes from the index, never input)."""
         return self.root / relpath
 
-    def open(self, relpath: str) -> "os.PathLike[str]":
+    def open(self, relpath: str) -> os.PathLike[str]:
         return self.path(relpath)
 
     def exists(self, relpath: str) -> bool:
@@ -128,8 +128,9 @@ class FileStorage:
             except FileExistsError:
                 pass
             if self.fsync:
+                # The final name must survive power loss before the write is acknowledged.
+                # The journal name need not: it only serves to undo unacknowledged writes.
                 _fsync_dir(final.parent)
-                _fsync_dir(self.incoming)
         except OSError as exc:
             _unlink(temp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
