@@ -282,3 +282,13 @@ def test_parse_frame_list() -> None:
             parse_frame_list(bad)
     with pytest.raises(NoSuchFrame, match="frame 5 does not exist"):
         parse_frame_list("1,5", number_of_frames=3)
+
+
+@pytest.mark.parametrize("name", ["gateway.pixels", "gateway.render", "gateway.rendercache",
+                                  "dicomweb.pixels"])
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
