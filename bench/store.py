@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ORTHANC, GatewayServer, OrthancServer  # noqa: E402
+from common import ORTHANC, GatewayServer, OrthancServer, process_cpu_seconds  # noqa: E402
 
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study  # noqa: E402
 
@@ -46,6 +46,15 @@ def split(files: list[Path], parts: int, root: Path) -> list[Path]:
             os.link(path, folder / path.name)
         folders.append(folder)
     return folders
+
+
+def measured_send(server: GatewayServer | OrthancServer, folders: list[Path],
+                  tuned: bool) -> tuple[float, float]:
+    """Wall seconds of the whole send, and the server's CPU seconds spent meanwhile."""
+    assert server.proc is not None
+    cpu = process_cpu_seconds(server.proc.pid)
+    seconds = send(server.dimse_port, server.ae_title, folders, tuned)
+    return seconds, process_cpu_seconds(server.proc.pid) - cpu
 
 
 def send(port: int, ae_title: str, folders: list[Path], tuned: bool) -> float:
@@ -84,10 +93,11 @@ def main() -> None:
         total_bytes = make_files(source, args.count, args.kind)
         files = sorted(source.glob("*.dcm"))
         mb = total_bytes / 1e6
-        print(f"{args.count} {args.kind} instances, {mb:.1f} MB; storescu; medians not taken "
-              "(one run per cell; repeat the command to see the spread)")
-        print(f"{'setting':9} {'assoc':>5} {'gateway inst/s':>15} {'MB/s':>7} "
-              f"{'orthanc inst/s':>15} {'MB/s':>7} {'ratio':>6}")
+        print(f"{args.count} {args.kind} instances, {mb:.1f} MB; storescu; one run per cell "
+              "(repeat the command to see the spread); 'ms CPU' is the server's CPU time "
+              "per instance")
+        print(f"{'setting':9} {'assoc':>5} {'gateway inst/s':>15} {'MB/s':>7} {'ms CPU':>7} "
+              f"{'orthanc inst/s':>15} {'MB/s':>7} {'ms CPU':>7} {'ratio':>6}")
         for setting in args.settings:
             tuned = setting == "tuned"
             for n in args.associations:
@@ -95,14 +105,16 @@ def main() -> None:
                 run_root.mkdir()
                 folders = split(files, n, run_root)
                 with GatewayServer(run_root / "gw") as gateway:
-                    seconds = send(gateway.dimse_port, gateway.ae_title, folders, tuned)
+                    seconds, cpu = measured_send(gateway, folders, tuned)
                 gw_rate = args.count / seconds
-                line = f"{setting:9} {n:>5} {gw_rate:>15.1f} {mb / seconds:>7.1f}"
+                line = (f"{setting:9} {n:>5} {gw_rate:>15.1f} {mb / seconds:>7.1f} "
+                        f"{cpu / args.count * 1000:>7.2f}")
                 if ORTHANC and not args.no_orthanc:
                     with OrthancServer(run_root / "orthanc", tuned=tuned, dicomweb=False) as o:
-                        o_seconds = send(o.dimse_port, o.ae_title, folders, tuned)
+                        o_seconds, o_cpu = measured_send(o, folders, tuned)
                     o_rate = args.count / o_seconds
-                    line += f" {o_rate:>15.1f} {mb / o_seconds:>7.1f} {gw_rate / o_rate:>6.2f}"
+                    line += (f" {o_rate:>15.1f} {mb / o_seconds:>7.1f} "
+                             f"{o_cpu / args.count * 1000:>7.2f} {gw_rate / o_rate:>6.2f}")
                 else:
                     line += f" {'(not installed)':>15}"
                 print(line, flush=True)

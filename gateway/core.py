@@ -41,6 +41,7 @@ class Gateway:
         return self
 
     def close(self) -> None:
+        self.ingestor.close()
         self.index.close()
 
     def __enter__(self) -> Gateway:

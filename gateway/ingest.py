@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 import io
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,7 @@ class Ingestor:
         self.storage = storage
         self.index = index
         self.overwrite = overwrite
+        self._spooler = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool")
 
     def ingest(
         self,
@@ -99,6 +102,22 @@ class Ingestor:
         StorageFull
             No room left; nothing was kept.
         """
+        # The disk writes and flushes while the CPU parses (fsync releases the GIL).
+        spooling = self._spooler.submit(self.storage.spool, data)
+        try:
+            parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,
+                                 expected_study_instance_uid)
+        except BaseException:
+            spooling.add_done_callback(_discard_spooled(self.storage))
+            raise
+        return self._store(parsed, spooling.result(), source)
+
+    def close(self) -> None:
+        self._spooler.shutdown(wait=True)
+
+    def _check(self, data: bytes, expected_sop_class_uid: str | None,
+               expected_sop_instance_uid: str | None,
+               expected_study_instance_uid: str | None) -> ParsedInstance:
         parsed = parse_instance(data)
         if expected_sop_class_uid and parsed.sop_class_uid != expected_sop_class_uid:
             raise SOPClassMismatch(
@@ -115,7 +134,7 @@ class Ingestor:
                 f"the instance belongs to study {parsed.study_instance_uid}, not to "
                 f"{expected_study_instance_uid} named in the request"
             )
-        return self._store(parsed, data, source)
+        return parsed
 
     def _result(self, parsed: ParsedInstance, outcome: Outcome) -> IngestResult:
         METRICS.inc(f"gateway_instances_{outcome.value}_total")
@@ -138,11 +157,11 @@ class Ingestor:
             )
         return None
 
-    def _store(self, parsed: ParsedInstance, data: bytes, source: str) -> IngestResult:
+    def _store(self, parsed: ParsedInstance, spooled: Path, source: str) -> IngestResult:
         relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
                                 parsed.sop_instance_uid, parsed.digest)
         metadata_json = parsed.metadata_json()
-        pending = self.storage.write(relpath, data)
+        pending = self.storage.place(spooled, relpath)
         replaced: list[str] = []
 
         def work(session: Session) -> Outcome:
@@ -184,6 +203,14 @@ class Ingestor:
             logger.warning("replaced instance %s (storage.overwrite is on)",
                            parsed.sop_instance_uid)
         return self._result(parsed, outcome)
+
+
+def _discard_spooled(storage: FileStorage) -> Callable[[Future[Path]], None]:
+    def discard(spooling: Future[Path]) -> None:
+        if spooling.exception() is None:
+            storage.discard(spooling.result())
+
+    return discard
 
 
 def read_part10(path: Path) -> bytes:
