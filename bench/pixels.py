@@ -105,7 +105,7 @@ def start_gateway(work: Path, data: Path) -> tuple[subprocess.Popen[bytes], Serv
     port, dimse = free_port(), free_port()
     env = {**os.environ, "GATEWAY_DATA_DIR": str(work / "gateway"),
            "GATEWAY_HTTP_PORT": str(port), "GATEWAY_DIMSE_PORT": str(dimse),
-           "GATEWAY_LOG_LEVEL": "WARNING"}
+           "GATEWAY_LOG_LEVEL": "WARNING", "GATEWAY_STORAGE_MIN_FREE_BYTES": "0"}
     subprocess.run([sys.executable, "-m", "gateway", "ingest", "-q", str(data)], env=env,
                    check=True)
     process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--demo"], env=env)

@@ -294,7 +294,10 @@ class PixelFile:
     def _read(self, offset: int, length: int) -> bytes:
         if self.inline is not None:
             return self.inline[offset:offset + length]
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NotFound("the instance was deleted while it was being read") from None
         try:
             data = os.pread(fd, length, offset)
         finally:
