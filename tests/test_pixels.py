@@ -292,3 +292,36 @@ def test_docstring_examples(name: str) -> None:
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_native_unused_high_bits_are_ignored(tmp_path: Path) -> None:
+    """PS3.5 §8.1.1: bits above Bits Stored carry nothing; signed values are sign-extended."""
+    ds = dcmread(FILES_DIR / "ct_explicit_le.dcm")
+    ds.Rows = ds.Columns = 2
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 1
+    # 12-bit two's complement: 0xFFF = -1, 0x800 = -2048, 0x7FF = 2047, 0x001 = 1, with junk
+    # (0xA000) in the four unused bits of each value
+    ds.PixelData = np.array([0xAFFF, 0xA800, 0xA7FF, 0xA001], "<u2").tobytes()
+    path = save(ds, tmp_path / "junk.dcm")
+    assert read_pixel_file(path).decode_frame(0).tolist() == [[-1, -2048], [2047, 1]]
+    ds.PixelRepresentation = 0
+    path = save(ds, tmp_path / "junk_unsigned.dcm")
+    assert read_pixel_file(path).decode_frame(0).tolist() == [[0xFFF, 0x800], [0x7FF, 0x001]]
+
+
+def test_bit_packed_frames_that_do_not_end_on_a_byte(tmp_path: Path) -> None:
+    """Bits Allocated 1, 3x3 frames: frame 2 starts at bit 9 (PS3.5 §8.1.1, §D.1)."""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 2, (3, 3, 3), dtype=np.uint8)
+    ds = dcmread(FILES_DIR / "sc_multiframe_explicit_le.dcm")
+    ds.Rows = ds.Columns = 3
+    ds.NumberOfFrames = 3
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit = 0
+    ds.PixelData = np.packbits(frames.ravel(), bitorder="little").tobytes()
+    pixel_file = read_pixel_file(save(ds, tmp_path / "bits.dcm"))
+    for index in range(3):
+        assert np.array_equal(pixel_file.decode_frame(index), frames[index])
+        (native,) = frames_of(pixel_file, [index + 1], ExplicitVRLittleEndian)
+        unpacked = np.unpackbits(np.frombuffer(native, np.uint8), bitorder="little")[:9]
+        assert np.array_equal(unpacked.reshape(3, 3), frames[index])
