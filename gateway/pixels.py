@@ -79,6 +79,9 @@ NATIVE_SYNTAXES = frozenset({
     ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
 })
+# MPEG-2, MPEG-4 AVC/H.264 and HEVC/H.265 (PS3.5 §8.2.5-8.2.7): one stream, not frames.
+VIDEO_SYNTAX_PREFIX = "1.2.840.10008.1.2.4."
+VIDEO_SYNTAXES = frozenset({"100", "101", "102", "103", "104", "105", "106", "107", "108"})
 # Syntaxes we can encode to from decoded pixels, lossless only (pydicom's encoders).
 ENCODABLE_SYNTAXES = (RLELossless, JPEG2000Lossless)
 
@@ -585,6 +588,9 @@ def read_pixel_file(path: Path) -> PixelFile:
         value_offset = position + 8
     else:
         raise PixelDataError(f"unexpected VR {tag_bytes[4:6]!r} for the pixel data")
+    if syntax.startswith(VIDEO_SYNTAX_PREFIX) and syntax.rsplit(".", 1)[1] in VIDEO_SYNTAXES:
+        raise PixelDataError(f"the pixel data is a video ({UID(syntax).name or syntax}); "
+                             "its frames cannot be extracted, retrieve the instance instead")
     info = image_pixel(header, syntax, keyword)
     pixel_file = PixelFile(path, header, info, value_offset, length)
     if info.encapsulated:

@@ -275,6 +275,14 @@ def test_truncated_and_pixelless_files_are_clear_errors(tmp_path: Path) -> None:
         pixel_file.decode_frame(0)
 
 
+def test_video_is_refused_clearly(tmp_path: Path) -> None:
+    ds = dcmread(FILES_DIR / "sc_jpeg_baseline_rgb.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264
+    ds.NumberOfFrames = 2
+    with pytest.raises(PixelDataError, match="is a video"):
+        read_pixel_file(save(ds, tmp_path / "video.dcm"))
+
+
 def test_parse_frame_list() -> None:
     assert parse_frame_list("3, 1,2") == [3, 1, 2]
     for bad in ("0", "1,,2", "a", "-1", "1.5", "\u00b2", ""):
