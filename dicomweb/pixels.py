@@ -86,9 +86,8 @@ class PixelServices:
     def __init__(self, gateway: Gateway) -> None:
         table = gateway.settings.extra.get("pixels", {})
         self.gateway = gateway
-        self.limits = PixelLimits.from_settings(table)
-        cache_bytes = int(table.get("cache_bytes", DEFAULT_MAX_BYTES)) if isinstance(
-            table, dict) else DEFAULT_MAX_BYTES
+        self.limits = PixelLimits.from_settings(table, also=("cache_bytes",))
+        cache_bytes = int(table.get("cache_bytes", DEFAULT_MAX_BYTES))
         self.cache = RenderCache(gateway.settings.data_dir / "cache" / "rendered", cache_bytes)
 
 

@@ -47,6 +47,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from gateway.config import SettingsError
 from gateway.errors import GatewayError, InvalidQuery, NotFound
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,10 @@ class PixelLimits:
     max_frame_bytes
         Bytes of one decoded frame (Rows x Columns x Samples x Bits Allocated / 8).
     max_total_pixels
-        Pixels decoded by one request over all its frames (animated GIF, study rendering).
+        Pixels decoded by one frames request over all its frames (they are streamed, so this
+        bounds time, not memory).
+    max_animation_pixels
+        Pixels of an animated GIF, whose frames are all held in memory before encoding.
     max_viewport
         Largest rendered width or height.
     """
@@ -137,15 +141,38 @@ class PixelLimits:
     max_frame_pixels: int = 8192 * 8192
     max_frame_bytes: int = 1024**3
     max_total_pixels: int = 1024**3
+    max_animation_pixels: int = 64 * 1024**2
     max_viewport: int = 4096
 
     @classmethod
-    def from_settings(cls, table: Any) -> PixelLimits:
-        """Read ``[pixels]`` keys of the same names from the settings file, if any."""
-        if not isinstance(table, dict):
+    def from_settings(cls, table: Any, *, also: tuple[str, ...] = ()) -> PixelLimits:
+        """Read the ``[pixels]`` table of the settings file (keys named as the attributes).
+
+        ``also`` names other keys of the table that the caller reads itself.
+
+        >>> PixelLimits.from_settings({"max_viewport": 1024}).max_viewport
+        1024
+
+        Raises
+        ------
+        SettingsError
+            An unknown key, or a value that is not a positive integer.
+        """
+        if not table:
             return cls()
-        known = {k: int(v) for k, v in table.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        if not isinstance(table, dict):
+            raise SettingsError("[pixels] must be a table")
+        values: dict[str, int] = {}
+        for key, value in table.items():
+            if key not in cls.__dataclass_fields__ and key not in also:
+                raise SettingsError(f"unknown setting [pixels] {key}; known: "
+                                    f"{', '.join([*cls.__dataclass_fields__, *also])}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SettingsError(f"setting [pixels] {key}: {value!r} is not a positive "
+                                    "integer")
+            if key in cls.__dataclass_fields__:
+                values[key] = value
+        return cls(**values)
 
 
 DEFAULT_LIMITS = PixelLimits()

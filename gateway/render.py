@@ -448,16 +448,17 @@ def render_frames(pixel_file: PixelFile, params: RenderParams, *,
     Raises
     ------
     ImageTooLarge
-        More pixels in all the frames than ``limits.max_total_pixels``.
+        More pixels in all the frames than ``limits.max_animation_pixels``.
     """
     info = pixel_file.image
     if params.media_type != MEDIA_GIF or info.number_of_frames == 1:
         return render_frame(pixel_file, 0, params, limits=limits)
     total = info.rows * info.columns * info.number_of_frames
-    if total > limits.max_total_pixels:
-        raise ImageTooLarge(f"an animation of {info.number_of_frames} frames of "
-                            f"{info.columns}x{info.rows} exceeds {limits.max_total_pixels} "
-                            "pixels ([pixels] max_total_pixels)")
+    if total > limits.max_animation_pixels:
+        raise ImageTooLarge(
+            f"an animation of {info.number_of_frames} frames of {info.columns}x{info.rows} "
+            f"exceeds {limits.max_animation_pixels} pixels ([pixels] max_animation_pixels); "
+            "ask for single frames")
     images = [apply_viewport(_to_image(frame_to_display(pixel_file, i, params.window,
                                                         limits=limits)), params.viewport)
               for i in range(info.number_of_frames)]

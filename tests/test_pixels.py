@@ -283,6 +283,18 @@ def test_video_is_refused_clearly(tmp_path: Path) -> None:
         read_pixel_file(save(ds, tmp_path / "video.dcm"))
 
 
+def test_limits_from_the_settings_file() -> None:
+    from gateway.config import SettingsError
+
+    limits = PixelLimits.from_settings({"max_viewport": 64, "cache_bytes": 1},
+                                       also=("cache_bytes",))
+    assert limits.max_viewport == 64 and limits.max_frame_pixels == PixelLimits().max_frame_pixels
+    with pytest.raises(SettingsError, match="unknown setting \\[pixels\\] max_pixels"):
+        PixelLimits.from_settings({"max_pixels": 1})
+    with pytest.raises(SettingsError, match="not a positive integer"):
+        PixelLimits.from_settings({"max_viewport": "big"})
+
+
 def test_parse_frame_list() -> None:
     assert parse_frame_list("3, 1,2") == [3, 1, 2]
     for bad in ("0", "1,,2", "a", "-1", "1.5", "\u00b2", ""):

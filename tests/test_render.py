@@ -191,7 +191,7 @@ def test_multiframe_frame_and_animated_gif() -> None:
     assert np.array_equal(np.asarray(gif.convert("L")), second)
     with pytest.raises(Exception, match="exceeds 8192 pixels"):
         render_frames(pixel_file, RenderParams(media_type=MEDIA_GIF),
-                      limits=PixelLimits(max_total_pixels=8192))
+                      limits=PixelLimits(max_animation_pixels=8192))
 
 
 def test_viewport_scales_crops_and_flips(tmp_path: Path) -> None:
