@@ -498,3 +498,22 @@ async def test_replaced_instance_is_not_served_from_the_cache(tmp_path: Path,
                 assert after.shape == before.shape and after.max() == 0
         finally:
             await runner.cleanup()
+
+
+async def test_instance_without_pixel_data_is_422(served: Served) -> None:
+    ds = ct_dataset(5, study=OTHER_STUDY)
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation",
+                    "RescaleIntercept", "RescaleSlope"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    served.gateway.ingestor.ingest(part10(ds), source="test")
+    base = (f"{served.url}/dicomweb/studies/{OTHER_STUDY}/series/{ds.SeriesInstanceUID}/"
+            f"instances/{ds.SOPInstanceUID}")
+    for tail, accept in (("/frames/1", OHIF_ACCEPT), ("/rendered", None), ("/thumbnail", None)):
+        response, body = await served.get(base + tail, accept)
+        assert "pixel data" in str(problem(response, body, 422)["detail"])
+    # the series still has a thumbnail: its instance with pixel data
+    response, body = await served.get(
+        f"{served.url}/dicomweb/studies/{OTHER_STUDY}/series/{ds.SeriesInstanceUID}/thumbnail")
+    assert response.status == 200 and image(body).format == "JPEG"
