@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from dicomweb.app import GATEWAY, audit, require
 from dicomweb.problems import HTTPProblem
@@ -57,7 +58,6 @@ from gateway.pixels import (
 from gateway.render import (
     MEDIA_GIF,
     MEDIA_JPEG,
-    MEDIA_PNG,
     RENDERED_MEDIA_TYPES,
     RenderParams,
     parse_quality,
@@ -86,9 +86,8 @@ class PixelServices:
     def __init__(self, gateway: Gateway) -> None:
         table = gateway.settings.extra.get("pixels", {})
         self.gateway = gateway
-        self.limits = PixelLimits.from_settings(table)
-        cache_bytes = int(table.get("cache_bytes", DEFAULT_MAX_BYTES)) if isinstance(
-            table, dict) else DEFAULT_MAX_BYTES
+        self.limits = PixelLimits.from_settings(table, also=("cache_bytes",))
+        cache_bytes = int(table.get("cache_bytes", DEFAULT_MAX_BYTES))
         self.cache = RenderCache(gateway.settings.data_dir / "cache" / "rendered", cache_bytes)
 
 
@@ -112,6 +111,26 @@ class StoredImage:
     instance_number: int | None
 
 
+def _statement(by_series: bool, by_sop: bool) -> Any:
+    statement = (
+        select(Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid,
+               Instance.file_path, Instance.digest, Instance.number_of_frames, Instance.rows,
+               Series.series_number, Instance.instance_number)
+        .join(Series, Series.pk == Instance.series_pk)
+        .join(Study, Study.pk == Series.study_pk)
+        .where(Study.study_instance_uid == bindparam("study"))
+    )
+    if by_series:
+        statement = statement.where(Series.series_instance_uid == bindparam("series"))
+    if by_sop:
+        statement = statement.where(Instance.sop_instance_uid == bindparam("sop"))
+    return statement
+
+
+# Built once: the instance lookup runs on every frame request.
+_STATEMENTS = {(a, b): _statement(a, b) for a in (False, True) for b in (False, True)}
+
+
 def find_images(gateway: Gateway, principal: Principal, study: str, series: str | None = None,
                 sop: str | None = None) -> list[StoredImage]:
     """The instances under the given UIDs that ``principal`` may see, in display order.
@@ -129,20 +148,10 @@ def find_images(gateway: Gateway, principal: Principal, study: str, series: str 
     what = sop or series or study
     if not principal.may_see_study(study):
         raise NotFound(f"no such resource: {what}")
-    statement = (
-        select(Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid,
-               Instance.file_path, Instance.digest, Instance.number_of_frames, Instance.rows,
-               Series.series_number, Instance.instance_number)
-        .join(Series, Series.pk == Instance.series_pk)
-        .join(Study, Study.pk == Series.study_pk)
-        .where(Study.study_instance_uid == study)
-    )
-    if series is not None:
-        statement = statement.where(Series.series_instance_uid == series)
-    if sop is not None:
-        statement = statement.where(Instance.sop_instance_uid == sop)
-    with gateway.index.Session() as session:
-        rows = session.execute(statement).all()
+    statement = _STATEMENTS[(series is not None, sop is not None)]
+    with gateway.index.engine.connect() as connection:
+        rows = connection.execute(statement, {"study": study, "series": series,
+                                              "sop": sop}).all()
     found = [
         StoredImage(r[0], r[1], r[2], r[3], r[4], max(1, r[5] or 1), r[6] is not None, r[7], r[8])
         for r in rows if principal.may_see_instance(r[0], r[2])
@@ -220,6 +229,12 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     return sorted(ranges, key=lambda r: -r.q)
 
 
+def accept_of(request: web.Request) -> str | None:
+    """The ``accept`` query parameter, which overrides the header (PS3.18 §8.3.3.1), or
+    the Accept header."""
+    return request.query.get("accept") or request.headers.get("Accept")
+
+
 @dataclass(frozen=True)
 class FrameChoice:
     """The negotiated answer of a frames request."""
@@ -245,8 +260,8 @@ def negotiate_frames(ranges: Sequence[MediaRange], pixel_file: PixelFile,
             media = media_range.params.get("type", MEDIA_OCTET_STREAM)
         elif media_range.type in ("*/*", "application/*"):
             media = MEDIA_OCTET_STREAM
-        elif media_range.type == MEDIA_OCTET_STREAM and frame_count == 1:
-            media, multipart = MEDIA_OCTET_STREAM, False
+        elif media_range.type in SYNTAXES_OF_MEDIA and frame_count == 1:
+            media, multipart = media_range.type, False  # one frame, single part
         else:
             continue
         syntaxes = SYNTAXES_OF_MEDIA.get(media)
@@ -259,7 +274,10 @@ def negotiate_frames(ranges: Sequence[MediaRange], pixel_file: PixelFile,
             if media == MEDIA_OCTET_STREAM or stored in syntaxes:
                 return FrameChoice(multipart, media, "*")
             continue
-        if wanted in syntaxes and pixel_file.can_produce(wanted):
+        # Lenient: application/octet-stream with a compressed syntax (which Table 8.7.3-2
+        # gives its own media type) is answered too, as some viewers ask for it.
+        if (wanted in syntaxes or media == MEDIA_OCTET_STREAM) and \
+                pixel_file.can_produce(wanted):
             return FrameChoice(multipart, media, wanted)
     offered = ["multipart/related; type=\"application/octet-stream\"; transfer-syntax=*",
                "multipart/related; type=\"application/octet-stream\"; "
@@ -325,11 +343,25 @@ def _multipart_type(media: str, boundary: str, transfer_syntax: str | None = Non
     return f'{MEDIA_MULTIPART}; type="{media}"; boundary={boundary}{syntax}'
 
 
-def _part(boundary: str, content_type: str, data: bytes, location: str | None = None) -> bytes:
+def _part_head(boundary: str, content_type: str, length: int,
+               location: str | None = None) -> bytes:
     head = f"--{boundary}\r\nContent-Type: {content_type}\r\n"
     if location:
         head += f"Content-Location: {location}\r\n"
-    return head.encode() + f"Content-Length: {len(data)}\r\n\r\n".encode() + data + b"\r\n"
+    return f"{head}Content-Length: {length}\r\n\r\n".encode()
+
+
+def _part(boundary: str, content_type: str, data: bytes, location: str | None = None) -> bytes:
+    return b"".join((_part_head(boundary, content_type, len(data), location), data, b"\r\n"))
+
+
+def _multipart_body(boundary: str, content_type: str, items: Sequence[bytes]) -> bytes:
+    """A whole multipart/related body (RFC 2046 §5.1), copying each item once."""
+    pieces: list[bytes] = []
+    for data in items:
+        pieces += (_part_head(boundary, content_type, len(data)), data, b"\r\n")
+    pieces.append(f"--{boundary}--\r\n".encode())
+    return b"".join(pieces)
 
 
 def _base(request: web.Request) -> str:
@@ -342,53 +374,59 @@ def _base(request: web.Request) -> str:
 
 # -- handlers ---------------------------------------------------------------------------------
 
+@dataclass
+class _Frames:
+    """What the worker thread found for a frames request."""
+
+    pixel_file: PixelFile
+    choice: FrameChoice
+    syntax_out: str
+    first: list[bytes]
+    batch: int
+
+
 async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
     """WADO-RS Retrieve Frames (PS3.18 §10.4.1.1.4)."""
     principal = require(request, Scope.DICOMWEB_READ)
     services = request.config_dict[PIXELS]
     study, series, sop = (request.match_info[k] for k in ("study", "series", "instance"))
     numbers = parse_frame_list(request.match_info["frames"])
+    ranges = parse_accept(accept_of(request))
+    limits = services.limits
 
-    def locate() -> PixelFile:
+    def work() -> _Frames:
+        # One worker-thread hop for the common case: lookup, negotiation, the first frames.
         (image,) = find_images(services.gateway, principal, study, series, sop)
         pixel_file = _pixel_file(services.gateway, image)
         parse_frame_list(request.match_info["frames"], pixel_file.number_of_frames)
-        return pixel_file
+        choice = negotiate_frames(ranges, pixel_file, len(numbers))
+        batch = max(1, STREAM_BATCH_BYTES // max(pixel_file.image.frame_length, 1))
+        first = frames_of(pixel_file, numbers[:batch], choice.transfer_syntax, limits=limits)
+        return _Frames(pixel_file, choice, pixel_file.output_syntax(choice.transfer_syntax),
+                       first, batch)
 
-    pixel_file = await _off_loop(services, locate)
-    with _problems():
-        choice = negotiate_frames(parse_accept(request.headers.get("Accept")), pixel_file,
-                                  len(numbers))
-    syntax_out = pixel_file.output_syntax(choice.transfer_syntax)
-    part_type = f"{choice.media_type}; transfer-syntax={syntax_out}"
-    await audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
-                detail=f"frames {request.match_info['frames']} of {sop}")
-    limits = services.limits
-
+    found, _ = await asyncio.gather(
+        _off_loop(services, work),
+        audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
+              detail=f"frames {request.match_info['frames']} of {sop}"))
+    choice = found.choice
+    part_type = f"{choice.media_type}; transfer-syntax={found.syntax_out}"
     if not choice.multipart:
-        (data,) = await _off_loop(services, lambda: frames_of(
-            pixel_file, numbers, choice.transfer_syntax, limits=limits))
-        return web.Response(body=data, headers={"Content-Type": part_type})
-
-    # Multipart: stream batches of frames so that memory stays flat for long frame lists.
+        return web.Response(body=found.first[0], headers={"Content-Type": part_type})
     boundary = _boundary()
-    response = web.StreamResponse(headers={
-        "Content-Type": _multipart_type(choice.media_type, boundary, syntax_out)})
-    batch = max(1, STREAM_BATCH_BYTES // max(pixel_file.image.frame_length, 1))
-    first = await _off_loop(services, lambda: frames_of(
-        pixel_file, numbers[:batch], choice.transfer_syntax, limits=limits))
-    if len(numbers) <= batch:
-        body = b"".join(_part(boundary, part_type, frame) for frame in first)
-        response = web.Response(body=body + f"--{boundary}--\r\n".encode(),
-                                headers={"Content-Type": response.headers["Content-Type"]})
-        return response
+    content_type = _multipart_type(choice.media_type, boundary, found.syntax_out)
+    if len(numbers) <= found.batch:
+        return web.Response(body=_multipart_body(boundary, part_type, found.first),
+                            headers={"Content-Type": content_type})
+    # Many frames: stream them in batches so that memory stays flat.
+    response = web.StreamResponse(headers={"Content-Type": content_type})
     await response.prepare(request)
-    for frame in first:
+    for frame in found.first:
         await response.write(_part(boundary, part_type, frame))
-    for start in range(batch, len(numbers), batch):
-        chunk = numbers[start:start + batch]
-        frames = await _off_loop(services, lambda c=chunk: frames_of(  # type: ignore[misc]
-            pixel_file, c, choice.transfer_syntax, limits=limits))
+    for start in range(found.batch, len(numbers), found.batch):
+        chunk = numbers[start:start + found.batch]
+        frames = await _off_loop(services, functools.partial(
+            frames_of, found.pixel_file, chunk, choice.transfer_syntax, limits=limits))
         for frame in frames:
             await response.write(_part(boundary, part_type, frame))
     await response.write(f"--{boundary}--\r\n".encode())
@@ -396,27 +434,41 @@ async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _render_cached(services: PixelServices, image: StoredImage, frame: int | None,
-                         params: RenderParams) -> bytes:
-    """Render one instance (``frame`` None: all frames for GIF, else frame 1), via the cache."""
+def _render_one(services: PixelServices, image: StoredImage, frame: int | None,
+                params: RenderParams) -> tuple[bytes, str | None]:
+    """Render one instance (``frame`` None: every frame for a GIF, else frame 1).
+
+    Returns the image and, when it was rendered now, the cache key to store it under.
+    """
     key = cache_key(image.sop_uid, image.digest, frame, params.key())
+    cached = services.cache.get(key)
+    if cached is not None:
+        return cached, None
+    pixel_file = _pixel_file(services.gateway, image)
+    if frame is None:
+        return render_frames(pixel_file, params, limits=services.limits), key
+    if frame >= pixel_file.number_of_frames:
+        raise NotFound(f"frame {frame + 1} does not exist; the instance has "
+                       f"{pixel_file.number_of_frames} frame(s)")
+    return render_frame(pixel_file, frame, params, limits=services.limits), key
 
-    def work() -> bytes:
-        cached = services.cache.get(key)
-        if cached is not None:
-            return cached
-        pixel_file = _pixel_file(services.gateway, image)
-        if frame is None:
-            data = render_frames(pixel_file, params, limits=services.limits)
-        else:
-            if frame >= pixel_file.number_of_frames:
-                raise NotFound(f"frame {frame + 1} does not exist; the instance has "
-                               f"{pixel_file.number_of_frames} frame(s)")
-            data = render_frame(pixel_file, frame, params, limits=services.limits)
-        services.cache.put(key, data)
-        return data
 
-    return await _off_loop(services, work)
+_PENDING: set[asyncio.Future[None]] = set()
+
+
+def _store_later(services: PixelServices, rendered: list[tuple[bytes, str | None]]) -> None:
+    """Write new cache entries in a worker thread without holding up the response."""
+    entries = [(key, data) for data, key in rendered if key is not None]
+    if not entries:
+        return
+
+    def store() -> None:
+        for key, data in entries:
+            services.cache.put(key, data)
+
+    future = asyncio.get_running_loop().run_in_executor(None, store)
+    _PENDING.add(future)
+    future.add_done_callback(_PENDING.discard)
 
 
 def _images_request(request: web.Request) -> tuple[str, str | None, str | None]:
@@ -432,10 +484,12 @@ async def _multipart_images(request: web.Request, services: PixelServices,
     await response.prepare(request)
     base = _base(request)
     for image in images:
-        data = await _render_cached(services, image, 0, params)
+        rendered = await _off_loop(services, functools.partial(
+            _render_one, services, image, 0, params))
+        _store_later(services, [rendered])
         location = (f"{base}/studies/{image.study_uid}/series/{image.series_uid}"
                     f"/instances/{image.sop_uid}/rendered")
-        await response.write(_part(boundary, params.media_type, data, location))
+        await response.write(_part(boundary, params.media_type, rendered[0], location))
     await response.write(f"--{boundary}--\r\n".encode())
     await response.write_eof()
     return response
@@ -449,33 +503,36 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     frames_text = request.match_info.get("frames")
     numbers = parse_frame_list(frames_text) if frames_text is not None else None
     with _problems():
-        media = negotiate_rendered(parse_accept(request.headers.get("Accept")))
+        media = negotiate_rendered(parse_accept(accept_of(request)))
     params = render_params(request, media, thumbnail=False, limits=services.limits)
-    images = await _off_loop(services, lambda: [
-        i for i in find_images(services.gateway, principal, study, series, sop) if i.has_pixels])
-    if not images:
-        raise HTTPProblem(422, "no instance there has pixel data to render")
-    await audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="rendered")
+    if sop is None and params.media_type == MEDIA_GIF:
+        params = RenderParams(MEDIA_JPEG, params.window, params.viewport, params.quality)
+
+    def work() -> tuple[list[StoredImage], list[tuple[bytes, str | None]]]:
+        # Instance and frames: lookup and rendering in one worker-thread hop.
+        images = [i for i in find_images(services.gateway, principal, study, series, sop)
+                  if i.has_pixels]
+        if not images:
+            raise PixelDataError("no instance there has pixel data to render")
+        if sop is None:
+            return images, []
+        frames: list[int | None] = [None] if numbers is None else [n - 1 for n in numbers]
+        return images, [_render_one(services, images[0], f, params) for f in frames]
+
+    (images, rendered), _ = await asyncio.gather(
+        _off_loop(services, work),
+        audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="rendered"))
     if sop is None:
-        if params.media_type == MEDIA_GIF:
-            params = RenderParams(MEDIA_JPEG, params.window, params.viewport, params.quality)
         if len(images) > MAX_RENDERED_INSTANCES:
             raise HTTPProblem(413, f"{len(images)} instances: at most {MAX_RENDERED_INSTANCES} "
                                    "are rendered in one request; ask for each series")
         return await _multipart_images(request, services, images, params)
-    image = images[0]
-    if numbers is None:
-        data = await _render_cached(services, image, None, params)
-        return web.Response(body=data, headers={"Content-Type": params.media_type})
-    if len(numbers) == 1:
-        data = await _render_cached(services, image, numbers[0] - 1, params)
-        return web.Response(body=data, headers={"Content-Type": params.media_type})
+    _store_later(services, rendered)
+    if len(rendered) == 1:
+        return web.Response(body=rendered[0][0], headers={"Content-Type": params.media_type})
     boundary = _boundary()
-    parts = []
-    for number in numbers:
-        data = await _render_cached(services, image, number - 1, params)
-        parts.append(_part(boundary, params.media_type, data))
-    return web.Response(body=b"".join(parts) + f"--{boundary}--\r\n".encode(),
+    body = _multipart_body(boundary, params.media_type, [data for data, _ in rendered])
+    return web.Response(body=body,
                         headers={"Content-Type": _multipart_type(params.media_type, boundary)})
 
 
@@ -499,15 +556,20 @@ async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
     if numbers is not None and len(numbers) != 1:
         raise HTTPProblem(400, "a thumbnail is of one frame", parameter="frames")
     with _problems():
-        media = negotiate_rendered(parse_accept(request.headers.get("Accept")), allow_gif=False)
+        media = negotiate_rendered(parse_accept(accept_of(request)), allow_gif=False)
     params = render_params(request, media, thumbnail=True, limits=services.limits)
-    image = await _off_loop(services, lambda: representative(
-        find_images(services.gateway, principal, study, series, sop)))
-    frame = numbers[0] - 1 if numbers is not None else (image.number_of_frames - 1) // 2
-    await audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="thumbnail")
-    data = await _render_cached(services, image, frame, params)
-    return web.Response(body=data, headers={"Content-Type": params.media_type,
-                                            "Cache-Control": "private, max-age=300"})
+
+    def work() -> tuple[bytes, str | None]:
+        image = representative(find_images(services.gateway, principal, study, series, sop))
+        frame = numbers[0] - 1 if numbers is not None else (image.number_of_frames - 1) // 2
+        return _render_one(services, image, frame, params)
+
+    rendered, _ = await asyncio.gather(
+        _off_loop(services, work),
+        audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="thumbnail"))
+    _store_later(services, [rendered])
+    return web.Response(body=rendered[0], headers={"Content-Type": params.media_type,
+                                                   "Cache-Control": "private, max-age=300"})
 
 
 def add_routes(app: web.Application) -> None:
@@ -529,5 +591,5 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/studies/{study}/thumbnail", retrieve_thumbnail)
 
 
-__all__ = ["MEDIA_PNG", "PIXELS", "PixelServices", "add_routes", "find_images",
+__all__ = ["PIXELS", "PixelServices", "add_routes", "find_images",
            "negotiate_frames", "negotiate_rendered", "parse_accept"]

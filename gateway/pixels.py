@@ -47,6 +47,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from gateway.config import SettingsError
 from gateway.errors import GatewayError, InvalidQuery, NotFound
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ NATIVE_SYNTAXES = frozenset({
     ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
 })
+# MPEG-2, MPEG-4 AVC/H.264 and HEVC/H.265 (PS3.5 §8.2.5-8.2.7): one stream, not frames.
+VIDEO_SYNTAX_PREFIX = "1.2.840.10008.1.2.4."
+VIDEO_SYNTAXES = frozenset({"100", "101", "102", "103", "104", "105", "106", "107", "108"})
 # Syntaxes we can encode to from decoded pixels, lossless only (pydicom's encoders).
 ENCODABLE_SYNTAXES = (RLELossless, JPEG2000Lossless)
 
@@ -125,7 +129,10 @@ class PixelLimits:
     max_frame_bytes
         Bytes of one decoded frame (Rows x Columns x Samples x Bits Allocated / 8).
     max_total_pixels
-        Pixels decoded by one request over all its frames (animated GIF, study rendering).
+        Pixels decoded by one frames request over all its frames (they are streamed, so this
+        bounds time, not memory).
+    max_animation_pixels
+        Pixels of an animated GIF, whose frames are all held in memory before encoding.
     max_viewport
         Largest rendered width or height.
     """
@@ -134,15 +141,38 @@ class PixelLimits:
     max_frame_pixels: int = 8192 * 8192
     max_frame_bytes: int = 1024**3
     max_total_pixels: int = 1024**3
+    max_animation_pixels: int = 64 * 1024**2
     max_viewport: int = 4096
 
     @classmethod
-    def from_settings(cls, table: Any) -> PixelLimits:
-        """Read ``[pixels]`` keys of the same names from the settings file, if any."""
-        if not isinstance(table, dict):
+    def from_settings(cls, table: Any, *, also: tuple[str, ...] = ()) -> PixelLimits:
+        """Read the ``[pixels]`` table of the settings file (keys named as the attributes).
+
+        ``also`` names other keys of the table that the caller reads itself.
+
+        >>> PixelLimits.from_settings({"max_viewport": 1024}).max_viewport
+        1024
+
+        Raises
+        ------
+        SettingsError
+            An unknown key, or a value that is not a positive integer.
+        """
+        if not table:
             return cls()
-        known = {k: int(v) for k, v in table.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        if not isinstance(table, dict):
+            raise SettingsError("[pixels] must be a table")
+        values: dict[str, int] = {}
+        for key, value in table.items():
+            if key not in cls.__dataclass_fields__ and key not in also:
+                raise SettingsError(f"unknown setting [pixels] {key}; known: "
+                                    f"{', '.join([*cls.__dataclass_fields__, *also])}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SettingsError(f"setting [pixels] {key}: {value!r} is not a positive "
+                                    "integer")
+            if key in cls.__dataclass_fields__:
+                values[key] = value
+        return cls(**values)
 
 
 DEFAULT_LIMITS = PixelLimits()
@@ -294,7 +324,10 @@ class PixelFile:
     def _read(self, offset: int, length: int) -> bytes:
         if self.inline is not None:
             return self.inline[offset:offset + length]
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NotFound("the instance was deleted while it was being read") from None
         try:
             data = os.pread(fd, length, offset)
         finally:
@@ -363,9 +396,8 @@ class PixelFile:
                 raise PixelDataError(
                     f"frame {index + 1} cannot be decoded from "
                     f"{UID(info.transfer_syntax_uid).name}: {exc}") from exc
-        else:
-            arr = _native_array(data, info, as_rgb=as_rgb)
-        return _clean_bits(arr, info)
+            return arr  # pydicom has already corrected the bits above Bits Stored
+        return _clean_bits(_native_array(data, info, as_rgb=as_rgb), info)
 
     def native_frame(self, index: int, *, limits: PixelLimits = DEFAULT_LIMITS) -> bytes:
         """Frame ``index`` in Explicit VR Little Endian form (PS3.5 §8.1.1, §A.2).
@@ -583,6 +615,9 @@ def read_pixel_file(path: Path) -> PixelFile:
         value_offset = position + 8
     else:
         raise PixelDataError(f"unexpected VR {tag_bytes[4:6]!r} for the pixel data")
+    if syntax.startswith(VIDEO_SYNTAX_PREFIX) and syntax.rsplit(".", 1)[1] in VIDEO_SYNTAXES:
+        raise PixelDataError(f"the pixel data is a video ({UID(syntax).name or syntax}); "
+                             "its frames cannot be extracted, retrieve the instance instead")
     info = image_pixel(header, syntax, keyword)
     pixel_file = PixelFile(path, header, info, value_offset, length)
     if info.encapsulated:
@@ -774,8 +809,9 @@ def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int
     frames: list[int] = []
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 1:
-            raise InvalidFrameList(f"frame list {text!r}: {part!r} is not a frame number (1, 2, ...)")
+        if not (part.isascii() and part.isdigit()) or int(part) < 1:
+            raise InvalidFrameList(
+                f"frame list {text!r}: {part!r} is not a frame number (1, 2, ...)")
         frames.append(int(part))
     if len(frames) > 10000:
         raise InvalidFrameList("frame list: at most 10000 frames per request")
@@ -789,7 +825,18 @@ def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int
 
 def frames_of(pixel_file: PixelFile, numbers: Sequence[int], transfer_syntax_uid: str, *,
               limits: PixelLimits = DEFAULT_LIMITS) -> list[bytes]:
-    """The frames numbered ``numbers`` (from 1) in ``transfer_syntax_uid`` (``*``: as stored)."""
+    """The frames numbered ``numbers`` (from 1) in ``transfer_syntax_uid`` (``*``: as stored).
+
+    Raises
+    ------
+    ImageTooLarge
+        A native frame larger than ``limits.max_frame_bytes`` (it would be read into memory
+        whole), or more decoded pixels than ``limits.max_total_pixels``.
+    """
+    info = pixel_file.image
+    if not info.encapsulated and info.frame_length > limits.max_frame_bytes:
+        raise ImageTooLarge(f"a frame of {info.frame_length} bytes exceeds the limit of "
+                            f"{limits.max_frame_bytes} bytes ([pixels] max_frame_bytes)")
     if transfer_syntax_uid not in ("*", pixel_file.transfer_syntax_uid):
         total = pixel_file.image.rows * pixel_file.image.columns * len(numbers)
         if total > limits.max_total_pixels:

@@ -19,6 +19,7 @@ and Pillow encodes JPEG, PNG or (multi-frame) GIF with the requested quality (§
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -236,12 +237,14 @@ def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: 
     invert = _inverted(ds, photometric)
     if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
         bits = arr.dtype.itemsize * 8
-        domain = np.arange(1 << bits, dtype=np.int64)
-        if arr.dtype.kind == "i":
-            domain = np.where(domain >= 1 << (bits - 1), domain - (1 << bits), domain)
-            index_array = arr.view(f"u{arr.dtype.itemsize}")
-        else:
-            index_array = arr
+        index_array = arr.view(f"u{arr.dtype.itemsize}") if arr.dtype.kind == "i" else arr
+        if chosen is not None and "ModalityLUTSequence" not in modality_ds:
+            # The common case (rescale + window): the table depends on a few numbers only,
+            # and every slice of a series shares it.
+            slope, intercept = _rescale(modality_ds)
+            lut = _linear_lut(arr.dtype.str, slope, intercept, chosen, invert)
+            return np.take(lut, index_array)
+        domain = _domain(arr.dtype.str)
         values = _modality(domain, modality_ds)
         if chosen is None and not voi_sequence:
             present = np.zeros(1 << bits, dtype=bool)
@@ -251,7 +254,7 @@ def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: 
         lut = grey.astype(np.uint8)
         if invert:
             lut = 255 - lut
-        return lut[index_array]
+        return np.take(lut, index_array)
     values = _modality(arr.astype(np.float64), modality_ds)
     if chosen is None and not voi_sequence:
         chosen = _min_max_window(values)
@@ -259,11 +262,38 @@ def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: 
     return 255 - out if invert else out
 
 
+def _domain(dtype: str) -> np.ndarray:
+    """Every stored value of an 8 or 16-bit integer type, in the order of its unsigned view."""
+    kind, bits = np.dtype(dtype).kind, np.dtype(dtype).itemsize * 8
+    domain = np.arange(1 << bits, dtype=np.int64)
+    if kind == "i":
+        domain = np.where(domain >= 1 << (bits - 1), domain - (1 << bits), domain)
+    return domain
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    try:
+        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise PixelDataError(f"Rescale Slope / Intercept are not numbers: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_lut(dtype: str, slope: float, intercept: float, window: Window,
+                invert: bool) -> np.ndarray:
+    """stored value -> grey for a rescale and a window (read-only, shared between requests)."""
+    values = _domain(dtype) * slope + intercept
+    lut = apply_window(values, window).astype(np.uint8)
+    if invert:
+        lut = 255 - lut
+    lut.setflags(write=False)
+    return lut
+
+
 def _modality(values: np.ndarray, ds: Dataset) -> np.ndarray:
     if "ModalityLUTSequence" in ds:
         return np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale(ds)
     if slope == 1 and intercept == 0:
         return values.astype(np.float64)
     return values * slope + intercept
@@ -418,16 +448,17 @@ def render_frames(pixel_file: PixelFile, params: RenderParams, *,
     Raises
     ------
     ImageTooLarge
-        More pixels in all the frames than ``limits.max_total_pixels``.
+        More pixels in all the frames than ``limits.max_animation_pixels``.
     """
     info = pixel_file.image
     if params.media_type != MEDIA_GIF or info.number_of_frames == 1:
         return render_frame(pixel_file, 0, params, limits=limits)
     total = info.rows * info.columns * info.number_of_frames
-    if total > limits.max_total_pixels:
-        raise ImageTooLarge(f"an animation of {info.number_of_frames} frames of "
-                            f"{info.columns}x{info.rows} exceeds {limits.max_total_pixels} "
-                            "pixels ([pixels] max_total_pixels)")
+    if total > limits.max_animation_pixels:
+        raise ImageTooLarge(
+            f"an animation of {info.number_of_frames} frames of {info.columns}x{info.rows} "
+            f"exceeds {limits.max_animation_pixels} pixels ([pixels] max_animation_pixels); "
+            "ask for single frames")
     images = [apply_viewport(_to_image(frame_to_display(pixel_file, i, params.window,
                                                         limits=limits)), params.viewport)
               for i in range(info.number_of_frames)]

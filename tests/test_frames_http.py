@@ -7,6 +7,7 @@ media types, multipart parts, and pixel values.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -20,13 +21,13 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from conftest import ct_dataset, make_settings, part10
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import RLELossless
 
-from conftest import ct_dataset, part10
 from gateway.access import Principal, PrincipalKind
 from gateway.apikeys import ApiKeys
 from gateway.core import Gateway
@@ -253,6 +254,29 @@ async def test_accept_with_qualities_and_single_part(served: Served) -> None:
     assert hashlib.sha256(body).hexdigest() == MANIFEST[name]["pixel_sha256"]
 
 
+async def test_accept_query_parameter_and_single_part_image_types(served: Served) -> None:
+    """PS3.18 §8.3.3.1 ``accept=`` overrides the header (OHIF's urlArguments use it)."""
+    name = "ct_jpegls_lossless.dcm"
+    response, body = await served.get(served.uri(name, "/frames/1?accept=image/jls"),
+                                      "application/dicom+json")
+    assert response.status == 200, body
+    assert response.headers["Content-Type"] == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
+    assert body == stored_frames(name)[0]
+    response, body = await served.get(served.uri(name, "/frames/1"), "image/jls")
+    assert body == stored_frames(name)[0]
+    # application/octet-stream naming the stored compressed syntax: answered as stored
+    response, body = await served.get(
+        served.uri(name, "/frames/1"),
+        "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.80")
+    ((headers, content),) = multipart(response, body)
+    assert cornerstone_transfer_syntax(headers["Content-Type"]) == "1.2.840.10008.1.2.4.80"
+    assert content == stored_frames(name)[0]
+    response, body = await served.get(
+        served.uri(name, "/frames/1"),
+        "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.50")
+    problem(response, body, 406)
+
+
 async def test_multiframe_frames_in_requested_order(served: Served) -> None:
     name = "sc_multiframe_explicit_le.dcm"
     reference = dcmread(FILES_DIR / name).pixel_array
@@ -391,8 +415,14 @@ async def test_thumbnails_are_representative_scaled_and_cached(served: Served) -
     response, body = await served.get(f"{served.url}/dicomweb/studies/{STUDY}/thumbnail")
     assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
     assert max(image(body).size) == 128
+    entries: set[Path] = set()
+    for _ in range(100):  # the entry is written after the response, in a worker thread
+        entries = {p for p in cache.iterdir() if not p.name.startswith(".")}
+        if entries:
+            break
+        await asyncio.sleep(0.02)
+    assert len(entries) == 1 and entries.pop().read_bytes() == body
     entries = set(cache.iterdir())
-    assert len(entries) == 1
     again = (await served.get(f"{served.url}/dicomweb/studies/{STUDY}/thumbnail"))[1]
     assert again == body and set(cache.iterdir()) == entries
     name = "sc_multiframe_explicit_le.dcm"
@@ -431,3 +461,59 @@ async def test_decompression_bomb_is_refused_over_http(served: Served, tmp_path:
     response, body = await served.get(base + "/frames/1", OHIF_ACCEPT)
     ((headers, content),) = multipart(response, body)
     assert content == bytes(bomb)  # as stored: bytes, no decoding, no danger
+
+
+async def test_replaced_instance_is_not_served_from_the_cache(tmp_path: Path,
+                                                              database_url: str) -> None:
+    """The render cache key holds the file digest: a replaced instance renders anew."""
+    settings = make_settings(tmp_path, database_url, GATEWAY_STORAGE_OVERWRITE="1",
+                             GATEWAY_DEMO="1")
+    ds = dcmread(FILES_DIR / "ct_explicit_le.dcm")
+    with Gateway(settings) as gateway:
+        gateway.ingestor.ingest(part10(ds), source="test")
+        runner = web.AppRunner(create_app(gateway))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = (f"http://127.0.0.1:{runner.addresses[0][1]}/dicomweb/studies/"
+               f"{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+               f"{ds.SOPInstanceUID}/rendered")
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url, headers={"Accept": "image/png"}) as response:
+                    before = np.asarray(image(await response.read()))
+                assert before.max() == 255
+                cache = settings.data_dir / "cache" / "rendered"
+                for _ in range(100):  # wait for the entry, written after the response
+                    if any(p.suffix == ".bin" for p in cache.iterdir()):
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    raise AssertionError("the rendered image was not cached")
+                ds.PixelData = np.zeros((128, 128), "<u2").tobytes()  # -1024 HU: black
+                result = gateway.ingestor.ingest(part10(ds), source="test")
+                assert result.outcome.value == "replaced"
+                async with session.get(url, headers={"Accept": "image/png"}) as response:
+                    after = np.asarray(image(await response.read()))
+                assert after.shape == before.shape and after.max() == 0
+        finally:
+            await runner.cleanup()
+
+
+async def test_instance_without_pixel_data_is_422(served: Served) -> None:
+    ds = ct_dataset(5, study=OTHER_STUDY)
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation",
+                    "RescaleIntercept", "RescaleSlope"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    served.gateway.ingestor.ingest(part10(ds), source="test")
+    base = (f"{served.url}/dicomweb/studies/{OTHER_STUDY}/series/{ds.SeriesInstanceUID}/"
+            f"instances/{ds.SOPInstanceUID}")
+    for tail, accept in (("/frames/1", OHIF_ACCEPT), ("/rendered", None), ("/thumbnail", None)):
+        response, body = await served.get(base + tail, accept)
+        assert "pixel data" in str(problem(response, body, 422)["detail"])
+    # the series still has a thumbnail: its instance with pixel data
+    response, body = await served.get(
+        f"{served.url}/dicomweb/studies/{OTHER_STUDY}/series/{ds.SeriesInstanceUID}/thumbnail")
+    assert response.status == 200 and image(body).format == "JPEG"

@@ -252,6 +252,8 @@ def test_absurd_dimensions_are_refused_before_decoding(tmp_path: Path) -> None:
     many = PixelLimits(max_total_pixels=128 * 128 * 2)
     multiframe = read_pixel_file(FILES_DIR / "sc_multiframe_explicit_le.dcm")
     frames_of(multiframe, [1, 2, 3], ExplicitVRLittleEndian, limits=many)  # native: no decode
+    with pytest.raises(ImageTooLarge, match="a frame of 8192 bytes exceeds"):
+        frames_of(multiframe, [1], "*", limits=PixelLimits(max_frame_bytes=8000))
     with pytest.raises(ImageTooLarge, match="per request"):
         frames_of(normal, [1, 1, 1], ExplicitVRLittleEndian, limits=many)
 
@@ -273,10 +275,73 @@ def test_truncated_and_pixelless_files_are_clear_errors(tmp_path: Path) -> None:
         pixel_file.decode_frame(0)
 
 
+def test_video_is_refused_clearly(tmp_path: Path) -> None:
+    ds = dcmread(FILES_DIR / "sc_jpeg_baseline_rgb.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264
+    ds.NumberOfFrames = 2
+    with pytest.raises(PixelDataError, match="is a video"):
+        read_pixel_file(save(ds, tmp_path / "video.dcm"))
+
+
+def test_limits_from_the_settings_file() -> None:
+    from gateway.config import SettingsError
+
+    limits = PixelLimits.from_settings({"max_viewport": 64, "cache_bytes": 1},
+                                       also=("cache_bytes",))
+    assert limits.max_viewport == 64 and limits.max_frame_pixels == PixelLimits().max_frame_pixels
+    with pytest.raises(SettingsError, match="unknown setting \\[pixels\\] max_pixels"):
+        PixelLimits.from_settings({"max_pixels": 1})
+    with pytest.raises(SettingsError, match="not a positive integer"):
+        PixelLimits.from_settings({"max_viewport": "big"})
+
+
 def test_parse_frame_list() -> None:
     assert parse_frame_list("3, 1,2") == [3, 1, 2]
-    for bad in ("0", "1,,2", "a", "-1", "1.5"):
+    for bad in ("0", "1,,2", "a", "-1", "1.5", "\u00b2", ""):
         with pytest.raises(InvalidFrameList, match="is not a frame number"):
             parse_frame_list(bad)
     with pytest.raises(NoSuchFrame, match="frame 5 does not exist"):
         parse_frame_list("1,5", number_of_frames=3)
+
+
+@pytest.mark.parametrize("name", ["gateway.pixels", "gateway.render", "gateway.rendercache",
+                                  "dicomweb.pixels"])
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_native_unused_high_bits_are_ignored(tmp_path: Path) -> None:
+    """PS3.5 §8.1.1: bits above Bits Stored carry nothing; signed values are sign-extended."""
+    ds = dcmread(FILES_DIR / "ct_explicit_le.dcm")
+    ds.Rows = ds.Columns = 2
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 1
+    # 12-bit two's complement: 0xFFF = -1, 0x800 = -2048, 0x7FF = 2047, 0x001 = 1, with junk
+    # (0xA000) in the four unused bits of each value
+    ds.PixelData = np.array([0xAFFF, 0xA800, 0xA7FF, 0xA001], "<u2").tobytes()
+    path = save(ds, tmp_path / "junk.dcm")
+    assert read_pixel_file(path).decode_frame(0).tolist() == [[-1, -2048], [2047, 1]]
+    ds.PixelRepresentation = 0
+    path = save(ds, tmp_path / "junk_unsigned.dcm")
+    assert read_pixel_file(path).decode_frame(0).tolist() == [[0xFFF, 0x800], [0x7FF, 0x001]]
+
+
+def test_bit_packed_frames_that_do_not_end_on_a_byte(tmp_path: Path) -> None:
+    """Bits Allocated 1, 3x3 frames: frame 2 starts at bit 9 (PS3.5 §8.1.1, §D.1)."""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 2, (3, 3, 3), dtype=np.uint8)
+    ds = dcmread(FILES_DIR / "sc_multiframe_explicit_le.dcm")
+    ds.Rows = ds.Columns = 3
+    ds.NumberOfFrames = 3
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit = 0
+    ds.PixelData = np.packbits(frames.ravel(), bitorder="little").tobytes()
+    pixel_file = read_pixel_file(save(ds, tmp_path / "bits.dcm"))
+    for index in range(3):
+        assert np.array_equal(pixel_file.decode_frame(index), frames[index])
+        (native,) = frames_of(pixel_file, [index + 1], ExplicitVRLittleEndian)
+        unpacked = np.unpackbits(np.frombuffer(native, np.uint8), bitorder="little")[:9]
+        assert np.array_equal(unpacked.reshape(3, 3), frames[index])

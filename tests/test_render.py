@@ -191,7 +191,7 @@ def test_multiframe_frame_and_animated_gif() -> None:
     assert np.array_equal(np.asarray(gif.convert("L")), second)
     with pytest.raises(Exception, match="exceeds 8192 pixels"):
         render_frames(pixel_file, RenderParams(media_type=MEDIA_GIF),
-                      limits=PixelLimits(max_total_pixels=8192))
+                      limits=PixelLimits(max_animation_pixels=8192))
 
 
 def test_viewport_scales_crops_and_flips(tmp_path: Path) -> None:
@@ -251,3 +251,30 @@ def test_render_cache_is_bounded_lru_and_keyed_by_content(tmp_path: Path) -> Non
     disabled = RenderCache(tmp_path / "off", max_bytes=0)
     disabled.put(keys[0], b"x")
     assert disabled.get(keys[0]) is None and not (tmp_path / "off").exists()
+
+
+def test_enhanced_multiframe_functional_groups(tmp_path: Path) -> None:
+    """PS3.3 C.7.6.16: rescale in the shared groups, a window per frame in the per-frame ones."""
+    ds = dcmread(FILES_DIR / "sc_multiframe_explicit_le.dcm")
+    for keyword in ("RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth"):
+        delattr(ds, keyword)
+    transform = Dataset()
+    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = -1024, 1, "HU"
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = [transform]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for center, width in ((40, 80), (-600, 1500), (300, 2000)):
+        voi = Dataset()
+        voi.WindowCenter, voi.WindowWidth = center, width
+        item = Dataset()
+        item.FrameVOILUTSequence = [voi]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    pixel_file = read_pixel_file(path)
+    for index, (center, width) in enumerate(((40, 80), (-600, 1500), (300, 2000))):
+        hu = pixel_file.decode_frame(index).astype(float) - 1024
+        expected = apply_window(hu, Window(center, width)).astype(np.uint8)
+        assert np.array_equal(frame_to_display(pixel_file, index), expected)
