@@ -53,6 +53,8 @@ class Study(Base):
     __table_args__ = (
         Index("ix_study_date_time", "study_date", "study_time"),
         Index("ix_study_patient_date", "patient_pk", "study_date"),
+        Index("ix_study_referring_physician_name_norm", "referring_physician_name_norm"),
+        Index("ix_study_study_id", "study_id"),
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -84,6 +86,10 @@ class Study(Base):
 
 class Series(Base):
     __tablename__ = "series"
+    __table_args__ = (
+        Index("ix_series_study_modality", "study_pk", "modality"),
+        Index("ix_series_study_number", "study_pk", "series_number"),
+    )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_pk: Mapped[int] = mapped_column(
@@ -109,6 +115,7 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instance"
+    __table_args__ = (Index("ix_instance_series_number", "series_pk", "instance_number"),)
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_pk: Mapped[int] = mapped_column(
@@ -133,3 +140,23 @@ class Instance(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class ApiKey(Base):
+    """A static API key (``Authorization: Bearer dgw_<key_id>_<secret>``), stored hashed.
+
+    Only the SHA-256 of the secret is kept: keys are 256-bit random values, so a fast hash is
+    as safe as a slow one and keeps per-request checks cheap. The key is shown once, at creation.
+    """
+
+    __tablename__ = "api_key"
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    # Space-separated scopes, e.g. "dicomweb:read dicomweb:write".
+    scopes: Mapped[str] = mapped_column(String(512), default="")
+    institution: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

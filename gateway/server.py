@@ -13,8 +13,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from dicomweb.app import MOUNT as DICOMWEB_MOUNT
+from dicomweb.app import create_app as create_dicomweb_app
 from dimse.peers import is_loopback
 from dimse.scp import start_server as start_dimse
+from gateway.access import AccessPolicy, NoSessions
 from gateway.config import Settings
 from gateway.core import Gateway
 from gateway.errors import GatewayError
@@ -39,11 +42,16 @@ def check_demo(settings: Settings) -> None:
             )
 
 
-def create_app(gateway: Gateway) -> web.Application:
-    """The root aiohttp application with every HTTP front end mounted."""
+def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> web.Application:
+    """The root aiohttp application with every HTTP front end mounted.
+
+    ``access_policy`` resolves viewer-session cookies for DICOMweb (``viewer_links``); without
+    one, no cookie grants anything (:class:`~gateway.access.NoSessions`).
+    """
     app = web.Application(client_max_size=gateway.settings.http.max_upload_bytes)
     app[GATEWAY] = gateway
     add_routes(app)
+    app.add_subapp(DICOMWEB_MOUNT, create_dicomweb_app(gateway, access_policy or NoSessions()))
     return app
 
 

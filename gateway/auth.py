@@ -1,0 +1,133 @@
+"""Bearer credentials: static API keys and JWTs (PyJWT) verified against configured keys.
+
+Settings (TOML; the environment cannot hold keys well)::
+
+    [auth]
+    jwt_audience = "dicom-gateway"        # optional; checked when set
+    jwt_issuer = "https://portal.example" # optional; checked when set
+
+    [auth.jwt_keys.portal-2026]           # the table name is the key id (``kid``)
+    algorithm = "ES256"                   # HS256, ES256, EdDSA, RS256...
+    key_file = "/etc/gateway/portal.pub"  # or: key = "..." (inline secret / PEM)
+
+A JWT must carry ``kid`` in its header, ``sub`` and ``exp``, and its scopes as ``scope`` (a
+space-separated string, RFC 8693) or ``scopes`` (a list). An ``institution`` claim is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from gateway.access import Principal, PrincipalKind
+from gateway.apikeys import ApiKeys, looks_like_api_key
+from gateway.config import Settings, SettingsError
+from gateway.errors import Unauthorized
+from gateway.index import Index
+
+logger = logging.getLogger(__name__)
+
+LEEWAY_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class JwtKey:
+    kid: str
+    algorithm: str
+    key: Any
+
+    def __repr__(self) -> str:
+        return f"JwtKey(kid={self.kid!r}, algorithm={self.algorithm!r}, key=***)"
+
+
+def load_jwt_keys(table: Mapping[str, Any]) -> dict[str, JwtKey]:
+    """Read ``[auth.jwt_keys.<kid>]`` tables.
+
+    Raises
+    ------
+    SettingsError
+        When a key lacks its algorithm or material, or its file cannot be read.
+    """
+    keys: dict[str, JwtKey] = {}
+    for kid, spec in table.items():
+        if not isinstance(spec, Mapping) or "algorithm" not in spec:
+            raise SettingsError(f"[auth.jwt_keys.{kid}] needs algorithm and key or key_file")
+        if "key_file" in spec:
+            try:
+                material: Any = Path(str(spec["key_file"])).read_text()
+            except OSError as exc:
+                raise SettingsError(
+                    f"[auth.jwt_keys.{kid}] key_file cannot be read: {exc.strerror}"
+                ) from None
+        elif "key" in spec:
+            material = str(spec["key"])
+        else:
+            raise SettingsError(f"[auth.jwt_keys.{kid}] needs key or key_file")
+        keys[str(kid)] = JwtKey(str(kid), str(spec["algorithm"]), material)
+    return keys
+
+
+class Authenticator:
+    """Turns an ``Authorization: Bearer`` credential into a :class:`Principal`.
+
+    Parameters
+    ----------
+    index
+        Where API keys are stored.
+    settings
+        The ``[auth]`` table gives the JWT keys, audience and issuer.
+    """
+
+    def __init__(self, index: Index, settings: Settings) -> None:
+        self.api_keys = ApiKeys(index)
+        auth = dict(settings.extra.get("auth", {}))
+        self.jwt_keys = load_jwt_keys(auth.get("jwt_keys", {}))
+        self.audience: str | None = auth.get("jwt_audience")
+        self.issuer: str | None = auth.get("jwt_issuer")
+
+    def principal_for_bearer(self, token: str) -> Principal:
+        """Verify a bearer token.
+
+        Raises
+        ------
+        Unauthorized
+            If the token is unknown, revoked, expired or badly signed (the message never
+            repeats the token).
+        """
+        token = token.strip()
+        if looks_like_api_key(token):
+            principal = self.api_keys.principal(token)
+            if principal is None:
+                raise Unauthorized("the API key is unknown or revoked")
+            return principal
+        return self._jwt_principal(token)
+
+    def _jwt_principal(self, token: str) -> Principal:
+        if not self.jwt_keys:
+            raise Unauthorized("the bearer token is not an API key and no JWT keys are configured")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("the bearer token is neither an API key nor a JWT") from None
+        key = self.jwt_keys.get(str(header.get("kid", "")))
+        if key is None:
+            raise Unauthorized("the JWT's key id (kid) is not one of the configured keys")
+        try:
+            claims = jwt.decode(
+                token, key.key, algorithms=[key.algorithm], audience=self.audience,
+                issuer=self.issuer, leeway=LEEWAY_SECONDS, options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("the JWT has expired") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"the JWT was refused: {exc}") from None
+        raw = claims.get("scope", claims.get("scopes", ""))
+        scopes = raw.split() if isinstance(raw, str) else [str(s) for s in raw]
+        return Principal(kind=PrincipalKind.JWT, id=str(claims["sub"]),
+                         scopes=frozenset(scopes), display_name=str(claims.get("name", "")),
+                         institution=claims.get("institution"), jti=claims.get("jti"))
