@@ -79,7 +79,7 @@ def instances_for(
     """
     if level not in LEVELS:
         raise InvalidQuery(f"Query/Retrieve Level {level!r} is not one of {', '.join(LEVELS)}")
-    depth = LEVELS.index(level)  # type: ignore[arg-type]
+    depth = LEVELS.index(level)
     keys = (
         ("StudyInstanceUID", list(study_instance_uids), 1),
         ("SeriesInstanceUID", list(series_instance_uids), 2),

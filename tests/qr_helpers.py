@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conftest import make_settings, part10
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from conftest import make_settings, part10
 from gateway.config import Settings
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study

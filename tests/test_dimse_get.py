@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import LiveServer
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
     CTImageStorage,
@@ -27,10 +28,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
 )
-
-from conftest import LiveServer
-from gateway.core import Gateway
 from qr_helpers import ALL_SYNTAXES, identifier, load_study, qr_settings
+
+from gateway.core import Gateway
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("getscu") is None,
                                  reason="dcmtk is not installed (make test installs it)")

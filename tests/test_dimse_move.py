@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import LiveServer
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE
@@ -22,10 +23,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
 )
-
-from conftest import LiveServer
-from gateway.core import Gateway
 from qr_helpers import StoreSCP, identifier, load_study, qr_settings, store_scp
+
+from gateway.core import Gateway
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("movescu") is None,
                                  reason="dcmtk is not installed (make test installs it)")
@@ -253,7 +253,7 @@ def test_move_cancel_stops_the_suboperations(make_rig: Any) -> None:
     context_id = assoc.accepted_contexts[0].context_id
     responses = []
     cancelled = threading.Event()
-    for status, ds in assoc.send_c_move(
+    for status, _ds in assoc.send_c_move(
             identifier("STUDY", StudyInstanceUID=rig.study[0].StudyInstanceUID), "STORESCP",
             model, msg_id=7):
         responses.append((int(status.Status), status))
