@@ -31,6 +31,7 @@ from pydicom.charset import convert_encodings
 from pydicom.multival import MultiValue
 
 from dimse.peers import PeerPolicy
+from dimse.qr import QUERY_EVENT, record_access
 from gateway.access import Principal, PrincipalKind, Scope
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
@@ -160,8 +161,14 @@ def _patients(studies: list[dict[str, Any]], wanted: set[str]) -> list[dict[str,
 
 
 def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
-           ) -> tuple[str, list[Dataset]]:
-    """Run a C-FIND identifier through the query engine; return the level and the responses.
+           ) -> tuple[str, list[Dataset], list[str]]:
+    """Run a C-FIND identifier through the query engine.
+
+    Returns
+    -------
+    tuple
+        The level, the response identifiers, and the Study Instance UIDs they come from (for
+        the access trail, whether or not the peer asked for them).
 
     Raises
     ------
@@ -177,6 +184,7 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
     keys = identifier_keys(identifier)
     engine = QueryEngine(gateway.index, max_results=0)
     principal = principal_for(ae_title)
+    trail = frozenset({"StudyInstanceUID"})
     if level == "PATIENT":
         below = [k for k, v in keys.items() if k not in PATIENT_KEYS and v]
         if below:
@@ -187,13 +195,18 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
         study_keys.setdefault("IssuerOfPatientID", "")
         query = Query.from_identifier(Level.STUDY, study_keys)
         query = Query(level=query.level, keys=query.keys,
-                      include=query.include | {"NumberOfStudyRelatedSeries",
-                                               "NumberOfStudyRelatedInstances"},
+                      include=query.include | trail | {"NumberOfStudyRelatedSeries",
+                                                       "NumberOfStudyRelatedInstances"},
                       defaults=False)
         result = engine.search(query, principal)
+        study_uids = [str(uid) for uid in result.study_uids]
         matches = _patients(result.matches, {k for k in keys if k in PATIENT_KEYS})
     else:
-        result = engine.search(Query.from_identifier(Level(level), keys), principal)
+        query = Query.from_identifier(Level(level), keys)
+        query = Query(level=query.level, keys=query.keys, include=query.include | trail,
+                      defaults=False)
+        result = engine.search(query, principal)
+        study_uids = [str(uid) for uid in result.study_uids]
         matches = result.matches
     for warning in result.warnings:
         logger.info("C-FIND from %s: %s", ae_title, warning)
@@ -201,6 +214,8 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
     asked_retrieve_ae = "RetrieveAETitle" in identifier
     for match in matches:
         ds = _dataset(match)
+        if "StudyInstanceUID" not in keys and "StudyInstanceUID" in ds:
+            del ds.StudyInstanceUID
         ds.QueryRetrieveLevel = level
         if asked_retrieve_ae:
             ds.RetrieveAETitle = gateway.settings.dimse.ae_title
@@ -208,7 +223,7 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
             if keyword not in ds:
                 setattr(ds, keyword, None)
         datasets.append(ds)
-    return level, datasets
+    return level, datasets, study_uids
 
 
 def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any]:
@@ -218,6 +233,8 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     if not policy.allows("find", ae_title, address):
         logger.warning("refused C-FIND from %s at %s: not allowed by [dimse.peers]",
                        ae_title, address)
+        record_access(QUERY_EVENT, ae_title, address, (), "C-FIND refused: peer not allowed",
+                      success=False)
         yield NOT_AUTHORIZED, None
         return
     try:
@@ -225,7 +242,7 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
         charset = identifier.get("SpecificCharacterSet") or []
         query_charset = [charset] if isinstance(charset, str) else [str(c) for c in charset]
         model = information_model(str(event.request.AffectedSOPClassUID))
-        level, datasets = search(gateway, identifier, model, ae_title)
+        level, datasets, study_uids = search(gateway, identifier, model, ae_title)
     except InvalidQuery as exc:
         logger.warning("C-FIND from %s at %s refused: %s", ae_title, address, exc)
         yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
@@ -234,8 +251,8 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
         logger.exception("C-FIND from %s at %s failed", ae_title, address)
         yield UNABLE_TO_PROCESS, None
         return
-    logger.info("C-FIND from %s at %s: %s level, %d matches", ae_title, address, level,
-                len(datasets))
+    record_access(QUERY_EVENT, ae_title, address, study_uids,
+                  f"C-FIND {model} {level} level, {len(datasets)} matches")
     response_charset = _response_charset(query_charset, datasets)
     for ds in datasets:
         if event.is_cancelled:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from gateway.errors import InvalidQuery
 from gateway.retrieve import StoredInstance, instances_for
 
 logger = logging.getLogger(__name__)
+trail_logger = logging.getLogger("dimse.audit")
 
 # PS3.4 C.4.2.1.5 (C-MOVE) and C.4.3.1.3.1 (C-GET) response statuses.
 PENDING = 0xFF00  # Pending: sub-operations are continuing
@@ -54,6 +55,30 @@ VERIFICATION = "1.2.840.10008.1.1"
 # A presentation context list holds at most 128 items (PS3.8 9.3.2.2: odd IDs 1..255).
 MAX_CONTEXTS = 128
 UNCOMPRESSED_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+# PS3.15 A.5.3 event IDs of the access trail.
+QUERY_EVENT = "110112"  # Query
+INSTANCES_ACCESSED = "110103"  # DICOM Instances Accessed (C-GET)
+INSTANCES_TRANSFERRED = "110104"  # DICOM Instances Transferred (C-MOVE)
+TRAIL_STUDIES = 20  # study UIDs named per trail line; more are counted
+
+
+def record_access(event_id: str, ae_title: str, address: str, study_uids: Iterable[str],
+                  detail: str, *, success: bool = True) -> None:
+    """One entry of the access trail: who (calling AE, address), what (studies), the outcome.
+
+    DESIGN.md sends every access to ``gateway.audit``; until that module is settled (the
+    dicomweb and links branches each carry a version), DIMSE accesses are written here, at
+    INFO, with UIDs and never patient names or IDs. The composition root's audit sink replaces
+    this body when it lands: it is the only place the DIMSE front end records accesses.
+    """
+    studies = list(dict.fromkeys(study_uids))
+    shown = ",".join(studies[:TRAIL_STUDIES])
+    if len(studies) > TRAIL_STUDIES:
+        shown += f",+{len(studies) - TRAIL_STUDIES}"
+    trail_logger.info("audit %s %s by dimse:%s from %s studies=[%s] %s", event_id,
+                      "success" if success else "failure", ae_title, address, shown, detail)
 
 
 def peer_of(event: Any) -> tuple[str, str]:
@@ -257,6 +282,9 @@ def _refuse(service: Service, policy: PeerPolicy, event: Any) -> bool:
         return False
     logger.warning("refused C-%s from %s at %s: not allowed by [dimse.peers]",
                    service.upper(), ae_title, address)
+    record_access(INSTANCES_TRANSFERRED if service == "move" else INSTANCES_ACCESSED,
+                  ae_title, address, (), f"C-{service.upper()} refused: peer not allowed",
+                  success=False)
     return True
 
 
@@ -309,8 +337,9 @@ def handle_move(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
         yield 1
         yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
-    logger.info("C-MOVE from %s at %s to %s: %s, %d instances", ae_title, address,
-                destination_ae, describe(identifier), len(items))
+    record_access(INSTANCES_TRANSFERRED, ae_title, address,
+                  (i.study_instance_uid for i in items),
+                  f"C-MOVE to {destination_ae}: {describe(identifier)}, {len(items)} instances")
     yield destination_request(destination, gateway.settings.dimse, items, holder)
     yield len(items)
     yield from _pending(items, event, holder.accepted_contexts, "C-MOVE")
@@ -342,8 +371,9 @@ def handle_get(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any
         yield 1
         yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
-    logger.info("C-GET from %s at %s: %s, %d instances", ae_title, address,
-                describe(identifier), len(items))
+    record_access(INSTANCES_ACCESSED, ae_title, address,
+                  (i.study_instance_uid for i in items),
+                  f"C-GET: {describe(identifier)}, {len(items)} instances")
     yield len(items)
     yield from _pending(items, event, list(event.assoc.accepted_contexts), "C-GET")
 

@@ -321,3 +321,17 @@ def test_findscu_denied_peer(archive: Archive, tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert "0x0124" in output.lower() or "0x124" in output.lower(), output
     assert found == []
+
+
+def test_access_trail_names_the_calling_ae_and_studies_not_the_patient(
+        archive: Archive, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="dimse.audit")
+    matches(archive.find(identifier("STUDY", PatientID="LU0000002", PatientName=""),
+                         calling="WORKSTATION1"))
+    archive.find(identifier("STUDY", PatientID=""), calling="NOFIND")
+    lines = [r.getMessage() for r in caplog.records if r.name == "dimse.audit"]
+    assert len(lines) == 2
+    assert lines[0].startswith("audit 110112 success by dimse:WORKSTATION1 from 127.0.0.1")
+    assert archive.uid(2) in lines[0]
+    assert lines[1].startswith("audit 110112 failure by dimse:NOFIND from 127.0.0.1")
+    assert not any("Schmit" in line or "LU0000002" in line for line in lines)

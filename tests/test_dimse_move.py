@@ -332,3 +332,13 @@ def test_movescu_cancel(make_rig: Any) -> None:
     output = result.stdout + result.stderr
     assert "Cancel" in output, output
     assert 0 < len(rig.scp.received) < 5
+
+
+def test_move_is_in_the_access_trail(make_rig: Any, caplog: pytest.LogCaptureFixture) -> None:
+    rig = make_rig()
+    caplog.set_level("INFO", logger="dimse.audit")
+    study_uid = rig.study[0].StudyInstanceUID
+    rig.move(identifier("STUDY", StudyInstanceUID=study_uid), calling="PACS1")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "dimse.audit"]
+    assert line.startswith("audit 110104 success by dimse:PACS1 from 127.0.0.1")
+    assert study_uid in line and "C-MOVE to STORESCP" in line and "5 instances" in line
