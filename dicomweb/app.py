@@ -2,9 +2,9 @@
 
 Every request passes three middlewares, outermost first:
 
-1. :func:`~dicomweb.problems.problem_middleware` — errors become ``application/problem+json``;
-2. :func:`cors_middleware` — CORS headers and preflight answers, only for the configured
+1. :func:`cors_middleware` — CORS headers and preflight answers, only for the configured
    origins (``[http] cors_origins``; none by default);
+2. :func:`~dicomweb.problems.problem_middleware` — errors become ``application/problem+json``;
 3. :func:`auth_middleware` — resolves the caller to a :class:`~gateway.access.Principal`
    (``request[PRINCIPAL]``): a bearer API key or JWT, else a viewer-session cookie through the
    injected :class:`~gateway.access.AccessPolicy`, else the demo principal when the server runs
@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from dicomweb.problems import HTTPProblem, problem_middleware
+from dicomweb.problems import problem_middleware, problem_response
 from gateway.access import DEMO_PRINCIPAL, AccessPolicy, NoSessions, Principal, Scope
 from gateway.audit import AuditAction, AuditEvent, AuditSink, LogAudit
 from gateway.auth import Authenticator
@@ -90,13 +90,18 @@ async def audit(request: web.Request, action: AuditAction, study_uids: tuple[str
 
 @web.middleware
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """CORS for the configured origins only; preflights are answered before authentication."""
+    """CORS for the configured origins only; preflights are answered before authentication.
+
+    Outermost, so that error responses (already problem+json) carry the headers too and a
+    browser can read them.
+    """
     origins = request.config_dict[GATEWAY].settings.http.cors_origins
     origin = request.headers.get("Origin")
     allowed = bool(origins) and origin is not None and ("*" in origins or origin in origins)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not allowed:
-            raise HTTPProblem(403, "cross-origin requests from this origin are not allowed")
+            return problem_response(403, "cross-origin requests from this origin are not "
+                                         "allowed (http.cors_origins)")
         return web.Response(status=204, headers={
             "Access-Control-Allow-Origin": origin or "",
             "Access-Control-Allow-Methods": CORS_ALLOW_METHODS,
@@ -105,14 +110,14 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "Access-Control-Max-Age": CORS_MAX_AGE,
             "Vary": "Origin",
         })
+    if not allowed:
+        return await handler(request)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        response = exc
-        if allowed:
-            _cors_headers(response, origin or "")
+        _cors_headers(exc, origin or "")
         raise
-    if allowed and not response.prepared:
+    if not response.prepared:
         _cors_headers(response, origin or "")
     return response
 
@@ -174,7 +179,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     """
     from dicomweb import delete, qido, stow, wado
 
-    app = web.Application(middlewares=[problem_middleware, cors_middleware, auth_middleware])
+    app = web.Application(middlewares=[cors_middleware, problem_middleware, auth_middleware])
     app[GATEWAY] = gateway
     app[POLICY] = access_policy if access_policy is not None else NoSessions()
     app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)

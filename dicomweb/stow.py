@@ -1,9 +1,294 @@
-"""Routes of the stow service (filled in by the following commits)."""
+"""STOW-RS: store instances (PS3.18 §10.5).
+
+The body (``multipart/related; type="application/dicom"``) is read as a stream, one part at a
+time; a part is kept in memory up to :data:`SPOOL_IN_MEMORY` bytes and spooled to a temporary file
+beyond, so the request is never held whole. Each part goes through the same ingest path as
+C-STORE (:meth:`gateway.ingest.Ingestor.ingest`: durable write, then index; identical re-sends
+succeed, a different instance under a stored SOP Instance UID is refused).
+
+The answer is the Store Instances Response Module (PS3.18 Table 10.5.3-2): ReferencedSOPSequence
+with a RetrieveURL per stored instance, FailedSOPSequence with a FailureReason per refused one,
+and the status of Table 10.5.3-1: 200 all stored, 202 some refused, 409 none stored, 415 for a
+media type other than ``application/dicom`` parts.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
+import io
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from pydicom import dcmread
+
+from dicomweb.app import audit, base_url, gateway_of, require
+from dicomweb.media import (
+    MEDIA_DICOM,
+    MEDIA_DICOM_JSON,
+    MEDIA_DICOM_XML,
+    MEDIA_JSON,
+    MULTIPART_RELATED,
+    accept_of,
+    not_acceptable,
+    parse_accept,
+)
+from dicomweb.problems import HTTPProblem
+from dicomweb.xml import to_native_xml
+from gateway.access import Scope
+from gateway.audit import AuditAction
+from gateway.errors import (
+    Conflict,
+    Forbidden,
+    GatewayError,
+    InvalidInstance,
+    SOPClassMismatch,
+    StorageFull,
+)
+from gateway.ingest import IngestResult
+from gateway.uids import validate_uid
+
+logger = logging.getLogger(__name__)
+
+# FailureReason values (PS3.18 §10.5.3, Table 10.5.3-3 / PS3.4 Annex B.2.3).
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111  # a different instance is stored under this UID
+OUT_OF_RESOURCES = 0xA700
+DATA_SET_DOES_NOT_MATCH = 0xA900  # SOP class / study of the request
+CANNOT_UNDERSTAND = 0xC000
+
+FAILURE_OF: tuple[tuple[type[GatewayError], int], ...] = (
+    (InvalidInstance, CANNOT_UNDERSTAND),
+    (SOPClassMismatch, DATA_SET_DOES_NOT_MATCH),
+    (Conflict, DUPLICATE_SOP_INSTANCE),
+    (StorageFull, OUT_OF_RESOURCES),
+)
+
+SPOOL_IN_MEMORY = 16 * 1024 * 1024
+READ_CHUNK = 256 * 1024
+
+
+@dataclass
+class Outcome:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    failure: int | None = None
+    reason: str = ""
+
+
+class Spool:
+    """A part's bytes: in memory up to :data:`SPOOL_IN_MEMORY`, in a temporary file beyond."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.file: Any = None
+
+    async def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.file is None:
+            self.chunks.append(chunk)
+            if self.size > SPOOL_IN_MEMORY:
+                self.file = await asyncio.to_thread(
+                    tempfile.TemporaryFile, dir=self.directory, prefix="stow-")
+                data = b"".join(self.chunks)
+                self.chunks = []
+                await asyncio.to_thread(self.file.write, data)
+        else:
+            await asyncio.to_thread(self.file.write, chunk)
+
+    def read(self) -> bytes:
+        """All the bytes (called on a worker thread)."""
+        if self.file is None:
+            return b"".join(self.chunks)
+        self.file.seek(0)
+        data: bytes = self.file.read()
+        return data
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.chunks = []
+
+
+def _identify(data: bytes) -> tuple[str, str]:
+    """SOP Class and Instance UIDs of a refused part, when they can be read at all."""
+    try:
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID"], force=True)
+        return str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+    except Exception:
+        return "", ""
+
+
+def as_part10(data: bytes) -> bytes:
+    r"""Add the preamble and ``DICM`` prefix when a part starts right at the file meta group.
+
+    pydicom's ``dcmwrite`` (used by dicomweb-client's ``store_instances``) omits the 128-byte
+    preamble unless the data set carries one; the meta group, hence the transfer syntax, is
+    there, so the part is accepted as the Part 10 file it otherwise is.
+
+    >>> as_part10(b"\x02\x00\x00\x00UL")[128:134]
+    b'DICM\x02\x00'
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return data
+    if data[:2] == b"\x02\x00":
+        return bytes(128) + b"DICM" + data
+    return data
+
+
+def _store_part(request: web.Request, spool: Spool, study: str | None, source: str) -> Outcome:
+    """Ingest one part (on a worker thread); map refusals to FailureReason values."""
+    data = as_part10(spool.read())
+    try:
+        result: IngestResult = gateway_of(request).ingestor.ingest(
+            data, source=source, expected_study_instance_uid=study)
+    except GatewayError as exc:
+        failure = next((code for cls, code in FAILURE_OF if isinstance(exc, cls)),
+                       PROCESSING_FAILURE)
+        sop_class, sop_instance = _identify(data)
+        logger.info("STOW-RS part refused (%s, 0x%04X): %s", sop_instance or "unreadable",
+                    failure, exc)
+        return Outcome(sop_class, sop_instance, failure=failure, reason=str(exc))
+    except Exception as exc:
+        logger.exception("STOW-RS part failed")
+        sop_class, sop_instance = _identify(data)
+        return Outcome(sop_class, sop_instance, failure=PROCESSING_FAILURE,
+                       reason=type(exc).__name__)
+    finally:
+        spool.close()
+    return Outcome(result.sop_class_uid, result.sop_instance_uid, result.study_instance_uid,
+                   result.series_instance_uid)
+
+
+def _check_media_type(request: web.Request) -> None:
+    ranges = parse_accept(request.headers.get("Content-Type", ""))
+    media = ranges[0] if ranges else None
+    if media is None or media.media_type != MULTIPART_RELATED:
+        raise HTTPProblem(415, 'STOW-RS takes multipart/related; type="application/dicom" '
+                               f"bodies, not {request.content_type or 'no Content-Type'}")
+    part_type = media.params.get("type", MEDIA_DICOM)
+    if part_type != MEDIA_DICOM:
+        raise HTTPProblem(415, f"parts of type {part_type} are not supported; send Part 10 "
+                               'instances as multipart/related; type="application/dicom"')
+    if "boundary" not in media.params:
+        raise HTTPProblem(400, "the multipart Content-Type has no boundary parameter")
+
+
+def _response_form(request: web.Request) -> str:
+    for media in accept_of(request):
+        if media.matches(MEDIA_DICOM_JSON) or media.media_type == MEDIA_JSON:
+            return "json"
+        if media.media_type == MEDIA_DICOM_XML or (
+                media.media_type == MULTIPART_RELATED
+                and media.params.get("type") == MEDIA_DICOM_XML):
+            return "xml"
+    raise not_acceptable("the STOW-RS response is application/dicom+json or "
+                         "application/dicom+xml")
+
+
+def response_dataset(outcomes: list[Outcome], base: str, study: str | None) -> dict[str, Any]:
+    """The Store Instances Response Module (PS3.18 Table 10.5.3-2) as DICOM JSON."""
+    referenced: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for o in outcomes:
+        item: dict[str, Any] = {
+            "00081150": {"vr": "UI", **({"Value": [o.sop_class_uid]} if o.sop_class_uid else {})},
+            "00081155": {"vr": "UI",
+                         **({"Value": [o.sop_instance_uid]} if o.sop_instance_uid else {})},
+        }
+        if o.failure is None:
+            item["00081190"] = {"vr": "UR", "Value": [
+                f"{base}/studies/{o.study_instance_uid}/series/{o.series_instance_uid}"
+                f"/instances/{o.sop_instance_uid}"]}
+            referenced.append(item)
+        else:
+            item["00081197"] = {"vr": "US", "Value": [o.failure]}
+            failed.append(item)
+    dataset: dict[str, Any] = {}
+    studies = {o.study_instance_uid for o in outcomes if o.failure is None}
+    target = study or (studies.pop() if len(studies) == 1 else None)
+    if target:
+        dataset["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{target}"]}
+    if failed:
+        dataset["00081198"] = {"vr": "SQ", "Value": failed}
+    if referenced:
+        dataset["00081199"] = {"vr": "SQ", "Value": referenced}
+    return dataset
+
+
+async def store_instances(request: web.Request) -> web.Response:
+    """``POST /studies`` and ``POST /studies/{study}`` (PS3.18 §10.5.1)."""
+    who = require(request, Scope.DICOMWEB_WRITE)
+    if who.restricted:
+        raise Forbidden("a session limited to some studies cannot store instances")
+    study = request.match_info.get("study")
+    if study is not None:
+        validate_uid(study, "StudyInstanceUID")
+    _check_media_type(request)
+    form = _response_form(request)
+    gateway = gateway_of(request)
+    limit = gateway.settings.http.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise HTTPProblem(413, f"the body has {request.content_length} bytes; this server "
+                               f"takes at most {limit} (http.max_upload_bytes)")
+    spool_dir = gateway.settings.data_dir / "tmp"
+    await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
+    source = f"stow:{who.audit_name}"[:200]
+    reader = MultipartReader(request.headers, request.content)
+    outcomes: list[Outcome] = []
+    received = 0
+    while True:
+        try:
+            part = await reader.next()
+        except ValueError as exc:
+            raise HTTPProblem(400, f"malformed multipart body: {exc}") from None
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            raise HTTPProblem(415, "nested multipart bodies are not supported")
+        part_type = part.headers.get("Content-Type", MEDIA_DICOM).split(";")[0].strip().lower()
+        spool = Spool(str(spool_dir))
+        try:
+            while chunk := await part.read_chunk(READ_CHUNK):
+                received += len(chunk)
+                if received > limit:
+                    raise HTTPProblem(413, f"the body exceeds {limit} bytes "
+                                           "(http.max_upload_bytes); the parts before the "
+                                           "limit were stored")
+                await spool.write(chunk)
+        except BaseException:
+            spool.close()
+            raise
+        if part_type != MEDIA_DICOM:
+            spool.close()
+            outcomes.append(Outcome("", "", failure=CANNOT_UNDERSTAND,
+                                    reason=f"part of type {part_type}"))
+            continue
+        outcomes.append(await asyncio.to_thread(_store_part, request, spool, study, source))
+    if not outcomes:
+        raise HTTPProblem(400, "the multipart body holds no part")
+    stored = [o for o in outcomes if o.failure is None]
+    await audit(request, AuditAction.INSTANCES_TRANSFERRED,
+                tuple(sorted({o.study_instance_uid for o in stored})),
+                detail=f"STOW-RS: {len(stored)} stored, {len(outcomes) - len(stored)} refused",
+                success=bool(stored))
+    status = 200 if len(stored) == len(outcomes) else 202 if stored else 409
+    dataset = response_dataset(outcomes, base_url(request), study)
+    if form == "xml":
+        return web.Response(status=status, body=to_native_xml(dataset),
+                            headers={"Content-Type": MEDIA_DICOM_XML})
+    return web.Response(status=status, body=json.dumps(dataset).encode(),
+                        headers={"Content-Type": MEDIA_DICOM_JSON})
 
 
 def add_routes(app: web.Application) -> None:
-    """Register this module's routes on the DICOMweb application."""
+    app.router.add_post("/studies", store_instances)
+    app.router.add_post("/studies/{study}", store_instances)

@@ -1,9 +1,437 @@
-"""Routes of the wado service (filled in by the following commits)."""
+"""WADO-RS: retrieve studies, series, instances, metadata and bulk data (PS3.18 §10.4).
+
+* Instances are streamed as ``multipart/related; type="application/dicom"`` straight from the
+  stored files in 1 MiB chunks, so memory stays flat whatever the study size. A file is parsed
+  only when the ``Accept`` header's transfer syntax differs from the stored one and the gateway
+  can transcode (decompress) to it; otherwise the answer is 406. The default transfer syntax is
+  Explicit VR Little Endian (PS3.18 §8.7.3.5.2); ``transfer-syntax=*`` returns files as stored.
+* ``/metadata`` is the stored DICOM JSON of each instance, joined as strings (nothing parsed,
+  no file opened), with the relative BulkDataURIs made absolute, and an ``ETag``.
+* ``/bulk/{tag path}`` serves the values behind the BulkDataURIs.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
 from aiohttp import web
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import UID
+
+from dicomweb.app import audit, base_url, gateway_of, require
+from dicomweb.media import (
+    ANY_TRANSFER_SYNTAX,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    MEDIA_DICOM,
+    MEDIA_DICOM_JSON,
+    MEDIA_JSON,
+    MEDIA_OCTET_STREAM,
+    MULTIPART_RELATED,
+    MediaRange,
+    accept_of,
+    closing_delimiter,
+    multipart_content_type,
+    new_boundary,
+    not_acceptable,
+    part_header,
+)
+from dicomweb.problems import HTTPProblem
+from dicomweb.resources import (
+    InstanceRef,
+    find_instances,
+    metadata_digests,
+    metadata_documents,
+    validate_path,
+)
+from gateway.access import Scope
+from gateway.audit import AuditAction
+from gateway.errors import NotFound
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+# Transfer syntaxes the gateway can produce from any stored one it can decode.
+TRANSCODE_TARGETS = frozenset({EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN})
+RELATIVE_BULK = '"BulkDataURI":"studies/'
+
+
+# -- transfer syntax negotiation ----------------------------------------------------------------
+def can_decode(transfer_syntax: str) -> bool:
+    """Whether pixel data stored in ``transfer_syntax`` can be decompressed here."""
+    uid = UID(transfer_syntax)
+    if not uid.is_compressed:
+        return True
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(uid).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def choose_syntax(stored: str, wanted: list[str]) -> str | None:
+    """The first of ``wanted`` transfer syntaxes an instance stored as ``stored`` can be sent in.
+
+    >>> choose_syntax("1.2.840.10008.1.2.4.50", ["*"])
+    '1.2.840.10008.1.2.4.50'
+    >>> choose_syntax("1.2.840.10008.1.2.1", ["1.2.840.10008.1.2.4.50"]) is None
+    True
+    """
+    for syntax in wanted:
+        if syntax in (ANY_TRANSFER_SYNTAX, stored):
+            return stored
+        if syntax in TRANSCODE_TARGETS and can_decode(stored):
+            return syntax
+    return None
+
+
+@dataclass(frozen=True)
+class RetrievePlan:
+    multipart: bool
+    syntaxes: list[str]   # one per instance
+
+
+def plan_retrieve(ranges: list[MediaRange], refs: list[InstanceRef], *,
+                  single_allowed: bool) -> RetrievePlan:
+    """Pick the response form and each instance's transfer syntax from the Accept ranges.
+
+    Raises
+    ------
+    HTTPProblem
+        406 when no acceptable form can carry every instance.
+    """
+    for multipart, group in _accept_groups(ranges, single_allowed):
+        chosen = [choose_syntax(ref.transfer_syntax_uid, group) for ref in refs]
+        if all(c is not None for c in chosen):
+            return RetrievePlan(multipart, [c for c in chosen if c is not None])
+    stored = sorted({ref.transfer_syntax_uid for ref in refs})
+    raise not_acceptable(
+        f"the instances are stored as {', '.join(stored)} and can be sent as stored "
+        f"(transfer-syntax=*) or transcoded to {' or '.join(sorted(TRANSCODE_TARGETS))} "
+        f'with multipart/related; type="{MEDIA_DICOM}"')
+
+
+def _accept_groups(ranges: list[MediaRange], single_allowed: bool
+                   ) -> list[tuple[bool, list[str]]]:
+    """``(multipart, [transfer syntaxes])`` per acceptable range, best first."""
+    groups: list[tuple[bool, list[str]]] = []
+    for media in ranges:
+        syntax = media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+        if media.media_type == MULTIPART_RELATED:
+            part_type = media.params.get("type", MEDIA_DICOM)
+            if part_type in (MEDIA_DICOM, "application/*", "*/*"):
+                groups.append((True, [syntax]))
+        elif media.media_type == MEDIA_DICOM and single_allowed:
+            groups.append((False, [syntax]))
+        elif media.media_type in ("*/*", "multipart/*"):
+            groups.append((True, [EXPLICIT_VR_LITTLE_ENDIAN]))
+    return groups
+
+
+def transcode(path: Path, target: str) -> bytes:
+    """Re-encode a stored instance in ``target`` (decompressing pixel data if needed)."""
+    ds = dcmread(path)
+    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    ds.file_meta.TransferSyntaxUID = UID(target)
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=target == IMPLICIT_VR_LITTLE_ENDIAN, little_endian=True,
+               enforce_file_format=True)
+    return out.getvalue()
+
+
+# -- retrieve -------------------------------------------------------------------------------
+def _location(base: str, ref: InstanceRef) -> str:
+    return (f"{base}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}"
+            f"/instances/{ref.sop_instance_uid}")
+
+
+def _part_type(syntax: str) -> str:
+    return f"{MEDIA_DICOM}; transfer-syntax={syntax}"
+
+
+async def _read_chunks(path: Path) -> Any:
+    """Yield a file's bytes in :data:`CHUNK` pieces, reading on a worker thread."""
+    f: BinaryIO = await asyncio.to_thread(open, path, "rb")
+    try:
+        while True:
+            chunk = await asyncio.to_thread(f.read, CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        await asyncio.to_thread(f.close)
+
+
+async def _retrieve(request: web.Request, study: str, series: str | None = None,
+                    instance: str | None = None) -> web.StreamResponse:
+    who = require(request, Scope.DICOMWEB_READ)
+    validate_path(study, series, instance)
+    gateway = gateway_of(request)
+    refs = await asyncio.to_thread(find_instances, gateway.index, who, study, series, instance)
+    plan = plan_retrieve(accept_of(request), refs, single_allowed=instance is not None)
+    base = base_url(request)
+    storage = gateway.storage
+    if not plan.multipart:
+        return await _single_instance(request, refs[0], plan.syntaxes[0], base)
+
+    boundary = new_boundary()
+    headers = [part_header(boundary, _part_type(s), _location(base, r))
+               for r, s in zip(refs, plan.syntaxes, strict=True)]
+    as_stored = [s == r.transfer_syntax_uid for r, s in zip(refs, plan.syntaxes, strict=True)]
+    response = web.StreamResponse(headers={
+        "Content-Type": multipart_content_type(boundary, MEDIA_DICOM),
+    })
+    if all(as_stored):
+        # Every part is a file as stored: the length is known, no chunked encoding needed.
+        response.content_length = (sum(len(h) + r.file_size + 2 for h, r in zip(headers, refs,
+                                                                                 strict=True))
+                                   + len(closing_delimiter(boundary)))
+    await audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
+                detail=f"WADO-RS retrieve of {len(refs)} instances")
+    await response.prepare(request)
+    for ref, syntax, header, stored in zip(refs, plan.syntaxes, headers, as_stored, strict=True):
+        await response.write(header)
+        path = storage.path(ref.file_path)
+        if stored:
+            sent = 0
+            async for chunk in _read_chunks(path):
+                sent += len(chunk)
+                await response.write(chunk)
+            if sent != ref.file_size:
+                # The file changed under us (deleted or replaced): the framing is now wrong, so
+                # end the connection rather than send a corrupt multipart body.
+                logger.error("stored file of %s has %d bytes, index says %d; aborting",
+                             ref.sop_instance_uid, sent, ref.file_size)
+                raise ConnectionResetError("stored file changed during retrieval")
+        else:
+            data = await asyncio.to_thread(transcode, path, syntax)
+            await response.write(data)
+        await response.write(b"\r\n")
+    await response.write(closing_delimiter(boundary))
+    await response.write_eof()
+    return response
+
+
+async def _single_instance(request: web.Request, ref: InstanceRef, syntax: str,
+                           base: str) -> web.StreamResponse:
+    path = gateway_of(request).storage.path(ref.file_path)
+    await audit(request, AuditAction.INSTANCES_TRANSFERRED, (ref.study_instance_uid,),
+                detail="WADO-RS retrieve of 1 instance")
+    headers = {"Content-Type": _part_type(syntax), "Content-Location": _location(base, ref)}
+    if syntax == ref.transfer_syntax_uid:
+        response = web.StreamResponse(headers=headers)
+        response.content_length = ref.file_size
+        await response.prepare(request)
+        async for chunk in _read_chunks(path):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    data = await asyncio.to_thread(transcode, path, syntax)
+    return web.Response(body=data, headers=headers)
+
+
+async def retrieve_study(request: web.Request) -> web.StreamResponse:
+    """``GET /studies/{study}`` (PS3.18 §10.4.1, Table 10.4.1-1)."""
+    return await _retrieve(request, request.match_info["study"])
+
+
+async def retrieve_series(request: web.Request) -> web.StreamResponse:
+    """``GET /studies/{study}/series/{series}``."""
+    return await _retrieve(request, request.match_info["study"], request.match_info["series"])
+
+
+async def retrieve_instance(request: web.Request) -> web.StreamResponse:
+    """``GET /studies/{study}/series/{series}/instances/{instance}``."""
+    info = request.match_info
+    return await _retrieve(request, info["study"], info["series"], info["instance"])
+
+
+# -- metadata -------------------------------------------------------------------------------
+def etag_of(base: str, digests: list[tuple[int, str]]) -> str:
+    """A strong validator: changes when any instance (or the URL base) changes.
+
+    >>> etag_of("http://h/dicomweb", [(1, "ab")]) == etag_of("http://h/dicomweb", [(1, "ac")])
+    False
+    """
+    h = hashlib.sha256(base.encode())
+    for pk, digest in digests:
+        h.update(f"|{pk}:{digest}".encode())
+    return f'"{h.hexdigest()[:32]}"'
+
+
+def _if_none_match(request: web.Request, etag: str) -> bool:
+    header = request.headers.get("If-None-Match")
+    if not header:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+def join_metadata(documents: list[str], base: str) -> bytes:
+    """Join stored DICOM JSON documents into one array, BulkDataURIs made absolute.
+
+    >>> join_metadata(['{"7FE00010":{"vr":"OW","BulkDataURI":"studies/1/bulk/7FE00010"}}'],
+    ...               "http://h/dicomweb")
+    b'[{"7FE00010":{"vr":"OW","BulkDataURI":"http://h/dicomweb/studies/1/bulk/7FE00010"}}]'
+    """
+    body = "[" + ",".join(documents) + "]"
+    return body.replace(RELATIVE_BULK, f'"BulkDataURI":"{base}/studies/').encode()
+
+
+async def _metadata(request: web.Request, study: str, series: str | None = None,
+                    instance: str | None = None) -> web.Response:
+    who = require(request, Scope.DICOMWEB_READ)
+    validate_path(study, series, instance)
+    for media in accept_of(request):
+        if media.matches(MEDIA_DICOM_JSON) or media.media_type == MEDIA_JSON:
+            break
+    else:
+        raise not_acceptable("metadata is served as application/dicom+json")
+    index = gateway_of(request).index
+    base = base_url(request)
+    digests = await asyncio.to_thread(metadata_digests, index, who, study, series, instance)
+    etag = etag_of(base, digests)
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if _if_none_match(request, etag):
+        return web.Response(status=304, headers=headers)
+    documents = await asyncio.to_thread(metadata_documents, index, who, study, series, instance)
+    body = await asyncio.to_thread(join_metadata, documents, base)
+    await audit(request, AuditAction.INSTANCES_ACCESSED, (study,),
+                detail=f"metadata of {len(documents)} instances")
+    headers["Content-Type"] = MEDIA_DICOM_JSON
+    return web.Response(body=body, headers=headers)
+
+
+async def retrieve_study_metadata(request: web.Request) -> web.Response:
+    """``GET /studies/{study}/metadata`` (PS3.18 §10.4.1.1.2)."""
+    return await _metadata(request, request.match_info["study"])
+
+
+async def retrieve_series_metadata(request: web.Request) -> web.Response:
+    """``GET /studies/{study}/series/{series}/metadata``."""
+    return await _metadata(request, request.match_info["study"], request.match_info["series"])
+
+
+async def retrieve_instance_metadata(request: web.Request) -> web.Response:
+    """``GET /studies/{study}/series/{series}/instances/{instance}/metadata``."""
+    info = request.match_info
+    return await _metadata(request, info["study"], info["series"], info["instance"])
+
+
+# -- bulk data ------------------------------------------------------------------------------
+def _parse_tag_path(path: str) -> list[int | str]:
+    """``"00540016/0/00181072"`` -> ``["00540016", 0, "00181072"]``; 400 when malformed."""
+    items: list[int | str] = []
+    for i, part in enumerate(path.strip("/").split("/")):
+        if i % 2 == 0:
+            if len(part) != 8 or any(c not in "0123456789abcdefABCDEF" for c in part):
+                raise HTTPProblem(400, f"bulk data path {path!r}: {part!r} is not a tag")
+            items.append(part.upper())
+        else:
+            if not part.isdigit():
+                raise HTTPProblem(400, f"bulk data path {path!r}: {part!r} is not an item index")
+            items.append(int(part))
+    if not items or isinstance(items[-1], int):
+        raise HTTPProblem(400, f"bulk data path {path!r} must end with a tag")
+    return items
+
+
+def read_bulk(path: Path, tag_path: list[int | str]) -> tuple[list[bytes], str]:
+    """The value(s) behind a BulkDataURI, and the stored transfer syntax.
+
+    Native values come back as one part; encapsulated pixel data as one part per frame.
+
+    Raises
+    ------
+    NotFound
+        If the data set has no such element.
+    """
+    ds: Dataset = dcmread(path, defer_size=4096)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    node: Any = ds
+    element: Any = None
+    try:
+        for step in tag_path:
+            if isinstance(step, int):
+                if element is None or element.VR != "SQ":
+                    raise KeyError(step)
+                node = element.value[step]
+            else:
+                element = node[int(step, 16)]
+    except (KeyError, IndexError):
+        raise NotFound("the instance has no value at this bulk data path") from None
+    if element is None or element.VR == "SQ":
+        raise NotFound("the bulk data path names a sequence, not a value")
+    value = element.value
+    if value is None:
+        return [b""], syntax
+    if tag_path == ["7FE00010"] and UID(syntax).is_encapsulated:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return list(generate_frames(value, number_of_frames=frames)), syntax
+    if isinstance(value, str):
+        return [value.encode()], syntax
+    return [bytes(value)], syntax
+
+
+async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
+    """``GET .../instances/{instance}/bulk/{tag path}`` (PS3.18 §10.4.1.1.5, BulkDataURI)."""
+    who = require(request, Scope.DICOMWEB_READ)
+    info = request.match_info
+    study, series, instance = info["study"], info["series"], info["instance"]
+    validate_path(study, series, instance)
+    tag_path = _parse_tag_path(info["path"])
+    gateway = gateway_of(request)
+    refs = await asyncio.to_thread(find_instances, gateway.index, who, study, series, instance)
+    multipart = True
+    for media in accept_of(request):
+        if media.media_type == MEDIA_OCTET_STREAM:
+            multipart = False
+            break
+        if media.media_type in ("*/*", "multipart/*") or (
+            media.media_type == MULTIPART_RELATED
+            and media.params.get("type", MEDIA_OCTET_STREAM) in (MEDIA_OCTET_STREAM, "*/*")
+        ):
+            break
+    else:
+        raise not_acceptable('bulk data is served as multipart/related; '
+                             'type="application/octet-stream" or application/octet-stream')
+    parts, syntax = await asyncio.to_thread(read_bulk,
+                                            gateway.storage.path(refs[0].file_path), tag_path)
+    await audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="bulk data")
+    encapsulated = UID(syntax).is_encapsulated and tag_path == ["7FE00010"]
+    part_type = (f"{MEDIA_OCTET_STREAM}; transfer-syntax={syntax}" if encapsulated
+                 else MEDIA_OCTET_STREAM)
+    if not multipart:
+        if len(parts) != 1:
+            raise not_acceptable("encapsulated pixel data has one part per frame: ask for "
+                                 'multipart/related; type="application/octet-stream"')
+        return web.Response(body=parts[0], headers={"Content-Type": part_type})
+    boundary = new_boundary()
+    location = str(request.url)
+    body = b"".join(part_header(boundary, part_type, location) + p + b"\r\n" for p in parts)
+    body += closing_delimiter(boundary)
+    return web.Response(body=body, headers={
+        "Content-Type": multipart_content_type(boundary, MEDIA_OCTET_STREAM)})
 
 
 def add_routes(app: web.Application) -> None:
-    """Register this module's routes on the DICOMweb application."""
+    r = app.router
+    r.add_get("/studies/{study}", retrieve_study)
+    r.add_get("/studies/{study}/metadata", retrieve_study_metadata)
+    r.add_get("/studies/{study}/series/{series}", retrieve_series)
+    r.add_get("/studies/{study}/series/{series}/metadata", retrieve_series_metadata)
+    r.add_get("/studies/{study}/series/{series}/instances/{instance}", retrieve_instance)
+    r.add_get("/studies/{study}/series/{series}/instances/{instance}/metadata",
+              retrieve_instance_metadata)
+    r.add_get("/studies/{study}/series/{series}/instances/{instance}/bulk/{path:.+}",
+              retrieve_bulkdata)

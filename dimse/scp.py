@@ -8,10 +8,19 @@ that is after the file is durable and its index row committed.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import threading
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -22,13 +31,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 
 from dimse.find import handle_find
 from dimse.peers import PeerPolicy
@@ -38,6 +40,7 @@ from dimse.transport import install_fast_recv, tune_socket
 from gateway.core import Gateway
 from gateway.errors import GatewayError
 from gateway.metrics import METRICS
+from gateway.part10 import file_meta_header
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +105,38 @@ def handle_open(event: Any) -> None:
 
 
 def handle_requested(event: Any, policy: PeerPolicy) -> None:
-    """Reject an association whose peer may use no service at all."""
+    """Reject an association whose peer may use no service at all; else prefer its syntaxes.
+
+    pynetdicom accepts, for each proposed context, the first syntax of the *acceptor's* list.
+    To keep instances as received, this association's list is reordered to follow the order
+    the requestor proposed (its preference), keeping only syntaxes the gateway supports.
+    """
     ae_title, address = peer_of(event)
     if not policy.allows_anything(ae_title, address):
         logger.warning("rejected association from %s at %s: peer not allowed", ae_title, address)
         METRICS.inc("gateway_dimse_associations_rejected_total")
         event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+        return
+    prefer_requestor_syntaxes(event.assoc)
+
+
+def prefer_requestor_syntaxes(assoc: Any) -> None:
+    proposed: dict[str, list[str]] = {}
+    for context in assoc.requestor.primitive.presentation_context_definition_list:
+        # With several contexts for one SOP class, the first proposal wins the ordering.
+        proposed.setdefault(str(context.abstract_syntax), [str(t) for t in context.transfer_syntax])
+    contexts = []
+    for context in assoc.acceptor.supported_contexts:
+        wanted = proposed.get(str(context.abstract_syntax))
+        if wanted:
+            ours = [str(t) for t in context.transfer_syntax]
+            ordered = [t for t in wanted if t in ours] + [t for t in ours if t not in wanted]
+            reordered = build_context(context.abstract_syntax, ordered)
+            # Keep the SCP/SCU role selection the context accepts (C-GET, PS3.7 D.3.3.4).
+            reordered.scu_role, reordered.scp_role = context.scu_role, context.scp_role
+            context = reordered
+        contexts.append(context)
+    assoc.acceptor.supported_contexts = contexts
 
 
 def handle_accepted(event: Any) -> None:
@@ -132,9 +161,14 @@ def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> int:
                        ae_title, address)
         return NOT_AUTHORIZED
     request = event.request
+    context = event.context
     try:
+        data = file_meta_header(
+            str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+            str(context.transfer_syntax), ae_title,
+        ) + event.encoded_dataset(include_meta=False)
         result = gateway.ingestor.ingest(
-            event.encoded_dataset(),
+            data,
             source=f"dimse:{ae_title}@{address}",
             expected_sop_class_uid=str(request.AffectedSOPClassUID),
             expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
@@ -170,8 +204,9 @@ def build_ae(gateway: Gateway) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES,
-                                 scu_role=True, scp_role=True)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES,
+                                     scu_role=True, scp_role=True)
     for sop_class in QUERY_RETRIEVE_FIND + QUERY_RETRIEVE_RETRIEVE:
         ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
     return ae
@@ -203,17 +238,33 @@ def tls_context(gateway: Gateway) -> ssl.SSLContext | None:
     return context
 
 
-def start_server(gateway: Gateway) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); stop with ``server.shutdown()``."""
+class SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other worker processes may bind too (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        if hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociationServer:
+    """Start listening (non-blocking); stop with ``server.shutdown()``.
+
+    With ``[dimse] workers`` above 1 the port is bound with SO_REUSEPORT so that worker
+    processes (``port`` given: the port the first process bound) share the connections.
+    """
     settings = gateway.settings.dimse
     policy = PeerPolicy(settings.peers)
     ae = build_ae(gateway)
-    server = ae.start_server(
-        (settings.host, settings.port),
-        block=False,
+    server = ae.make_server(
+        (settings.host, settings.port if port is None else port),
         evt_handlers=handlers(gateway, policy),
         ssl_context=tls_context(gateway),
+        server_class=SharedPortServer if settings.workers > 1 else ThreadedAssociationServer,
     )
+    ae._servers.append(server)  # noqa: SLF001 - as AE.start_server does; shutdown() removes it
+    thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
+    thread.start()
     host, port = server.server_address[:2]
     logger.info("DIMSE %s listening on %s:%s", settings.ae_title, host, port)
     return server

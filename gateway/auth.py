@@ -126,8 +126,13 @@ class Authenticator:
             raise Unauthorized("the JWT has expired") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"the JWT was refused: {exc}") from None
-        raw = claims.get("scope", claims.get("scopes", ""))
-        scopes = raw.split() if isinstance(raw, str) else [str(s) for s in raw]
+        raw = claims.get("scope") or claims.get("scopes") or ""
+        if isinstance(raw, str):
+            scopes = raw.split()
+        elif isinstance(raw, list):
+            scopes = [str(s) for s in raw]
+        else:
+            raise Unauthorized("the JWT's scope claim must be a string or a list")
         return Principal(kind=PrincipalKind.JWT, id=str(claims["sub"]),
                          scopes=frozenset(scopes), display_name=str(claims.get("name", "")),
                          institution=claims.get("institution"), jti=claims.get("jti"))

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from gateway import __version__
 from gateway.config import Settings, SettingsError, load_settings
@@ -32,7 +33,7 @@ def configure_logging(level: str) -> None:
     )
 
 
-def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     return load_settings(args.config, **overrides)
 
 
@@ -42,9 +43,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {"demo": True} if args.demo else {}
     settings = _settings(args, **overrides)
+    if args.config:
+        os.environ["GATEWAY_CONFIG"] = args.config  # DIMSE worker processes read the same file
     configure_logging(settings.log_level)
     with Gateway(settings) as gateway:
         asyncio.run(serve_forever(gateway))
+    return 0
+
+
+def cmd_dimse_worker(args: argparse.Namespace) -> int:
+    """A DIMSE worker process started by ``serve`` when ``[dimse] workers`` > 1."""
+    from gateway.server import run_dimse_worker
+
+    settings = _settings(args)
+    configure_logging(settings.log_level)
+    gateway = Gateway(settings).open(recover=False)
+    try:
+        run_dimse_worker(gateway, args.port)
+    finally:
+        gateway.close()
     return 0
 
 
@@ -140,6 +157,45 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- apikey ------------------------------------------------------------------------------------
+def cmd_apikey_create(args: argparse.Namespace) -> int:
+    from gateway.apikeys import ApiKeys
+
+    settings = _settings(args)
+    configure_logging("WARNING")
+    with Gateway(settings) as gateway:
+        key = ApiKeys(gateway.index).create(args.name, args.scopes, institution=args.institution)
+    print(f"API key {args.name!r} created. Store it now, it is not shown again:", file=sys.stderr)
+    print(str(key))
+    return 0
+
+
+def cmd_apikey_list(args: argparse.Namespace) -> int:
+    from gateway.apikeys import ApiKeys
+
+    settings = _settings(args)
+    configure_logging("WARNING")
+    with Gateway(settings) as gateway:
+        keys = ApiKeys(gateway.index).list()
+    print(f"{'NAME':<24} {'KEY ID':<16} {'STATUS':<8} {'CREATED':<20} SCOPES")
+    for k in keys:
+        status = "revoked" if k.revoked_at else "active"
+        print(f"{k.name:<24} {k.key_id:<16} {status:<8} "
+              f"{k.created_at.strftime('%Y-%m-%d %H:%M:%S'):<20} {' '.join(k.scopes)}")
+    return 0
+
+
+def cmd_apikey_revoke(args: argparse.Namespace) -> int:
+    from gateway.apikeys import ApiKeys
+
+    settings = _settings(args)
+    configure_logging("WARNING")
+    with Gateway(settings) as gateway:
+        ApiKeys(gateway.index).revoke(args.name)
+    print(f"API key {args.name!r} revoked")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-gateway",
@@ -155,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let anonymous clients read and write (loopback listeners only)")
     serve.set_defaults(func=cmd_serve)
 
+    worker = sub.add_parser("dimse-worker")  # started by `serve` when [dimse] workers > 1
+    worker.add_argument("--port", type=int, required=True)
+    worker.set_defaults(func=cmd_dimse_worker)
+
     ingest = sub.add_parser("ingest", help="store DICOM files and folders (recursively)")
     ingest.add_argument("paths", nargs="+", metavar="PATH")
     ingest.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -163,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate and load the sample study")
     demo.set_defaults(func=cmd_demo)
+
+    apikey = sub.add_parser("apikey", help="create, list and revoke API keys (bearer tokens)")
+    apikey_sub = apikey.add_subparsers(dest="apikey_command", required=True, metavar="ACTION")
+    create = apikey_sub.add_parser("create", help="create a key and print it (once)")
+    create.add_argument("--name", required=True, help="a unique name for the key's holder")
+    create.add_argument("--scopes", required=True,
+                        help="comma-separated: dicomweb:read, dicomweb:write, links:mint, "
+                             "audit:read, admin")
+    create.add_argument("--institution", help="the holder's institution, for the audit trail")
+    create.set_defaults(func=cmd_apikey_create)
+    listing = apikey_sub.add_parser("list", help="list keys (never their secrets)")
+    listing.set_defaults(func=cmd_apikey_list)
+    revoke = apikey_sub.add_parser("revoke", help="revoke a key by name or key id")
+    revoke.add_argument("name", metavar="NAME_OR_ID")
+    revoke.set_defaults(func=cmd_apikey_revoke)
 
     db = sub.add_parser("db", help="index database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

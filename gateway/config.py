@@ -54,6 +54,9 @@ class DimseSettings:
     # Refuse associations whose Called AE Title is not ours (PS3.8 A-ASSOCIATE-RJ, reason 7).
     require_called_ae: bool = True
     max_associations: int = 32
+    # DIMSE worker processes sharing the port (SO_REUSEPORT, Linux): one Python process is
+    # bound by one core; several receive in parallel. 1 serves DIMSE in the main process only.
+    workers: int = 1
     # Largest P-DATA PDU we accept; large PDUs cut the per-PDU overhead (BENCHMARKING.md).
     max_pdu_size: int = 262144
     # Seconds without a PDU before an association is aborted.
@@ -125,6 +128,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_AE_TITLE": ("dimse", "ae_title"),
     "GATEWAY_DIMSE_MAX_ASSOCIATIONS": ("dimse", "max_associations"),
     "GATEWAY_DIMSE_MAX_PDU_SIZE": ("dimse", "max_pdu_size"),
+    "GATEWAY_DIMSE_WORKERS": ("dimse", "workers"),
     "GATEWAY_STORAGE_OVERWRITE": ("storage", "overwrite"),
     "GATEWAY_STORAGE_MIN_FREE_BYTES": ("storage", "min_free_bytes"),
 }
@@ -175,7 +179,9 @@ def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
             raise SettingsError(f"unknown setting {where}{key}; see README.md for the list")
         annotation = str(known[key].type)
         if key == "peers":
-            values[key] = {str(ae): _build(Peer, v, f"{where}peers.{ae}.") for ae, v in value.items()}
+            values[key] = {
+                str(ae): _build(Peer, v, f"{where}peers.{ae}.") for ae, v in value.items()
+            }
         elif key == "destinations":
             values[key] = {
                 str(ae): _build(Destination, v, f"{where}destinations.{ae}.")
@@ -246,5 +252,7 @@ def _check(settings: Settings) -> None:
     for name, port in (("http.port", settings.http.port), ("dimse.port", settings.dimse.port)):
         if not 0 <= port <= 65535:
             raise SettingsError(f"{name} {port} is not a TCP port")
+    if not 1 <= settings.dimse.workers <= 64:
+        raise SettingsError(f"dimse.workers {settings.dimse.workers} must be between 1 and 64")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

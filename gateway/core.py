@@ -29,13 +29,19 @@ class Gateway:
         self.index = Index(settings.index_url)
         self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite)
 
-    def open(self) -> Gateway:
-        """Bring the schema up to date and finish or undo writes a crash left behind."""
-        self.index.upgrade()
-        self.storage.recover(self.index.has_file)
+    def open(self, *, recover: bool = True) -> Gateway:
+        """Bring the schema up to date and finish or undo writes a crash left behind.
+
+        Only the process that starts first recovers (``recover=False`` in worker processes,
+        whose siblings may have writes in flight).
+        """
+        if recover:
+            self.index.upgrade()
+            self.storage.recover(self.index.has_file)
         return self
 
     def close(self) -> None:
+        self.ingestor.close()
         self.index.close()
 
     def __enter__(self) -> Gateway:

@@ -16,9 +16,20 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy import (
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -65,6 +76,30 @@ def make_engine(url: str, *, writer: bool = False) -> Engine:
 
 def _insert(dialect: str, table: Any) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+_instance = cast(Table, Instance.__table__)
+_series = cast(Table, Series.__table__)
+_study = cast(Table, Study.__table__)
+_SERIES_BY_UID = select(_series.c.pk, _series.c.study_pk).where(
+    _series.c.series_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = insert(_instance)
+_COUNT_SERIES_INSTANCE = (
+    update(_series).where(_series.c.pk == bindparam("series_pk"))
+    .values(number_of_instances=_series.c.number_of_instances + 1)
+)
+_COUNT_STUDY_INSTANCE = (
+    update(_study).where(_study.c.pk == bindparam("study_pk"))
+    .values(number_of_instances=_study.c.number_of_instances + 1, updated_at=bindparam("stamp"))
+)
+_COUNT_STUDY_SERIES = (
+    update(_study).where(_study.c.pk == bindparam("study_pk"))
+    .values(number_of_instances=_study.c.number_of_instances + 1,
+            number_of_series=_study.c.number_of_series + 1,
+            modalities_in_study=bindparam("modalities"), updated_at=bindparam("stamp"))
+)
+_STUDY_MODALITIES = select(_series.c.modality).where(
+    _series.c.study_pk == bindparam("study_pk")).distinct()
 
 
 def now() -> datetime:
@@ -154,14 +189,20 @@ class Index:
         try:
             with self.WriteSession() as session:
                 with session.begin():
-                    for work, future in batch:
-                        try:
-                            with session.begin_nested():
-                                results.append((future, True, work(session)))
-                        except Exception as exc:  # the unit's own failure
-                            results.append((future, False, exc))
+                    if len(batch) == 1:
+                        # Alone: no savepoint needed; a failure rolls the transaction back.
+                        work, future = batch[0]
+                        results.append((future, True, work(session)))
+                    else:
+                        for work, future in batch:
+                            try:
+                                with session.begin_nested():
+                                    results.append((future, True, work(session)))
+                            except Exception as exc:  # the unit's own failure
+                                results.append((future, False, exc))
         except Exception as exc:
-            logger.exception("index commit failed for %d writes", len(batch))
+            if len(batch) > 1 or results:  # the commit failed, not one unit's own work
+                logger.exception("index commit failed for %d writes", len(batch))
             for _work, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -179,33 +220,54 @@ class Index:
                 select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
             ).one_or_none()
 
+    def find_digest(self, sop_instance_uid: str) -> str | None:
+        """The stored digest of an instance, or ``None`` (a cheap existence check)."""
+        with self.engine.connect() as connection:
+            return connection.execute(
+                select(Instance.digest).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).scalar()
+
     def has_file(self, relpath: str) -> bool:
         with self.Session() as session:
-            return session.scalar(
+            count = session.scalar(
                 select(func.count()).select_from(Instance).where(Instance.file_path == relpath)
-            ) > 0
+            )
+            return bool(count)
 
     def file_paths(self) -> set[str]:
         with self.Session() as session:
             return set(session.scalars(select(Instance.file_path)))
 
     def add_instance(self, session: Session, parsed: ParsedInstance, relpath: str,
-                     source: str, metadata_json: str) -> Instance:
+                     source: str, metadata_json: str) -> None:
         """Insert one instance, creating its patient, study and series rows as needed.
 
         Runs inside :meth:`write`. Raises ``IntegrityError`` if the SOP Instance UID is taken.
         """
-        f = parsed.fields
         stamp = now()
+        known = session.connection().execute(
+            _SERIES_BY_UID, {"uid": parsed.series_instance_uid}).first()
+        if known is not None:
+            series_pk, study_pk = known
+            new_series = False
+        else:
+            study_pk, series_pk, new_series = self._add_series(session, parsed, stamp)
+        self._add_instance_row(session, parsed, series_pk, study_pk, new_series, relpath, source,
+                               metadata_json, stamp)
+
+    def _add_series(self, session: Session, parsed: ParsedInstance,
+                    stamp: datetime) -> tuple[int, int, bool]:
+        """Create the patient, study and series rows of a new series as needed."""
+        f = parsed.fields
         patient_pk = self._upsert(
             session, Patient,
             {"patient_id": f["patient_id"], "issuer_of_patient_id": f["issuer_of_patient_id"]},
-            {k: f[k] for k in ("patient_name", "patient_name_norm", "patient_birth_date",
-                               "patient_sex")},
+            lambda: {k: f[k] for k in ("patient_name", "patient_name_norm",
+                                       "patient_birth_date", "patient_sex")},
         )[0]
         study_pk, _ = self._upsert(
             session, Study, {"study_instance_uid": parsed.study_instance_uid},
-            {
+            lambda: {
                 "patient_pk": patient_pk, "created_at": stamp, "updated_at": stamp,
                 "attributes": parsed.study_attributes_json(),
                 **{k: f[k] for k in ("study_date", "study_time", "accession_number", "study_id",
@@ -215,7 +277,7 @@ class Index:
         )
         series_pk, new_series = self._upsert(
             session, Series, {"series_instance_uid": parsed.series_instance_uid},
-            {
+            lambda: {
                 "study_pk": study_pk, "created_at": stamp,
                 "attributes": parsed.series_attributes_json(),
                 **{k: f[k] for k in ("modality", "series_number", "series_description",
@@ -224,47 +286,52 @@ class Index:
                                      "series_time")},
             },
         )
-        row = Instance(
-            series_pk=series_pk,
-            sop_instance_uid=parsed.sop_instance_uid,
-            sop_class_uid=parsed.sop_class_uid,
-            instance_number=f["instance_number"],
-            transfer_syntax_uid=parsed.transfer_syntax_uid,
-            rows=f["rows"], columns=f["columns"], bits_allocated=f["bits_allocated"],
-            number_of_frames=f["number_of_frames"],
-            file_path=relpath, file_size=parsed.size, digest=parsed.digest,
-            metadata_json=metadata_json, source=source[:200], created_at=stamp,
-        )
-        session.add(row)
-        session.flush()
-        session.execute(update(Series).where(Series.pk == series_pk)
-                        .values(number_of_instances=Series.number_of_instances + 1))
-        values: dict[str, Any] = {
-            "number_of_instances": Study.number_of_instances + 1, "updated_at": stamp,
-        }
-        if new_series:
-            values["number_of_series"] = Study.number_of_series + 1
-            modalities = set(session.scalars(
-                select(Series.modality).where(Series.study_pk == study_pk).distinct()
-            ))
-            values["modalities_in_study"] = "\\".join(sorted(m for m in modalities if m))
-        session.execute(update(Study).where(Study.pk == study_pk).values(**values))
-        return row
+        return study_pk, series_pk, new_series
+
+    def _add_instance_row(self, session: Session, parsed: ParsedInstance, series_pk: int,
+                          study_pk: int, new_series: bool, relpath: str, source: str,
+                          metadata_json: str, stamp: datetime) -> None:
+        f = parsed.fields
+        connection = session.connection()
+        # Prebuilt Core statements on the tables: the hot path of every C-STORE.
+        connection.execute(_INSERT_INSTANCE, {
+            "series_pk": series_pk,
+            "sop_instance_uid": parsed.sop_instance_uid,
+            "sop_class_uid": parsed.sop_class_uid,
+            "instance_number": f["instance_number"],
+            "transfer_syntax_uid": parsed.transfer_syntax_uid,
+            "rows": f["rows"], "columns": f["columns"], "bits_allocated": f["bits_allocated"],
+            "number_of_frames": f["number_of_frames"],
+            "file_path": relpath, "file_size": parsed.size, "digest": parsed.digest,
+            "metadata_json": metadata_json, "source": source[:200], "created_at": stamp,
+        })
+        connection.execute(_COUNT_SERIES_INSTANCE, {"series_pk": series_pk})
+        if not new_series:
+            connection.execute(_COUNT_STUDY_INSTANCE, {"study_pk": study_pk, "stamp": stamp})
+            return
+        modalities = set(connection.execute(_STUDY_MODALITIES, {"study_pk": study_pk}).scalars())
+        connection.execute(_COUNT_STUDY_SERIES, {
+            "study_pk": study_pk, "stamp": stamp,
+            "modalities": "\\".join(sorted(m for m in modalities if m)),
+        })
 
     def _upsert(self, session: Session, model: Any, key: dict[str, Any],
-                values: dict[str, Any]) -> tuple[int, bool]:
+                values: Callable[[], dict[str, Any]]) -> tuple[int, bool]:
         """Insert the row unless its key exists; return its pk and whether it was new."""
         table = model.__table__
         conditions = [table.c[k] == v for k, v in key.items()]
         pk = session.scalar(select(table.c.pk).where(*conditions))
         if pk is not None:
             return pk, False
-        stmt = _insert(self.dialect, table).values(**key, **values).on_conflict_do_nothing()
+        stmt = _insert(self.dialect, table).values(**key, **values()).on_conflict_do_nothing()
         result = session.execute(stmt.returning(table.c.pk))
         pk = result.scalar()
         if pk is not None:
             return pk, True
-        return session.scalar(select(table.c.pk).where(*conditions)), False
+        existing = session.scalar(select(table.c.pk).where(*conditions))
+        if existing is None:
+            raise RuntimeError(f"{table.name} row vanished during insert")  # cannot happen
+        return existing, False
 
     def remove_instances(self, session: Session, instance_pks: Iterable[int]) -> list[str]:
         """Delete instances and fix the counts; drop series, studies, patients left empty.
@@ -295,7 +362,7 @@ class Index:
         self.refresh_study(session, study_pk)
 
     def refresh_study(self, session: Session, study_pk: int | None) -> None:
-        """Recount a study's series, instances and modalities; drop it (and its patient) if empty."""
+        """Recount a study's series, instances and modalities; drop it (and patient) if empty."""
         if study_pk is None:
             return
         series = session.execute(

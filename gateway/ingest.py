@@ -11,13 +11,15 @@ from __future__ import annotations
 import enum
 import io
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,6 +31,10 @@ from gateway.models import Instance
 from gateway.storage import FileStorage, relative_path
 
 logger = logging.getLogger(__name__)
+
+
+_INSTANCE_BY_UID = select(Instance.__table__.c.pk, Instance.__table__.c.digest).where(
+    Instance.__table__.c.sop_instance_uid == bindparam("uid"))
 
 
 class Outcome(enum.Enum):
@@ -61,6 +67,7 @@ class Ingestor:
         self.storage = storage
         self.index = index
         self.overwrite = overwrite
+        self._spooler = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool")
 
     def ingest(
         self,
@@ -95,6 +102,22 @@ class Ingestor:
         StorageFull
             No room left; nothing was kept.
         """
+        # The disk writes and flushes while the CPU parses (fsync releases the GIL).
+        spooling = self._spooler.submit(self.storage.spool, data)
+        try:
+            parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,
+                                 expected_study_instance_uid)
+        except BaseException:
+            spooling.add_done_callback(_discard_spooled(self.storage))
+            raise
+        return self._store(parsed, spooling.result(), source)
+
+    def close(self) -> None:
+        self._spooler.shutdown(wait=True)
+
+    def _check(self, data: bytes, expected_sop_class_uid: str | None,
+               expected_sop_instance_uid: str | None,
+               expected_study_instance_uid: str | None) -> ParsedInstance:
         parsed = parse_instance(data)
         if expected_sop_class_uid and parsed.sop_class_uid != expected_sop_class_uid:
             raise SOPClassMismatch(
@@ -111,27 +134,21 @@ class Ingestor:
                 f"the instance belongs to study {parsed.study_instance_uid}, not to "
                 f"{expected_study_instance_uid} named in the request"
             )
-        existing = self.index.find_instance(parsed.sop_instance_uid)
-        if existing is not None:
-            outcome = self._against_existing(parsed, existing)
-            if outcome is not None:
-                return outcome
-        return self._store(parsed, data, source)
+        return parsed
 
     def _result(self, parsed: ParsedInstance, outcome: Outcome) -> IngestResult:
         METRICS.inc(f"gateway_instances_{outcome.value}_total")
         return IngestResult(outcome, parsed.sop_class_uid, parsed.sop_instance_uid,
                             parsed.study_instance_uid, parsed.series_instance_uid)
 
-    def _against_existing(self, parsed: ParsedInstance, existing: Instance) -> IngestResult | None:
-        if existing.digest == parsed.digest:
-            logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
+    def _against_existing(self, parsed: ParsedInstance, digest: str) -> IngestResult | None:
+        if digest == parsed.digest:
             return self._result(parsed, Outcome.DUPLICATE)
         if not self.overwrite:
             logger.warning(
                 "refused instance %s: a different instance is stored under this SOP Instance "
                 "UID (stored digest %s, received %s); the original is kept",
-                parsed.sop_instance_uid, existing.digest[:12], parsed.digest[:12],
+                parsed.sop_instance_uid, digest[:12], parsed.digest[:12],
             )
             METRICS.inc("gateway_instances_conflict_total")
             raise Conflict(
@@ -140,24 +157,20 @@ class Ingestor:
             )
         return None
 
-    def _store(self, parsed: ParsedInstance, data: bytes, source: str) -> IngestResult:
+    def _store(self, parsed: ParsedInstance, spooled: Path, source: str) -> IngestResult:
         relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
                                 parsed.sop_instance_uid, parsed.digest)
         metadata_json = parsed.metadata_json()
-        pending = self.storage.write(relpath, data)
+        pending = self.storage.place(spooled, relpath)
         replaced: list[str] = []
 
         def work(session: Session) -> Outcome:
-            old = session.query(Instance).filter_by(
-                sop_instance_uid=parsed.sop_instance_uid).one_or_none()
+            old = session.connection().execute(
+                _INSTANCE_BY_UID, {"uid": parsed.sop_instance_uid}).first()
             if old is not None:
                 if old.digest == parsed.digest:
                     return Outcome.DUPLICATE
-                if not self.overwrite:
-                    raise Conflict(
-                        f"a different instance is already stored under SOP Instance UID "
-                        f"{parsed.sop_instance_uid}; the original is kept"
-                    )
+                self._against_existing(parsed, old.digest)  # raises Conflict unless overwrite
                 replaced.extend(self.index.remove_instances(session, [old.pk]))
                 self.index.add_instance(session, parsed, relpath, source, metadata_json)
                 return Outcome.REPLACED
@@ -169,7 +182,7 @@ class Ingestor:
         except IntegrityError:
             # A concurrent writer stored the same SOP Instance UID between our check and commit.
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
-            existing = self.index.find_instance(parsed.sop_instance_uid)
+            existing = self.index.find_digest(parsed.sop_instance_uid)
             if existing is not None:
                 result = self._against_existing(parsed, existing)
                 if result is not None:
@@ -180,6 +193,7 @@ class Ingestor:
             raise
         if outcome is Outcome.DUPLICATE:
             self.storage.abandon(pending, keep_final=True)
+            logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
         else:
             self.storage.finish(pending)
         for old_path in replaced:
@@ -189,6 +203,14 @@ class Ingestor:
             logger.warning("replaced instance %s (storage.overwrite is on)",
                            parsed.sop_instance_uid)
         return self._result(parsed, outcome)
+
+
+def _discard_spooled(storage: FileStorage) -> Callable[[Future[Path]], None]:
+    def discard(spooling: Future[Path]) -> None:
+        if spooling.exception() is None:
+            storage.discard(spooling.result())
+
+    return discard
 
 
 def read_part10(path: Path) -> bytes:

@@ -18,6 +18,7 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from gateway.errors import InvalidInstance
@@ -63,10 +64,13 @@ class ParsedInstance:
     digest: str
     size: int
     fields: dict[str, Any] = field(default_factory=dict)
+    metadata: str = ""
 
     def metadata_json(self) -> str:
         """The instance's DICOM JSON (PS3.18 F.2), bulk data as relative BulkDataURIs."""
-        return to_json(self.dataset, self.bulk_prefix())
+        if not self.metadata:
+            self.metadata = to_json(self.dataset, self.bulk_prefix())
+        return self.metadata
 
     def study_attributes_json(self) -> str:
         return to_json(_subset(self.dataset, PATIENT_STUDY_KEYWORDS), self.bulk_prefix())
@@ -93,7 +97,8 @@ def normalize_name(value: str) -> str:
 
 def dataset_offset(data: bytes | memoryview) -> int:
     """Offset of the data set after the preamble and the file meta group (0 if not Part 10)."""
-    if len(data) >= 144 and bytes(data[128:132]) == b"DICM" and bytes(data[132:136]) == b"\x02\x00\x00\x00":
+    if (len(data) >= 144 and bytes(data[128:132]) == b"DICM"
+            and bytes(data[132:136]) == b"\x02\x00\x00\x00"):
         group_length = int.from_bytes(data[140:144], "little")
         return 144 + group_length
     return 0
@@ -149,6 +154,11 @@ def parse_instance(data: bytes) -> ParsedInstance:
         size=len(data),
     )
     parsed.fields = _index_fields(ds)
+    try:
+        # Decodes every element: a value pydicom cannot read makes the instance invalid.
+        parsed.metadata_json()
+    except Exception as exc:
+        raise InvalidInstance(f"the data set cannot be decoded: {exc}") from None
     return parsed
 
 
@@ -162,11 +172,6 @@ def _check_complete(ds: Dataset) -> None:
                     f"the data set is truncated: element ({elem.tag.group:04X},"
                     f"{elem.tag.element:04X}) declares {elem.length} bytes, {len(value)} arrived"
                 )
-    try:
-        for _ in ds.iterall():
-            pass
-    except Exception as exc:
-        raise InvalidInstance(f"the data set cannot be decoded: {exc}") from None
 
 
 def _check_pixel_data(ds: Dataset, ts: str, sop_class_uid: str) -> None:
@@ -183,8 +188,8 @@ def _check_pixel_data(ds: Dataset, ts: str, sop_class_uid: str) -> None:
     if 0x7FE00010 not in ds:
         return
     if UID(ts).is_encapsulated:
-        return  # fragments: a cut sequence fails while decoding (iterall above)
-    value = ds._dict[0x7FE00010].value  # noqa: SLF001
+        return  # fragments: a cut sequence fails while decoding (metadata_json)
+    value = ds._dict[Tag(0x7FE00010)].value  # noqa: SLF001
     try:
         expected = (
             int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
@@ -205,7 +210,7 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
         return ""
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or getattr(value, "VM", 1) > 1 and not isinstance(value, str):
+    if isinstance(value, list | tuple):
         value = "\\".join(str(v) for v in value)
     return str(value).strip()[:limit]
 

@@ -9,7 +9,8 @@ HELP = {
     "gateway_instances_stored_total": "Instances stored.",
     "gateway_instances_duplicate_total": "Identical re-sends acknowledged without change.",
     "gateway_instances_replaced_total": "Instances replaced (storage.overwrite).",
-    "gateway_instances_conflict_total": "Different instances refused under a stored SOP Instance UID.",
+    "gateway_instances_conflict_total":
+        "Different instances refused under a stored SOP Instance UID.",
     "gateway_instances_rejected_total": "Instances refused as invalid or for lack of space.",
     "gateway_dimse_associations_total": "DIMSE associations accepted.",
     "gateway_dimse_associations_rejected_total": "DIMSE associations rejected.",

@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomweb.app import MOUNT as DICOMWEB_MOUNT
 from dicomweb.app import create_app as create_dicomweb_app
@@ -60,33 +64,68 @@ class Server:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.dimse = None
+        self.dimse: ThreadedAssociationServer | None = None
         self.runner: web.AppRunner | None = None
         self.http_port: int | None = None
         self.dimse_port: int | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
 
     async def start(self) -> None:
         settings = self.gateway.settings
         check_demo(settings)
-        self.dimse = start_dimse(self.gateway)
-        self.dimse_port = self.dimse.server_address[1]
+        dimse = start_dimse(self.gateway)
+        self.dimse = dimse
+        self.dimse_port = int(dimse.server_address[1])
+        self.workers = [spawn_dimse_worker(self.dimse_port)
+                        for _ in range(settings.dimse.workers - 1)]
         self.runner = web.AppRunner(create_app(self.gateway), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, settings.http.host, settings.http.port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001
+        server = site._server  # noqa: SLF001 - aiohttp exposes no bound port otherwise
+        sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else settings.http.port
         logger.info("HTTP listening on http://%s:%s", settings.http.host, self.http_port)
         # One line a supervisor (or a test) can wait for.
         print(f"gateway ready: dimse={self.dimse_port} http={self.http_port}", flush=True)
 
     async def stop(self) -> None:
+        for worker in self.workers:
+            await asyncio.to_thread(stop_dimse_worker, worker)
+        self.workers = []
         if self.dimse is not None:
             await asyncio.to_thread(self.dimse.shutdown)
             self.dimse = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+def spawn_dimse_worker(port: int) -> subprocess.Popen[bytes]:
+    """Start a DIMSE-only worker process on the shared port; it stops when its stdin closes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "dimse-worker", "--port", str(port)],
+        stdin=subprocess.PIPE, env=os.environ.copy(),
+    )
+
+
+def stop_dimse_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.stdin:
+        worker.stdin.close()
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def run_dimse_worker(gateway: Gateway, port: int) -> None:
+    """Serve DIMSE on ``port`` (bound by the main process too) until stdin closes."""
+    server = start_dimse(gateway, port=port)
+    try:
+        sys.stdin.buffer.read()
+    finally:
+        server.shutdown()
 
 
 @contextlib.asynccontextmanager

@@ -79,7 +79,7 @@ class FileStorage:
         """The absolute path of a stored file (``relpath`` comes from the index, never input)."""
         return self.root / relpath
 
-    def open(self, relpath: str) -> "os.PathLike[str]":
+    def open(self, relpath: str) -> os.PathLike[str]:
         return self.path(relpath)
 
     def exists(self, relpath: str) -> bool:
@@ -108,10 +108,18 @@ class FileStorage:
         StorageFull
             On ENOSPC/EDQUOT or below the free-space reserve; nothing is left behind.
         """
+        return self.place(self.spool(data), relpath)
+
+    def spool(self, data: bytes | Path) -> Path:
+        """First half of a write: the content, on stable storage under a temporary name.
+
+        Done before the content's final name is known (while the instance is parsed), so that
+        the disk works while the CPU does. A spooled file that is never placed is removed by
+        :meth:`discard` or, after a crash, by :meth:`recover`.
+        """
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
         self.check_space(size)
-        temp = self.incoming / f"{relpath.replace('/', '+')}.{secrets.token_hex(4)}"
-        final = self.path(relpath)
+        temp = self.incoming / f"{secrets.token_hex(8)}.part"
         try:
             with open(temp, "xb") as f:
                 if isinstance(data, bytes):
@@ -122,20 +130,35 @@ class FileStorage:
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
+        except OSError as exc:
+            _unlink(temp)
+            raise _write_error(exc, "a received instance") from exc
+        return temp
+
+    def place(self, spooled: Path, relpath: str) -> PendingWrite:
+        """Second half: give a spooled file its final name; the journal keeps the intent."""
+        journal = self.incoming / f"{relpath.replace('/', '+')}.{spooled.stem}"
+        final = self.path(relpath)
+        try:
+            os.rename(spooled, journal)
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(temp, final)
+                os.link(journal, final)
             except FileExistsError:
                 pass
             if self.fsync:
+                # The final name must survive power loss before the write is acknowledged.
+                # The journal name need not: it only serves to undo unacknowledged writes.
                 _fsync_dir(final.parent)
-                _fsync_dir(self.incoming)
         except OSError as exc:
-            _unlink(temp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull(f"no space left in the data folder: {exc.strerror}") from exc
-            raise GatewayError(f"cannot write {relpath}: {exc.strerror}") from exc
-        return PendingWrite(relpath, temp)
+            _unlink(journal)
+            _unlink(spooled)
+            raise _write_error(exc, relpath) from exc
+        return PendingWrite(relpath, journal)
+
+    def discard(self, spooled: Path) -> None:
+        """Remove a spooled file that will not be placed."""
+        _unlink(spooled)
 
     def finish(self, pending: PendingWrite) -> None:
         """Drop the journal entry of a write whose index row is committed."""
@@ -196,6 +219,12 @@ class FileStorage:
             logger.warning("recovered storage: %d writes confirmed, %d unfinished writes removed",
                            kept, undone)
         return kept, undone
+
+
+def _write_error(exc: OSError, what: str) -> GatewayError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left in the data folder: {exc.strerror}")
+    return GatewayError(f"cannot write {what}: {exc.strerror}")
 
 
 def _fsync_dir(path: Path) -> None:

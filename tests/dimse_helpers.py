@@ -7,10 +7,10 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from pydicom.uid import ExplicitVRLittleEndian
 
 
 def associate(port: int, *, calling: str = "TESTSCU", called: str = "DICOMGW",

@@ -9,17 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ct_dataset
 from pydicom import dcmwrite
 from pydicom.dataset import FileMetaDataset
 from sqlalchemy import create_engine, func, select
 
-from conftest import ct_dataset
 from gateway.models import Instance
 
 SAMPLE_FILES = Path(__file__).parent.parent / "sample_dicom" / "files"
 
 
-def run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], env: dict[str, str],
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)
 

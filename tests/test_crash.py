@@ -12,17 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ct_dataset
+from gateway_process import GatewayProcess
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from conftest import ct_dataset
 from gateway.config import load_settings
 from gateway.core import Gateway
 from gateway.metadata import dataset_offset
 from gateway.models import Instance, Series, Study
-from gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.slow
 TOTAL = 400

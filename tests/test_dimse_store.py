@@ -9,11 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import LiveServer, ct_dataset, make_settings, part10
+from dimse_helpers import associate, send_raw_store
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, MRImageStorage
+from pynetdicom import AE
 from sqlalchemy import func, select
 
-from conftest import LiveServer, ct_dataset, make_settings, part10
 from dimse.status import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -21,7 +23,6 @@ from dimse.status import (
     NOT_AUTHORIZED,
     OUT_OF_RESOURCES,
 )
-from dimse_helpers import associate, send_raw_store
 from gateway.core import Gateway
 from gateway.metadata import dataset_offset
 from gateway.models import Instance, Study
@@ -104,21 +105,56 @@ def test_counts_and_modalities_follow_new_series(live: LiveServer) -> None:
         assert row.modalities_in_study == "CT\\MR"
 
 
-@needs_dcmtk
-@pytest.mark.parametrize("path", SAMPLE_FILES, ids=[p.name for p in SAMPLE_FILES])
-def test_storescu_every_committed_transfer_syntax(live: LiveServer, path: Path) -> None:
+# storescu's option proposing each syntax (with the uncompressed ones as fallback).
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.1": "-R",
+    "1.2.840.10008.1.2": "-R",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+STORESCU_FILES = [p for p in SAMPLE_FILES
+                  if dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                  in STORESCU_PROPOSE]
+
+
+def assert_stored_as_sent(live: LiveServer, path: Path) -> None:
     sent = dcmread(path, stop_before_pixels=True)
+    row = live.gateway.index.find_instance(str(sent.SOPInstanceUID))
+    assert row is not None
+    assert row.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
+    stored = live.gateway.storage.path(row.file_path).read_bytes()
+    assert dataset_bytes(stored) == dataset_bytes(path.read_bytes())
+
+
+@needs_dcmtk
+@pytest.mark.parametrize("path", STORESCU_FILES, ids=[p.name for p in STORESCU_FILES])
+def test_storescu_every_committed_transfer_syntax(live: LiveServer, path: Path) -> None:
+    syntax = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
     result = subprocess.run(
-        ["storescu", "-aec", live.ae_title, "-R",  # propose exactly the file's syntax
+        ["storescu", "-aec", live.ae_title, STORESCU_PROPOSE[syntax],
          "127.0.0.1", str(live.dimse_port), str(path)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    row = live.gateway.index.find_instance(str(sent.SOPInstanceUID))
-    assert row is not None, result.stderr
-    assert row.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
-    stored = live.gateway.storage.path(row.file_path).read_bytes()
-    assert dataset_bytes(stored) == dataset_bytes(path.read_bytes())
+    assert "Failed" not in result.stderr, result.stderr
+    assert_stored_as_sent(live, path)
+
+
+@pytest.mark.parametrize("path", SAMPLE_FILES, ids=[p.name for p in SAMPLE_FILES])
+def test_pynetdicom_every_committed_transfer_syntax(live: LiveServer, path: Path) -> None:
+    """Including syntaxes dcmtk 3.6.7 cannot send (HTJ2K): sent as stored in the file."""
+    sent = dcmread(path, stop_before_pixels=True)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sent.SOPClassUID, [sent.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", live.dimse_port, ae_title=live.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_store(path).Status == 0x0000
+    assoc.release()
+    assert_stored_as_sent(live, path)
 
 
 def test_identical_resend_is_a_noop_success(live: LiveServer) -> None:

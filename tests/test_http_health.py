@@ -9,6 +9,7 @@ from pathlib import Path
 
 from conftest import LiveServer, ct_dataset, make_settings
 from dimse_helpers import associate
+
 from gateway.core import Gateway
 
 

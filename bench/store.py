@@ -1,0 +1,124 @@
+"""C-STORE ingest benchmark: storescu over 1 and 4 associations, gateway vs Orthanc.
+
+Prints instances/s and MB/s for each case, in both TCP settings (BENCHMARKING.md, "The TCP
+trap"): "as packaged" (TCP_NODELAY unset for storescu and Orthanc) and "tuned" (TCP_NODELAY=1 for
+both). The gateway sets TCP_NODELAY and re-arms TCP_QUICKACK on its own sockets in both.
+
+    .venv/bin/python bench/store.py --count 500 --kind ct
+    .venv/bin/python bench/store.py --count 500 --kind tiny --associations 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ORTHANC, GatewayServer, OrthancServer, process_cpu_seconds  # noqa: E402
+
+from sample_dicom.generator import SeriesSpec, StudySpec, generate_study  # noqa: E402
+
+
+def make_files(folder: Path, count: int, kind: str) -> int:
+    size = 512 if kind == "ct" else 64
+    spec = StudySpec(series=(SeriesSpec(instances=count, rows=size, columns=size),),
+                     key_object=False)
+    total = 0
+    for i, ds in enumerate(generate_study(spec, seed=7)):
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        total += path.stat().st_size
+    return total
+
+
+def split(files: list[Path], parts: int, root: Path) -> list[Path]:
+    folders = []
+    for k in range(parts):
+        folder = root / f"part{k}"
+        folder.mkdir()
+        for path in files[k::parts]:
+            os.link(path, folder / path.name)
+        folders.append(folder)
+    return folders
+
+
+def measured_send(server: GatewayServer | OrthancServer, folders: list[Path],
+                  tuned: bool) -> tuple[float, float]:
+    """Wall seconds of the whole send, and the server's CPU seconds spent meanwhile."""
+    assert server.proc is not None
+    cpu = process_cpu_seconds(server.proc.pid)
+    seconds = send(server.dimse_port, server.ae_title, folders, tuned)
+    return seconds, process_cpu_seconds(server.proc.pid) - cpu
+
+
+def send(port: int, ae_title: str, folders: list[Path], tuned: bool) -> float:
+    env = {**os.environ}
+    if tuned:
+        env["TCP_NODELAY"] = "1"
+    else:
+        env.pop("TCP_NODELAY", None)
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", ae_title, "+sd", "127.0.0.1", str(port),
+                               str(folder)], env=env, stderr=subprocess.PIPE)
+             for folder in folders]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--kind", choices=["ct", "tiny"], default="ct")
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--settings", nargs="+", default=["tuned", "packaged"],
+                        choices=["tuned", "packaged"])
+    parser.add_argument("--no-orthanc", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("storescu") is None:
+        raise SystemExit("storescu (dcmtk) is needed: make system-deps")
+
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        root = Path(tmp)
+        source = root / "files"
+        source.mkdir()
+        total_bytes = make_files(source, args.count, args.kind)
+        files = sorted(source.glob("*.dcm"))
+        mb = total_bytes / 1e6
+        print(f"{args.count} {args.kind} instances, {mb:.1f} MB; storescu; one run per cell "
+              "(repeat the command to see the spread); 'ms CPU' is the server's CPU time "
+              "per instance")
+        print(f"{'setting':9} {'assoc':>5} {'gateway inst/s':>15} {'MB/s':>7} {'ms CPU':>7} "
+              f"{'orthanc inst/s':>15} {'MB/s':>7} {'ms CPU':>7} {'ratio':>6}")
+        for setting in args.settings:
+            tuned = setting == "tuned"
+            for n in args.associations:
+                run_root = root / f"{setting}-{n}"
+                run_root.mkdir()
+                folders = split(files, n, run_root)
+                with GatewayServer(run_root / "gw") as gateway:
+                    seconds, cpu = measured_send(gateway, folders, tuned)
+                gw_rate = args.count / seconds
+                line = (f"{setting:9} {n:>5} {gw_rate:>15.1f} {mb / seconds:>7.1f} "
+                        f"{cpu / args.count * 1000:>7.2f}")
+                if ORTHANC and not args.no_orthanc:
+                    with OrthancServer(run_root / "orthanc", tuned=tuned, dicomweb=False) as o:
+                        o_seconds, o_cpu = measured_send(o, folders, tuned)
+                    o_rate = args.count / o_seconds
+                    line += (f" {o_rate:>15.1f} {mb / o_seconds:>7.1f} "
+                             f"{o_cpu / args.count * 1000:>7.2f} {gw_rate / o_rate:>6.2f}")
+                else:
+                    line += f" {'(not installed)':>15}"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
