@@ -44,6 +44,7 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/pixels.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway dimse dicomweb viewer_links sample_dicom tests bench
