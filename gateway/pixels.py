@@ -366,7 +366,7 @@ class PixelFile:
         return self._read(self.value_offset + index * length, length)
 
     def decode_frame(self, index: int, *, limits: PixelLimits = DEFAULT_LIMITS,
-                     as_rgb: bool = True) -> np.ndarray:
+                     as_rgb: bool = True, clean: bool = True) -> np.ndarray:
         """Frame ``index`` as an array (rows, columns[, 3]) of the stored values.
 
         Colour is converted to RGB when ``as_rgb`` (YBR_FULL, YBR_FULL_422; the JPEG 2000
@@ -397,7 +397,9 @@ class PixelFile:
                     f"frame {index + 1} cannot be decoded from "
                     f"{UID(info.transfer_syntax_uid).name}: {exc}") from exc
             return arr  # pydicom has already corrected the bits above Bits Stored
-        return _clean_bits(_native_array(data, info, as_rgb=as_rgb), info)
+        arr = _native_array(data, info, as_rgb=as_rgb)
+        # clean=False: the caller ignores the bits above Bits Stored itself (render's tables).
+        return clean_bits(arr, info.bits_stored, info.pixel_representation) if clean else arr
 
     def native_frame(self, index: int, *, limits: PixelLimits = DEFAULT_LIMITS) -> bytes:
         """Frame ``index`` in Explicit VR Little Endian form (PS3.5 §8.1.1, §A.2).
@@ -501,17 +503,19 @@ def _native_array(data: bytes, info: ImagePixel, *, as_rgb: bool) -> np.ndarray:
     return arr
 
 
-def _clean_bits(arr: np.ndarray, info: ImagePixel) -> np.ndarray:
-    """Clear bits above Bits Stored (unsigned) or sign-extend from it (signed), PS3.5 §8.1.1."""
-    if arr.dtype.kind not in "iu" or info.bits_stored >= arr.dtype.itemsize * 8:
+def clean_bits(arr: np.ndarray, bits_stored: int, pixel_representation: int) -> np.ndarray:
+    """Clear bits above Bits Stored (unsigned) or sign-extend from it (signed), PS3.5 §8.1.1.
+
+    >>> clean_bits(np.array([0xAFFF], np.uint16), 12, 1).tolist()
+    [-1]
+    """
+    if arr.dtype.kind not in "iu" or bits_stored >= arr.dtype.itemsize * 8 or bits_stored < 2:
         return arr
-    if info.bits_allocated == 1:
-        return arr
-    shift = arr.dtype.itemsize * 8 - info.bits_stored
-    if info.pixel_representation:
+    shift = arr.dtype.itemsize * 8 - bits_stored
+    if pixel_representation:
         signed = arr.astype(arr.dtype.str.replace("u", "i"), copy=False)
         return (signed << shift) >> shift
-    return arr & ((1 << info.bits_stored) - 1)
+    return arr & ((1 << bits_stored) - 1)
 
 
 # -- decompression bombs ---------------------------------------------------------------------

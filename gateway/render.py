@@ -38,6 +38,7 @@ from gateway.pixels import (
     PixelDataError,
     PixelFile,
     PixelLimits,
+    clean_bits,
 )
 
 logger = logging.getLogger(__name__)
@@ -228,8 +229,16 @@ def _inverted(ds: Dataset, photometric: str) -> bool:
 
 
 def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: str,
-                         window: Window | None = None) -> np.ndarray:
-    """Apply Modality LUT, VOI LUT and Presentation LUT to a grayscale frame; 8-bit output."""
+                         window: Window | None = None, *, bits_stored: int | None = None,
+                         signed: bool | None = None) -> np.ndarray:
+    """Apply Modality LUT, VOI LUT and Presentation LUT to a grayscale frame; 8-bit output.
+
+    ``bits_stored`` and ``signed`` (Pixel Representation) say how to read integers whose bits
+    above Bits Stored were left as stored (PS3.5 §8.1.1); the lookup tables ignore them.
+    """
+    if arr.dtype.kind in "iu":
+        bits_stored = bits_stored or arr.dtype.itemsize * 8
+        signed = arr.dtype.kind == "i" if signed is None else signed
     modality_ds = modality_source(ds, index)
     chosen = window or dataset_window(ds, index)
     voi_sequence = None if chosen is not None else (
@@ -242,9 +251,10 @@ def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: 
             # The common case (rescale + window): the table depends on a few numbers only,
             # and every slice of a series shares it.
             slope, intercept = _rescale(modality_ds)
-            lut = _linear_lut(arr.dtype.str, slope, intercept, chosen, invert)
+            lut = _linear_lut(arr.dtype.itemsize, bits_stored or 16, bool(signed), slope,
+                              intercept, chosen, invert)
             return np.take(lut, index_array)
-        domain = _domain(arr.dtype.str)
+        domain = _domain(arr.dtype.itemsize, bits_stored or 16, bool(signed))
         values = _modality(domain, modality_ds)
         if chosen is None and not voi_sequence:
             present = np.zeros(1 << bits, dtype=bool)
@@ -255,6 +265,8 @@ def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: 
         if invert:
             lut = 255 - lut
         return np.take(lut, index_array)
+    if arr.dtype.kind in "iu":
+        arr = clean_bits(arr, bits_stored or 64, int(bool(signed)))
     values = _modality(arr.astype(np.float64), modality_ds)
     if chosen is None and not voi_sequence:
         chosen = _min_max_window(values)
@@ -262,12 +274,16 @@ def grayscale_to_display(arr: np.ndarray, ds: Dataset, index: int, photometric: 
     return 255 - out if invert else out
 
 
-def _domain(dtype: str) -> np.ndarray:
-    """Every stored value of an 8 or 16-bit integer type, in the order of its unsigned view."""
-    kind, bits = np.dtype(dtype).kind, np.dtype(dtype).itemsize * 8
-    domain = np.arange(1 << bits, dtype=np.int64)
-    if kind == "i":
-        domain = np.where(domain >= 1 << (bits - 1), domain - (1 << bits), domain)
+def _domain(itemsize: int, bits_stored: int, signed: bool) -> np.ndarray:
+    """The value of every raw 8 or 16-bit word, by its unsigned reading (PS3.5 §8.1.1).
+
+    Bits above Bits Stored are ignored; signed values are sign-extended from Bits Stored.
+    """
+    bits = itemsize * 8
+    bits_stored = min(bits_stored, bits)
+    domain = np.arange(1 << bits, dtype=np.int64) & ((1 << bits_stored) - 1)
+    if signed:
+        domain = np.where(domain >= 1 << (bits_stored - 1), domain - (1 << bits_stored), domain)
     return domain
 
 
@@ -279,10 +295,10 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _linear_lut(dtype: str, slope: float, intercept: float, window: Window,
-                invert: bool) -> np.ndarray:
-    """stored value -> grey for a rescale and a window (read-only, shared between requests)."""
-    values = _domain(dtype) * slope + intercept
+def _linear_lut(itemsize: int, bits_stored: int, signed: bool, slope: float, intercept: float,
+                window: Window, invert: bool) -> np.ndarray:
+    """raw word -> grey for a rescale and a window (read-only, shared between requests)."""
+    values = _domain(itemsize, bits_stored, signed) * slope + intercept
     lut = apply_window(values, window).astype(np.uint8)
     if invert:
         lut = 255 - lut
@@ -368,8 +384,11 @@ def frame_to_display(pixel_file: PixelFile, index: int, window: Window | None = 
         From decoding.
     """
     info = pixel_file.image
-    arr = pixel_file.decode_frame(index, limits=limits)
     photometric = info.photometric_interpretation
+    grayscale = (info.samples_per_pixel == 1 and photometric != "PALETTE COLOR"
+                 and info.bits_allocated > 1)
+    # Grayscale: the lookup tables ignore the unused high bits, no need to clear them first.
+    arr = pixel_file.decode_frame(index, limits=limits, clean=not grayscale)
     ds = pixel_file.header
     if photometric == "PALETTE COLOR" or arr.ndim == 3:
         if arr.ndim == 3 and photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT",
@@ -379,7 +398,9 @@ def frame_to_display(pixel_file: PixelFile, index: int, window: Window | None = 
     if info.bits_allocated == 1:
         grey = (arr.astype(np.uint8) * 255)
         return 255 - grey if _inverted(ds, photometric) else grey
-    return grayscale_to_display(arr, ds, index, photometric, window)
+    return grayscale_to_display(arr, ds, index, photometric, window,
+                                bits_stored=info.bits_stored,
+                                signed=bool(info.pixel_representation))
 
 
 def apply_viewport(image: Image.Image, viewport: Viewport | None) -> Image.Image:

@@ -278,3 +278,20 @@ def test_enhanced_multiframe_functional_groups(tmp_path: Path) -> None:
         hu = pixel_file.decode_frame(index).astype(float) - 1024
         expected = apply_window(hu, Window(center, width)).astype(np.uint8)
         assert np.array_equal(frame_to_display(pixel_file, index), expected)
+
+
+def test_unused_high_bits_do_not_change_the_rendering(tmp_path: Path) -> None:
+    """Junk above Bits Stored (PS3.5 §8.1.1) is ignored by the rendering tables too."""
+    clean = ct_with_known_values(tmp_path)
+    ds = dcmread(clean)
+    junk = np.frombuffer(ds.PixelData, "<u2") | 0xB000
+    ds.PixelData = junk.astype("<u2").tobytes()
+    dirty = tmp_path / "dirty.dcm"
+    ds.save_as(dirty, enforce_file_format=True)
+    expected = frame_to_display(read_pixel_file(clean), 0)
+    assert expected[0, :len(KNOWN_HU)].tolist() == KNOWN_GREY_40_80
+    assert np.array_equal(frame_to_display(read_pixel_file(dirty), 0), expected)
+    del ds.WindowCenter, ds.WindowWidth
+    ds.save_as(dirty, enforce_file_format=True)   # min/max window over the cleaned values
+    display = frame_to_display(read_pixel_file(dirty), 0)
+    assert display[0, 0] == 0 and display[0, 9] == 255
