@@ -190,7 +190,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     audit_sink
         Where accesses are recorded; ``gateway.audit`` if the core has one, else a log.
     """
-    from dicomweb import capabilities, delete, qido, stow, wado
+    from dicomweb import capabilities, delete, pixels, qido, stow, wado
 
     app = web.Application(middlewares=[cors_middleware, problem_middleware, auth_middleware])
     app[GATEWAY] = gateway
@@ -200,6 +200,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     app.on_startup.append(freeze_startup_objects)
     qido.add_routes(app)
     wado.add_routes(app)
+    pixels.add_routes(app)
     stow.add_routes(app)
     delete.add_routes(app)
     capabilities.add_routes(app)
