@@ -239,8 +239,17 @@ class DatabaseAudit:
                 link = session.get(ViewerLink, event.jti)
                 if link is not None:
                     name, relationship = link.viewer_name, link.viewer_relationship
+            # One query for the patients of all the studies named (a QIDO-RS search names
+            # hundreds), rather than one lookup per entry inside add().
+            patients: dict[str, str] = {
+                uid: patient_id for uid, patient_id in session.execute(
+                    select(Study.study_instance_uid, Patient.patient_id)
+                    .join(Patient, Patient.pk == Study.patient_pk)
+                    .where(Study.study_instance_uid.in_(event.study_uids)))
+            } if event.study_uids else {}
             for study in event.study_uids or (None,):
                 add(session, SINK_ACTIONS.get(event.action, Action.RETRIEVE),
+                    patient_id=patients.get(study) if study else None,
                     outcome=Outcome.SUCCESS if event.success else Outcome.MINOR_FAILURE,
                     actor=event.principal, actor_name=name, relationship=relationship,
                     study_uid=study, address=event.address, jti=event.jti,
