@@ -52,6 +52,7 @@ UNABLE_TO_PROCESS = 0xC000  # Failed: Unable to process
 # PS3.7 Annex C, general status: the DIMSE-service-user is not authorised for the operation.
 NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
 VERIFICATION = "1.2.840.10008.1.1"
+POLL_SECONDS = 0.0002
 # A presentation context list holds at most 128 items (PS3.8 9.3.2.2: odd IDs 1..255).
 MAX_CONTEXTS = 128
 UNCOMPRESSED_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -237,6 +238,18 @@ def _tune_requestor(event: Any) -> None:
     if association_socket is not None and association_socket.socket is not None:
         tune_socket(association_socket.socket)
         install_fast_recv(association_socket)
+    shorten_poll(event.assoc)
+
+
+def shorten_poll(assoc: Any) -> None:
+    """Poll the connection every 0.2 ms instead of pynetdicom's 1 ms.
+
+    pynetdicom's DUL thread sleeps ``_run_loop_delay`` whenever it found nothing to do; each
+    Pending response of a C-FIND, and each C-STORE response of a move, then waits up to that
+    long. A fifth of it keeps an idle association's wake-ups cheap (~5k/s of a no-op loop).
+    """
+    if hasattr(assoc.dul, "_run_loop_delay"):
+        assoc.dul._run_loop_delay = POLL_SECONDS
 
 
 @dataclass
@@ -378,4 +391,5 @@ def handle_get(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any
     yield from _pending(items, event, list(event.assoc.accepted_contexts), "C-GET")
 
 
-__all__ = ["handle_get", "handle_move", "requested_instances", "retrieve_contexts"]
+__all__ = ["handle_get", "handle_move", "requested_instances", "retrieve_contexts",
+           "shorten_poll"]
