@@ -177,7 +177,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     audit_sink
         Where accesses are recorded; ``gateway.audit`` if the core has one, else a log.
     """
-    from dicomweb import delete, qido, stow, wado
+    from dicomweb import delete, pixels, qido, stow, wado
 
     app = web.Application(middlewares=[cors_middleware, problem_middleware, auth_middleware])
     app[GATEWAY] = gateway
@@ -186,6 +186,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     app[AUDIT] = audit_sink or getattr(gateway, "audit", None) or LogAudit()
     qido.add_routes(app)
     wado.add_routes(app)
+    pixels.add_routes(app)
     stow.add_routes(app)
     delete.add_routes(app)
     return app

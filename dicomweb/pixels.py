@@ -1,0 +1,595 @@
+"""Pixel resources of WADO-RS: frames, rendered images and thumbnails (PS3.18 §10.4).
+
+Routes, relative to the DICOMweb root:
+
+- ``/studies/{s}/series/{se}/instances/{i}/frames/{list}`` — frames, multipart/related, one
+  part per frame (§10.4.1.1.4), in the transfer syntax negotiated from ``Accept`` (§8.7.3.5):
+  ``transfer-syntax=*`` returns frames as stored, ``application/octet-stream`` without a syntax
+  returns Explicit VR Little Endian (decoded), an explicit syntax is produced when possible
+  (as stored, decoded, or re-encoded as RLE / JPEG 2000 lossless), else 406.
+- ``.../instances/{i}/rendered``, ``.../frames/{list}/rendered``, ``/studies/{s}/series/{se}/
+  rendered``, ``/studies/{s}/rendered`` — rendered images (§10.4.1.1.3) as image/jpeg (default),
+  image/png or image/gif (animated for multi-frame), with ``window``, ``viewport`` and ``quality``
+  (§8.3.5.1); series and study answers are multipart/related, one image per instance.
+- ``/studies/{s}/thumbnail``, ``.../series/{se}/thumbnail``, ``.../instances/{i}/thumbnail``,
+  ``.../frames/{n}/thumbnail`` (§10.4.1.1.5): a representative image (the middle instance of
+  the first image series of a study, the middle instance of a series, the middle frame of an
+  instance), 128 pixels a side unless ``viewport`` says otherwise.
+
+Every handler requires ``dicomweb:read``; a restricted principal (a viewer session) sees only
+its study, or its key images, and gets 404 for anything else, as if it did not exist. Files are
+read, decoded and encoded in worker threads (``asyncio.to_thread``); rendered images and
+thumbnails are kept in a bounded on-disk cache (:mod:`gateway.rendercache`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+from sqlalchemy import bindparam, select
+
+from dicomweb.app import GATEWAY, audit, require
+from dicomweb.problems import HTTPProblem
+from gateway.access import Principal, Scope
+from gateway.audit import AuditAction
+from gateway.core import Gateway
+from gateway.errors import NotFound
+from gateway.models import Instance, Series, Study
+from gateway.pixels import (
+    MEDIA_OCTET_STREAM,
+    SYNTAXES_OF_MEDIA,
+    ImageTooLarge,
+    NotAcceptable,
+    PixelDataError,
+    PixelFile,
+    PixelLimits,
+    frames_of,
+    open_pixel_file,
+    parse_frame_list,
+)
+from gateway.render import (
+    MEDIA_GIF,
+    MEDIA_JPEG,
+    RENDERED_MEDIA_TYPES,
+    RenderParams,
+    parse_quality,
+    parse_viewport,
+    parse_window,
+    render_frame,
+    render_frames,
+    thumbnail_params,
+)
+from gateway.rendercache import DEFAULT_MAX_BYTES, RenderCache, cache_key
+from gateway.uids import validate_uid
+
+logger = logging.getLogger(__name__)
+
+MEDIA_MULTIPART = "multipart/related"
+# Bytes of frames read per worker-thread call while streaming a multipart answer.
+STREAM_BATCH_BYTES = 8 * 1024**2
+# Instances rendered by one series or study request.
+MAX_RENDERED_INSTANCES = 5000
+T = TypeVar("T")
+
+
+class PixelServices:
+    """What the pixel handlers share: the core, limits and the render cache."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        table = gateway.settings.extra.get("pixels", {})
+        self.gateway = gateway
+        self.limits = PixelLimits.from_settings(table, also=("cache_bytes",))
+        cache_bytes = int(table.get("cache_bytes", DEFAULT_MAX_BYTES))
+        self.cache = RenderCache(gateway.settings.data_dir / "cache" / "rendered", cache_bytes)
+
+
+PIXELS = web.AppKey("pixel_services", PixelServices)
+
+
+# -- finding instances -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An indexed instance and where its file is."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    file_path: str
+    digest: str
+    number_of_frames: int
+    has_pixels: bool
+    series_number: int | None
+    instance_number: int | None
+
+
+def _statement(by_series: bool, by_sop: bool) -> Any:
+    statement = (
+        select(Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid,
+               Instance.file_path, Instance.digest, Instance.number_of_frames, Instance.rows,
+               Series.series_number, Instance.instance_number)
+        .join(Series, Series.pk == Instance.series_pk)
+        .join(Study, Study.pk == Series.study_pk)
+        .where(Study.study_instance_uid == bindparam("study"))
+    )
+    if by_series:
+        statement = statement.where(Series.series_instance_uid == bindparam("series"))
+    if by_sop:
+        statement = statement.where(Instance.sop_instance_uid == bindparam("sop"))
+    return statement
+
+
+# Built once: the instance lookup runs on every frame request.
+_STATEMENTS = {(a, b): _statement(a, b) for a in (False, True) for b in (False, True)}
+
+
+def find_images(gateway: Gateway, principal: Principal, study: str, series: str | None = None,
+                sop: str | None = None) -> list[StoredImage]:
+    """The instances under the given UIDs that ``principal`` may see, in display order.
+
+    Raises
+    ------
+    NotFound
+        Nothing there, or nothing this principal may see (the same answer, on purpose).
+    """
+    validate_uid(study, "StudyInstanceUID")
+    if series is not None:
+        validate_uid(series, "SeriesInstanceUID")
+    if sop is not None:
+        validate_uid(sop, "SOPInstanceUID")
+    what = sop or series or study
+    if not principal.may_see_study(study):
+        raise NotFound(f"no such resource: {what}")
+    statement = _STATEMENTS[(series is not None, sop is not None)]
+    with gateway.index.engine.connect() as connection:
+        rows = connection.execute(statement, {"study": study, "series": series,
+                                              "sop": sop}).all()
+    found = [
+        StoredImage(r[0], r[1], r[2], r[3], r[4], max(1, r[5] or 1), r[6] is not None, r[7], r[8])
+        for r in rows if principal.may_see_instance(r[0], r[2])
+    ]
+    if not found:
+        raise NotFound(f"no such resource: {what}")
+    found.sort(key=lambda i: (i.series_number is None, i.series_number or 0, i.series_uid,
+                              i.instance_number is None, i.instance_number or 0, i.sop_uid))
+    return found
+
+
+def _pixel_file(gateway: Gateway, image: StoredImage) -> PixelFile:
+    if not image.has_pixels:
+        raise PixelDataError(f"instance {image.sop_uid} has no pixel data")
+    return open_pixel_file(gateway.storage.path(image.file_path))
+
+
+# -- Accept negotiation (PS3.18 §8.7.3.5) ----------------------------------------------------
+
+@dataclass(frozen=True)
+class MediaRange:
+    """One entry of an Accept header: type, parameters (lower-case names), quality."""
+
+    type: str
+    params: dict[str, str]
+    q: float
+
+
+def _split(text: str, separator: str) -> list[str]:
+    """Split on ``separator`` outside double quotes."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        if char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_accept(header: str | None) -> list[MediaRange]:
+    """Parse an Accept header, best quality first (RFC 9110 §12.5.1).
+
+    >>> parse_accept('multipart/related; type="application/octet-stream"; transfer-syntax=*')
+    [MediaRange(type='multipart/related', params={'type': 'application/octet-stream', \
+'transfer-syntax': '*'}, q=1.0)]
+    """
+    if not header or not header.strip():
+        return [MediaRange("*/*", {}, 1.0)]
+    ranges: list[MediaRange] = []
+    for entry in _split(header, ","):
+        pieces = _split(entry, ";")
+        media = pieces[0].strip().lower()
+        if not media:
+            continue
+        params: dict[str, str] = {}
+        q = 1.0
+        for piece in pieces[1:]:
+            name, _, value = piece.partition("=")
+            name, value = name.strip().lower(), value.strip().strip('"').strip()
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+            elif name:
+                params[name] = value.lower() if name == "type" else value
+        if q > 0:
+            ranges.append(MediaRange(media, params, q))
+    return sorted(ranges, key=lambda r: -r.q)
+
+
+def accept_of(request: web.Request) -> str | None:
+    """The ``accept`` query parameter, which overrides the header (PS3.18 §8.3.3.1), or
+    the Accept header."""
+    return request.query.get("accept") or request.headers.get("Accept")
+
+
+@dataclass(frozen=True)
+class FrameChoice:
+    """The negotiated answer of a frames request."""
+
+    multipart: bool
+    media_type: str
+    transfer_syntax: str  # what to ask frame_in for ("*" = as stored)
+
+
+def negotiate_frames(ranges: Sequence[MediaRange], pixel_file: PixelFile,
+                     frame_count: int) -> FrameChoice:
+    """Choose media type and transfer syntax of frames (PS3.18 §8.7.3.5, Table 8.7.3-2).
+
+    Raises
+    ------
+    NotAcceptable
+        No acceptable media type can be produced for this instance.
+    """
+    stored = pixel_file.transfer_syntax_uid
+    for media_range in ranges:
+        multipart = True
+        if media_range.type in ("multipart/related", "multipart/*"):
+            media = media_range.params.get("type", MEDIA_OCTET_STREAM)
+        elif media_range.type in ("*/*", "application/*"):
+            media = MEDIA_OCTET_STREAM
+        elif media_range.type in SYNTAXES_OF_MEDIA and frame_count == 1:
+            media, multipart = media_range.type, False  # one frame, single part
+        else:
+            continue
+        syntaxes = SYNTAXES_OF_MEDIA.get(media)
+        if syntaxes is None:
+            continue
+        wanted = media_range.params.get("transfer-syntax")
+        if wanted is None:
+            wanted = stored if stored in syntaxes else syntaxes[0]
+        if wanted == "*":
+            if media == MEDIA_OCTET_STREAM or stored in syntaxes:
+                return FrameChoice(multipart, media, "*")
+            continue
+        # Lenient: application/octet-stream with a compressed syntax (which Table 8.7.3-2
+        # gives its own media type) is answered too, as some viewers ask for it.
+        if (wanted in syntaxes or media == MEDIA_OCTET_STREAM) and \
+                pixel_file.can_produce(wanted):
+            return FrameChoice(multipart, media, wanted)
+    offered = ["multipart/related; type=\"application/octet-stream\"; transfer-syntax=*",
+               "multipart/related; type=\"application/octet-stream\"; "
+               "transfer-syntax=1.2.840.10008.1.2.1"]
+    raise NotAcceptable("cannot produce any of the accepted media types for this instance "
+                        f"(stored as {stored}); acceptable: " + ", ".join(offered))
+
+
+def negotiate_rendered(ranges: Sequence[MediaRange], *, allow_gif: bool = True) -> str:
+    """Choose the rendered media type: image/jpeg by default (PS3.18 §8.7.4, Table 8.7.4-1)."""
+    for media_range in ranges:
+        media = media_range.type
+        if media == MEDIA_MULTIPART:
+            media = media_range.params.get("type", MEDIA_JPEG)
+        if media in ("*/*", "image/*", "multipart/*"):
+            return MEDIA_JPEG
+        if media in RENDERED_MEDIA_TYPES and (allow_gif or media != MEDIA_GIF):
+            return media
+    raise NotAcceptable("rendered images are available as image/jpeg, image/png and "
+                        "image/gif; none of them is acceptable to this request")
+
+
+def render_params(request: web.Request, media_type: str, *, thumbnail: bool,
+                  limits: PixelLimits) -> RenderParams:
+    """Read ``window``, ``viewport`` and ``quality`` (PS3.18 §8.3.5.1); others are ignored."""
+    query = request.query
+    window = parse_window(query["window"]) if "window" in query and not thumbnail else None
+    viewport = parse_viewport(query["viewport"], limits) if "viewport" in query else None
+    quality = parse_quality(query["quality"]) if "quality" in query else None
+    if thumbnail:
+        return thumbnail_params(viewport, quality, media_type)
+    return RenderParams(media_type=media_type, window=window, viewport=viewport,
+                        **({"quality": quality} if quality is not None else {}))
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _problems() -> Iterator[None]:
+    """Map the pixel errors of the core to their HTTP status (406, 413, 422)."""
+    try:
+        yield
+    except NotAcceptable as exc:
+        raise HTTPProblem(406, str(exc)) from exc
+    except ImageTooLarge as exc:
+        raise HTTPProblem(413, str(exc)) from exc
+    except PixelDataError as exc:
+        raise HTTPProblem(422, str(exc)) from exc
+
+
+async def _off_loop(services: PixelServices, work: Callable[[], T]) -> T:
+    """Run CPU and file work in a worker thread, never on the event loop."""
+    with _problems():
+        return await asyncio.to_thread(work)
+
+
+def _boundary() -> str:
+    return f"gw-{secrets.token_hex(16)}"
+
+
+def _multipart_type(media: str, boundary: str, transfer_syntax: str | None = None) -> str:
+    syntax = f"; transfer-syntax={transfer_syntax}" if transfer_syntax else ""
+    return f'{MEDIA_MULTIPART}; type="{media}"; boundary={boundary}{syntax}'
+
+
+def _part_head(boundary: str, content_type: str, length: int,
+               location: str | None = None) -> bytes:
+    head = f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+    if location:
+        head += f"Content-Location: {location}\r\n"
+    return f"{head}Content-Length: {length}\r\n\r\n".encode()
+
+
+def _part(boundary: str, content_type: str, data: bytes, location: str | None = None) -> bytes:
+    return b"".join((_part_head(boundary, content_type, len(data), location), data, b"\r\n"))
+
+
+def _multipart_body(boundary: str, content_type: str, items: Sequence[bytes]) -> bytes:
+    """A whole multipart/related body (RFC 2046 §5.1), copying each item once."""
+    pieces: list[bytes] = []
+    for data in items:
+        pieces += (_part_head(boundary, content_type, len(data)), data, b"\r\n")
+    pieces.append(f"--{boundary}--\r\n".encode())
+    return b"".join(pieces)
+
+
+def _base(request: web.Request) -> str:
+    """The path of the DICOMweb root as the client sees it (for Content-Location)."""
+    path = request.path
+    study = request.match_info.get("study", "")
+    at = path.find(f"/studies/{study}")
+    return path[:at] if at >= 0 else ""
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+@dataclass
+class _Frames:
+    """What the worker thread found for a frames request."""
+
+    pixel_file: PixelFile
+    choice: FrameChoice
+    syntax_out: str
+    first: list[bytes]
+    batch: int
+
+
+async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
+    """WADO-RS Retrieve Frames (PS3.18 §10.4.1.1.4)."""
+    principal = require(request, Scope.DICOMWEB_READ)
+    services = request.config_dict[PIXELS]
+    study, series, sop = (request.match_info[k] for k in ("study", "series", "instance"))
+    numbers = parse_frame_list(request.match_info["frames"])
+    ranges = parse_accept(accept_of(request))
+    limits = services.limits
+
+    def work() -> _Frames:
+        # One worker-thread hop for the common case: lookup, negotiation, the first frames.
+        (image,) = find_images(services.gateway, principal, study, series, sop)
+        pixel_file = _pixel_file(services.gateway, image)
+        parse_frame_list(request.match_info["frames"], pixel_file.number_of_frames)
+        choice = negotiate_frames(ranges, pixel_file, len(numbers))
+        batch = max(1, STREAM_BATCH_BYTES // max(pixel_file.image.frame_length, 1))
+        first = frames_of(pixel_file, numbers[:batch], choice.transfer_syntax, limits=limits)
+        return _Frames(pixel_file, choice, pixel_file.output_syntax(choice.transfer_syntax),
+                       first, batch)
+
+    found, _ = await asyncio.gather(
+        _off_loop(services, work),
+        audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
+              detail=f"frames {request.match_info['frames']} of {sop}"))
+    choice = found.choice
+    part_type = f"{choice.media_type}; transfer-syntax={found.syntax_out}"
+    if not choice.multipart:
+        return web.Response(body=found.first[0], headers={"Content-Type": part_type})
+    boundary = _boundary()
+    content_type = _multipart_type(choice.media_type, boundary, found.syntax_out)
+    if len(numbers) <= found.batch:
+        return web.Response(body=_multipart_body(boundary, part_type, found.first),
+                            headers={"Content-Type": content_type})
+    # Many frames: stream them in batches so that memory stays flat.
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    await response.prepare(request)
+    for frame in found.first:
+        await response.write(_part(boundary, part_type, frame))
+    for start in range(found.batch, len(numbers), found.batch):
+        chunk = numbers[start:start + found.batch]
+        frames = await _off_loop(services, functools.partial(
+            frames_of, found.pixel_file, chunk, choice.transfer_syntax, limits=limits))
+        for frame in frames:
+            await response.write(_part(boundary, part_type, frame))
+    await response.write(f"--{boundary}--\r\n".encode())
+    await response.write_eof()
+    return response
+
+
+def _render_one(services: PixelServices, image: StoredImage, frame: int | None,
+                params: RenderParams) -> tuple[bytes, str | None]:
+    """Render one instance (``frame`` None: every frame for a GIF, else frame 1).
+
+    Returns the image and, when it was rendered now, the cache key to store it under.
+    """
+    key = cache_key(image.sop_uid, image.digest, frame, params.key())
+    cached = services.cache.get(key)
+    if cached is not None:
+        return cached, None
+    pixel_file = _pixel_file(services.gateway, image)
+    if frame is None:
+        return render_frames(pixel_file, params, limits=services.limits), key
+    if frame >= pixel_file.number_of_frames:
+        raise NotFound(f"frame {frame + 1} does not exist; the instance has "
+                       f"{pixel_file.number_of_frames} frame(s)")
+    return render_frame(pixel_file, frame, params, limits=services.limits), key
+
+
+_PENDING: set[asyncio.Future[None]] = set()
+
+
+def _store_later(services: PixelServices, rendered: list[tuple[bytes, str | None]]) -> None:
+    """Write new cache entries in a worker thread without holding up the response."""
+    entries = [(key, data) for data, key in rendered if key is not None]
+    if not entries:
+        return
+
+    def store() -> None:
+        for key, data in entries:
+            services.cache.put(key, data)
+
+    future = asyncio.get_running_loop().run_in_executor(None, store)
+    _PENDING.add(future)
+    future.add_done_callback(_PENDING.discard)
+
+
+def _images_request(request: web.Request) -> tuple[str, str | None, str | None]:
+    info = request.match_info
+    return info["study"], info.get("series"), info.get("instance")
+
+
+async def _multipart_images(request: web.Request, services: PixelServices,
+                            images: list[StoredImage], params: RenderParams) -> web.StreamResponse:
+    boundary = _boundary()
+    response = web.StreamResponse(headers={
+        "Content-Type": _multipart_type(params.media_type, boundary)})
+    await response.prepare(request)
+    base = _base(request)
+    for image in images:
+        rendered = await _off_loop(services, functools.partial(
+            _render_one, services, image, 0, params))
+        _store_later(services, [rendered])
+        location = (f"{base}/studies/{image.study_uid}/series/{image.series_uid}"
+                    f"/instances/{image.sop_uid}/rendered")
+        await response.write(_part(boundary, params.media_type, rendered[0], location))
+    await response.write(f"--{boundary}--\r\n".encode())
+    await response.write_eof()
+    return response
+
+
+async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
+    """Rendered study, series, instance or frames (PS3.18 §10.4.1.1.3)."""
+    principal = require(request, Scope.DICOMWEB_READ)
+    services = request.config_dict[PIXELS]
+    study, series, sop = _images_request(request)
+    frames_text = request.match_info.get("frames")
+    numbers = parse_frame_list(frames_text) if frames_text is not None else None
+    with _problems():
+        media = negotiate_rendered(parse_accept(accept_of(request)))
+    params = render_params(request, media, thumbnail=False, limits=services.limits)
+    if sop is None and params.media_type == MEDIA_GIF:
+        params = RenderParams(MEDIA_JPEG, params.window, params.viewport, params.quality)
+
+    def work() -> tuple[list[StoredImage], list[tuple[bytes, str | None]]]:
+        # Instance and frames: lookup and rendering in one worker-thread hop.
+        images = [i for i in find_images(services.gateway, principal, study, series, sop)
+                  if i.has_pixels]
+        if not images:
+            raise PixelDataError("no instance there has pixel data to render")
+        if sop is None:
+            return images, []
+        frames: list[int | None] = [None] if numbers is None else [n - 1 for n in numbers]
+        return images, [_render_one(services, images[0], f, params) for f in frames]
+
+    (images, rendered), _ = await asyncio.gather(
+        _off_loop(services, work),
+        audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="rendered"))
+    if sop is None:
+        if len(images) > MAX_RENDERED_INSTANCES:
+            raise HTTPProblem(413, f"{len(images)} instances: at most {MAX_RENDERED_INSTANCES} "
+                                   "are rendered in one request; ask for each series")
+        return await _multipart_images(request, services, images, params)
+    _store_later(services, rendered)
+    if len(rendered) == 1:
+        return web.Response(body=rendered[0][0], headers={"Content-Type": params.media_type})
+    boundary = _boundary()
+    body = _multipart_body(boundary, params.media_type, [data for data, _ in rendered])
+    return web.Response(body=body,
+                        headers={"Content-Type": _multipart_type(params.media_type, boundary)})
+
+
+def representative(images: list[StoredImage]) -> StoredImage:
+    """The thumbnail's instance: the middle one of the first series with pixel data."""
+    with_pixels = [i for i in images if i.has_pixels]
+    if not with_pixels:
+        raise PixelDataError("no instance there has pixel data for a thumbnail")
+    first_series = with_pixels[0].series_uid
+    series = [i for i in with_pixels if i.series_uid == first_series]
+    return series[(len(series) - 1) // 2]
+
+
+async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
+    """Thumbnail of a study, series, instance or frame (PS3.18 §10.4.1.1.5)."""
+    principal = require(request, Scope.DICOMWEB_READ)
+    services = request.config_dict[PIXELS]
+    study, series, sop = _images_request(request)
+    frames_text = request.match_info.get("frames")
+    numbers = parse_frame_list(frames_text) if frames_text is not None else None
+    if numbers is not None and len(numbers) != 1:
+        raise HTTPProblem(400, "a thumbnail is of one frame", parameter="frames")
+    with _problems():
+        media = negotiate_rendered(parse_accept(accept_of(request)), allow_gif=False)
+    params = render_params(request, media, thumbnail=True, limits=services.limits)
+
+    def work() -> tuple[bytes, str | None]:
+        image = representative(find_images(services.gateway, principal, study, series, sop))
+        frame = numbers[0] - 1 if numbers is not None else (image.number_of_frames - 1) // 2
+        return _render_one(services, image, frame, params)
+
+    rendered, _ = await asyncio.gather(
+        _off_loop(services, work),
+        audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="thumbnail"))
+    _store_later(services, [rendered])
+    return web.Response(body=rendered[0], headers={"Content-Type": params.media_type,
+                                                   "Cache-Control": "private, max-age=300"})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the pixel routes (frames, rendered, thumbnail) on the DICOMweb application.
+
+    Needs ``app[GATEWAY]`` set first (``create_app`` does it before adding routes).
+    """
+    app[PIXELS] = PixelServices(app[GATEWAY])
+    instance = "/studies/{study}/series/{series}/instances/{instance}"
+    router = app.router
+    router.add_get(instance + "/frames/{frames}", retrieve_instance_frames)
+    router.add_get(instance + "/frames/{frames}/rendered", retrieve_rendered)
+    router.add_get(instance + "/frames/{frames}/thumbnail", retrieve_thumbnail)
+    router.add_get(instance + "/rendered", retrieve_rendered)
+    router.add_get(instance + "/thumbnail", retrieve_thumbnail)
+    router.add_get("/studies/{study}/series/{series}/rendered", retrieve_rendered)
+    router.add_get("/studies/{study}/series/{series}/thumbnail", retrieve_thumbnail)
+    router.add_get("/studies/{study}/rendered", retrieve_rendered)
+    router.add_get("/studies/{study}/thumbnail", retrieve_thumbnail)
+
+
+__all__ = ["PIXELS", "PixelServices", "add_routes", "find_images",
+           "negotiate_frames", "negotiate_rendered", "parse_accept"]
