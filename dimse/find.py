@@ -32,7 +32,7 @@ from pydicom.config import IGNORE
 from pydicom.multival import MultiValue
 
 from dimse.peers import PeerPolicy
-from dimse.qr import QUERY_EVENT, record_access
+from dimse.qr import QUERY_EVENT, busy, record_access
 from gateway.access import Principal, PrincipalKind, Scope
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
@@ -284,14 +284,15 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     record_access(gateway, QUERY_EVENT, ae_title, address, study_uids,
                   f"C-FIND {model} {level} level, {len(datasets)} matches")
     response_charset = _response_charset(query_charset, datasets)
-    for ds in datasets:
-        if event.is_cancelled:
-            logger.info("C-FIND from %s at %s cancelled by the peer", ae_title, address)
-            yield CANCEL, None
-            return
-        if response_charset:
-            ds.SpecificCharacterSet = response_charset
-        yield PENDING, ds
+    with busy(event.assoc):
+        for ds in datasets:
+            if event.is_cancelled:
+                logger.info("C-FIND from %s at %s cancelled by the peer", ae_title, address)
+                yield CANCEL, None
+                return
+            if response_charset:
+                ds.SpecificCharacterSet = response_charset
+            yield PENDING, ds
 
 
 __all__ = ["handle_find", "identifier_keys", "search"]

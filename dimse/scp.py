@@ -35,7 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dimse.find import handle_find
 from dimse.peers import PeerPolicy
-from dimse.qr import handle_get, handle_move, shorten_poll
+from dimse.qr import handle_get, handle_move
 from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
 from dimse.transport import install_fast_recv, tune_socket
 from gateway.core import Gateway
@@ -103,7 +103,6 @@ def handle_open(event: Any) -> None:
     if association_socket is not None and association_socket.socket is not None:
         tune_socket(association_socket.socket)
         install_fast_recv(association_socket)
-    shorten_poll(event.assoc)
 
 
 def handle_requested(event: Any, policy: PeerPolicy) -> None:
