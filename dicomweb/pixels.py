@@ -405,10 +405,9 @@ async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
         return _Frames(pixel_file, choice, pixel_file.output_syntax(choice.transfer_syntax),
                        first, batch)
 
-    found, _ = await asyncio.gather(
-        _off_loop(services, work),
-        audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
-              detail=f"frames {request.match_info['frames']} of {sop}"))
+    found = await _off_loop(services, work)
+    await audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
+                detail=f"frames {request.match_info['frames']} of {sop}")
     choice = found.choice
     part_type = f"{choice.media_type}; transfer-syntax={found.syntax_out}"
     if not choice.multipart:
@@ -519,9 +518,8 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
         frames: list[int | None] = [None] if numbers is None else [n - 1 for n in numbers]
         return images, [_render_one(services, images[0], f, params) for f in frames]
 
-    (images, rendered), _ = await asyncio.gather(
-        _off_loop(services, work),
-        audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="rendered"))
+    images, rendered = await _off_loop(services, work)
+    await audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="rendered")
     if sop is None:
         if len(images) > MAX_RENDERED_INSTANCES:
             raise HTTPProblem(413, f"{len(images)} instances: at most {MAX_RENDERED_INSTANCES} "
@@ -564,9 +562,8 @@ async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
         frame = numbers[0] - 1 if numbers is not None else (image.number_of_frames - 1) // 2
         return _render_one(services, image, frame, params)
 
-    rendered, _ = await asyncio.gather(
-        _off_loop(services, work),
-        audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="thumbnail"))
+    rendered = await _off_loop(services, work)
+    await audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="thumbnail")
     _store_later(services, [rendered])
     return web.Response(body=rendered[0], headers={"Content-Type": params.media_type,
                                                    "Cache-Control": "private, max-age=300"})
