@@ -10,8 +10,12 @@ STAMP  := $(VENV)/.installed
 # Orthanc (interoperability peer), Chromium (viewer test).
 TEST_DEBS := dcmtk orthanc orthanc-dicomweb chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The OHIF release the viewer tests serve (viewer_links/settings.py pins the same one), fetched
+# once with npm into a cache next to the venv and shared by every test run.
+OHIF_VERSION := 3.13.2
+VIEWER_CACHE := .viewer-cache/ohif-$(OHIF_VERSION)
 
-.PHONY: run test install system-deps bench lint typecheck clean
+.PHONY: run test install system-deps viewer-cache bench lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +32,7 @@ system-deps:
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc orthanc-dicomweb"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -q && \
@@ -35,12 +40,20 @@ system-deps:
 	    || echo "warning: could not install$$missing; tests needing them say so"; \
 	fi
 
+$(VIEWER_CACHE)/index.html: | $(STAMP)
+	$(BIN)/dicom-gateway viewer install --dest $(VIEWER_CACHE) --version $(OHIF_VERSION)
+
+viewer-cache: | system-deps
+	@$(MAKE) --no-print-directory $(VIEWER_CACHE)/index.html
+
 run: $(STAMP)
+	@command -v npm >/dev/null && $(BIN)/dicom-gateway viewer install --if-missing \
+	  || echo "warning: npm not found; the viewer is not installed (dicom-gateway viewer install)"
 	$(BIN)/dicom-gateway demo
 	GATEWAY_DEMO=1 $(BIN)/dicom-gateway serve
 
-test: $(STAMP) system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) system-deps viewer-cache
+	GATEWAY_TEST_VIEWER_DIR=$(CURDIR)/$(VIEWER_CACHE) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/store.py
@@ -53,4 +66,4 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .viewer-cache

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -159,15 +160,37 @@ def _part_type(syntax: str) -> str:
     return f"{MEDIA_DICOM}; transfer-syntax={syntax}"
 
 
-async def _read_chunks(path: Path) -> Any:
-    """Yield a file's bytes in :data:`CHUNK` pieces, reading on a worker thread."""
+async def send_file(request: web.Request, response: web.StreamResponse, path: Path,
+                    size: int, *, zero_copy: bool) -> None:
+    """Send a stored file as (part of) the body, with flat memory.
+
+    ``zero_copy`` (only when the response has a ``Content-Length``, so no chunk framing is
+    needed): the kernel copies the file to the socket (``loop.sendfile``), as aiohttp's own
+    ``FileResponse`` does. Otherwise, or where sendfile is unavailable (TLS), 1 MiB reads on a
+    worker thread.
+
+    Raises
+    ------
+    ConnectionResetError
+        If the file's size is not the indexed one (replaced or deleted meanwhile): the multipart
+        framing would be wrong, so the connection is dropped instead.
+    """
     f: BinaryIO = await asyncio.to_thread(open, path, "rb")
     try:
-        while True:
-            chunk = await asyncio.to_thread(f.read, CHUNK)
-            if not chunk:
+        actual = os.fstat(f.fileno()).st_size
+        if actual != size:
+            logger.error("stored file %s has %d bytes, the index says %d; aborting", path.name,
+                         actual, size)
+            raise ConnectionResetError("stored file changed during retrieval")
+        if zero_copy and request.transport is not None:
+            try:
+                await asyncio.get_running_loop().sendfile(request.transport, f, 0, size,
+                                                          fallback=False)
                 return
-            yield chunk
+            except (NotImplementedError, asyncio.SendfileNotAvailableError):
+                f.seek(0)
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            await response.write(chunk)
     finally:
         await asyncio.to_thread(f.close)
 
@@ -199,20 +222,15 @@ async def _retrieve(request: web.Request, study: str, series: str | None = None,
     await audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
                 detail=f"WADO-RS retrieve of {len(refs)} instances")
     await response.prepare(request)
+    if request.method == "HEAD":
+        await response.write_eof()
+        return response
     for ref, syntax, header, stored in zip(refs, plan.syntaxes, headers, as_stored, strict=True):
         await response.write(header)
         path = storage.path(ref.file_path)
         if stored:
-            sent = 0
-            async for chunk in _read_chunks(path):
-                sent += len(chunk)
-                await response.write(chunk)
-            if sent != ref.file_size:
-                # The file changed under us (deleted or replaced): the framing is now wrong, so
-                # end the connection rather than send a corrupt multipart body.
-                logger.error("stored file of %s has %d bytes, index says %d; aborting",
-                             ref.sop_instance_uid, sent, ref.file_size)
-                raise ConnectionResetError("stored file changed during retrieval")
+            await send_file(request, response, path, ref.file_size,
+                            zero_copy=response.content_length is not None)
         else:
             data = await asyncio.to_thread(transcode, path, syntax)
             await response.write(data)
@@ -232,8 +250,7 @@ async def _single_instance(request: web.Request, ref: InstanceRef, syntax: str,
         response = web.StreamResponse(headers=headers)
         response.content_length = ref.file_size
         await response.prepare(request)
-        async for chunk in _read_chunks(path):
-            await response.write(chunk)
+        await send_file(request, response, path, ref.file_size, zero_copy=False)
         await response.write_eof()
         return response
     data = await asyncio.to_thread(transcode, path, syntax)

@@ -21,10 +21,20 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dimse.find import handle_find
 from dimse.peers import PeerPolicy
+from dimse.qr import handle_get, handle_move
 from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
 from dimse.transport import install_fast_recv, tune_socket
 from gateway.core import Gateway
@@ -55,6 +65,25 @@ STORAGE_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.100",  # MPEG2 Main Profile
     "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264 High Profile
     "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main Profile
+]
+
+# Query/Retrieve SOP classes (PS3.4 C.6.1 Patient Root, C.6.2 Study Root); identifiers and
+# responses are small, so the uncompressed syntaxes are enough.
+QUERY_RETRIEVE_FIND = [
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+]
+QUERY_RETRIEVE_RETRIEVE = [
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+]
+QUERY_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
 ]
 
 # A-ASSOCIATE-RJ: rejected-permanent, DUL service user, calling AE title not recognised.
@@ -102,7 +131,10 @@ def prefer_requestor_syntaxes(assoc: Any) -> None:
         if wanted:
             ours = [str(t) for t in context.transfer_syntax]
             ordered = [t for t in wanted if t in ours] + [t for t in ours if t not in wanted]
-            context = build_context(context.abstract_syntax, ordered)
+            reordered = build_context(context.abstract_syntax, ordered)
+            # Keep the SCP/SCU role selection the context accepts (C-GET, PS3.7 D.3.3.4).
+            reordered.scu_role, reordered.scp_role = context.scu_role, context.scp_role
+            context = reordered
         contexts.append(context)
     assoc.acceptor.supported_contexts = contexts
 
@@ -157,7 +189,13 @@ def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> int:
 
 
 def build_ae(gateway: Gateway) -> AE:
-    """The Application Entity with every storage SOP class pynetdicom knows, and Verification."""
+    """The Application Entity: Verification, every storage SOP class pynetdicom knows, and
+    Query/Retrieve (Patient Root and Study Root, FIND / MOVE / GET).
+
+    Storage contexts accept whatever SCP/SCU role the requestor proposes (PS3.7 D.3.3.4), so
+    that a C-GET SCU can be the Storage SCP of its sub-operations; a requestor that proposes no
+    role selection keeps the default roles (it stores, the gateway receives).
+    """
     settings = gateway.settings.dimse
     ae = AE(ae_title=settings.ae_title)
     ae.require_called_aet = settings.require_called_ae
@@ -167,7 +205,10 @@ def build_ae(gateway: Gateway) -> AE:
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
-            ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES,
+                                     scu_role=True, scp_role=True)
+    for sop_class in QUERY_RETRIEVE_FIND + QUERY_RETRIEVE_RETRIEVE:
+        ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -178,6 +219,9 @@ def handlers(gateway: Gateway, policy: PeerPolicy) -> list[Any]:
         (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_C_ECHO, handle_echo, [policy]),
         (evt.EVT_C_STORE, handle_store, [gateway, policy]),
+        (evt.EVT_C_FIND, handle_find, [gateway, policy]),
+        (evt.EVT_C_MOVE, handle_move, [gateway, policy]),
+        (evt.EVT_C_GET, handle_get, [gateway, policy]),
     ]
 
 

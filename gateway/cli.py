@@ -137,10 +137,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"rejected {path.name}: {reason}", file=sys.stderr)
         from pydicom import dcmread
 
-        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        first = dcmread(files[0], stop_before_pixels=True)
+        study = str(first.StudyInstanceUID)
+        from viewer_links.cli import demo_link
+
+        link = demo_link(gateway, study, str(first.PatientID))
     base = settings.http.base_url or f"http://{settings.http.host}:{settings.http.port}"
     print(f"sample study {study}: {counts['stored']} stored, {counts['duplicate']} already there")
     print(f"DICOMweb: {base}/dicomweb/studies/{study}/series")
+    print(f"Viewer link (\"Voir l'examen\", valid 12 h): {link}")
     return 1 if rejected else 0
 
 
@@ -242,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="index database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     upgrade = db_sub.add_parser("upgrade", help="apply schema migrations")
+    from viewer_links.cli import add_parsers as add_link_parsers
+
+    add_link_parsers(sub)  # links mint|revoke|list, viewer install
     upgrade.set_defaults(func=cmd_db_upgrade)
     return parser
 

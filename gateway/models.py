@@ -15,6 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -160,3 +161,73 @@ class ApiKey(Base):
     institution: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# -- viewer links, viewer sessions and the access trail (migration 0002_links) ------------------
+class ViewerLink(Base):
+    """The registry of viewer links by ``jti``: use counts and revocation.
+
+    Links minted by the gateway are registered when minted; links signed by a portal are
+    registered the first time they are opened. The token itself is never stored.
+    """
+
+    __tablename__ = "viewer_link"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    viewer_id: Mapped[str] = mapped_column(String(128))
+    viewer_name: Mapped[str] = mapped_column(String(200), default="")
+    viewer_relationship: Mapped[str] = mapped_column("relationship", String(32))
+    key_images_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_uses: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Who minted it ("api_key:portal", "cli") or "portal:<kid>" for portal-signed links.
+    minted_by: Mapped[str] = mapped_column(String(200), default="")
+
+
+class ViewerSession(Base):
+    """A browser session opened by a viewer link; only the SHA-256 of its id is stored."""
+
+    __tablename__ = "viewer_session"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jti: Mapped[str] = mapped_column(
+        ForeignKey("viewer_link.jti", ondelete="CASCADE"), index=True
+    )
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    # JSON list of SOP Instance UIDs for a key-images-only session, else NULL (whole study).
+    instance_uids: Mapped[str | None] = mapped_column(Text, nullable=True)
+    address: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class AuditRecord(Base):
+    """One entry of the access trail (append-only: the migration installs triggers that refuse
+    UPDATE and DELETE). Shaped after DICOM PS3.15 A.5 audit messages and FHIR AuditEvent."""
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_patient_time", "patient_id", "recorded_at"),)
+
+    pk: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[int] = mapped_column(Integer, default=0)
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    actor_name: Mapped[str] = mapped_column(String(200), default="")
+    actor_relationship: Mapped[str | None] = mapped_column(
+        "relationship", String(32), nullable=True
+    )
+    address: Mapped[str] = mapped_column(String(64), default="")
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # JSON list of SOP Instance UIDs, when the access named instances.
+    instance_uids: Mapped[str | None] = mapped_column(Text, nullable=True)
+    jti: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    detail: Mapped[str] = mapped_column(String(500), default="")

@@ -33,6 +33,7 @@ Matching (PS3.4 C.2.2.2, PS3.18 §8.3.4.1):
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import re
@@ -213,13 +214,6 @@ def keyword_of(name: str, parameter: str | None = None) -> str:
         return name
     raise InvalidQueryParameter(parameter or name,
                                 "not a DICOM attribute keyword or tag (e.g. PatientID, 00100020)")
-
-
-def tag_hex(keyword: str) -> str:
-    tag = tag_for_keyword(keyword)
-    if tag is None:
-        raise KeyError(keyword)
-    return f"{tag:08X}"
 
 
 @dataclass(frozen=True)
@@ -423,6 +417,9 @@ class Wildcard(ColumnElement[bool]):
 
     inherit_cache = False
     type = Boolean()
+    # A predicate, not a boolean value: no "= 1" on databases without a boolean type (which
+    # would hide the column from SQLite's index planner).
+    _is_implicitly_boolean = True
 
     def __init__(self, column: Any, value: str) -> None:
         self.column = column
@@ -606,9 +603,21 @@ def _conditions(query: Query) -> tuple[list[Condition], list[str]]:
 
 
 # -- results ---------------------------------------------------------------------------------
-def _element(keyword: str, value: Any = None) -> dict[str, Any]:
+@functools.lru_cache(maxsize=4096)
+def _tag_hex(keyword: str) -> str:
+    """``"PatientID"`` -> ``"00100020"``; ``""`` for a name that is not a keyword."""
     tag = tag_for_keyword(keyword)
-    element: dict[str, Any] = {"vr": dictionary_VR(tag) if tag is not None else "UN"}
+    return "" if tag is None else f"{tag:08X}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _vr(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    return str(dictionary_VR(tag)) if tag is not None else "UN"
+
+
+def _element(keyword: str, value: Any = None) -> dict[str, Any]:
+    element: dict[str, Any] = {"vr": _vr(keyword)}
     if value is not None and value != "" and value != []:
         element["Value"] = value if isinstance(value, list) else [value]
     return element
@@ -656,7 +665,14 @@ class QueryEngine:
                 truncated_by_max = limit is not None
                 limit = self.max_results
         stmt = self._select(query, wanted)
-        stmt = stmt.where(*(c.clause for c in conditions), *self._scope(query, principal))
+        # Patient keys select patients first (their indexes), then the patients' studies
+        # (ix_study_patient_date): a plan the databases pick reliably, unlike a join they may
+        # reorder into a scan of every study.
+        on_patient = [c.clause for c in conditions if c.spec.column.table is Patient.__table__]
+        others = [c.clause for c in conditions if c.spec.column.table is not Patient.__table__]
+        if on_patient:
+            others.append(Study.patient_pk.in_(select(Patient.pk).where(*on_patient)))
+        stmt = stmt.where(*others, *self._scope(query, principal))
         if limit is not None:
             stmt = stmt.limit(limit + 1)
         if query.offset:
@@ -670,7 +686,8 @@ class QueryEngine:
                       if principal.instance_uids is not None else None)
         if truncated_by_max and not truncated:
             truncated_by_max = False
-        matches = [self._build(query, row, wanted, retrieve_base, counts) for row in rows]
+        shape = self._shape(query, wanted, retrieve_base)
+        matches = [self._build(query, row, shape, wanted, retrieve_base, counts) for row in rows]
         return QueryResult(matches, truncated or truncated_by_max, warnings)
 
     # -- SQL ------------------------------------------------------------------------------------
@@ -695,7 +712,6 @@ class QueryEngine:
                 select(Study.pk, Study.study_instance_uid, Study.attributes,
                        Study.modalities_in_study, Study.number_of_series,
                        Study.number_of_instances)
-                .join(Patient, Patient.pk == Study.patient_pk)
                 .order_by(Study.pk)
             )
         if level is Level.SERIES:
@@ -704,7 +720,6 @@ class QueryEngine:
                        Series.number_of_instances, Study.study_instance_uid,
                        Study.attributes.label("study_attributes"), Study.pk.label("study_pk"))
                 .join(Study, Study.pk == Series.study_pk)
-                .join(Patient, Patient.pk == Study.patient_pk)
             )
             if query.study_uid is not None:
                 return stmt.order_by(Series.series_number, Series.pk)
@@ -727,7 +742,6 @@ class QueryEngine:
             select(*columns)
             .join(Series, Series.pk == Instance.series_pk)
             .join(Study, Study.pk == Series.study_pk)
-            .join(Patient, Patient.pk == Study.patient_pk)
         )
         if query.series_uid is not None:
             return stmt.order_by(Instance.instance_number, Instance.pk)
@@ -790,19 +804,37 @@ class QueryEngine:
         return counts
 
     # -- DICOM JSON -----------------------------------------------------------------------------
-    def _build(self, query: Query, row: Any, wanted: frozenset[str] | None,
+    def _shape(self, query: Query, wanted: frozenset[str] | None,
+               retrieve_base: str | None) -> _Shape:
+        """What every match of ``query`` returns, worked out once per search."""
+        if wanted is None:
+            return _Shape(None, None, True, None)
+        tags = frozenset(_tag_hex(k) for k in wanted if _tag_hex(k))
+        context = frozenset(_tag_hex(k) for k in wanted & STUDY_CONTEXT)
+        from gateway.metadata import PATIENT_STUDY_KEYWORDS, SERIES_KEYWORDS
+
+        asks_study = query.study_uid is None or any(
+            k in PATIENT_STUDY_KEYWORDS and k not in STUDY_CONTEXT for k in wanted)
+        asks_series = query.series_uid is None or any(k in SERIES_KEYWORDS for k in wanted)
+        placeholders = {
+            _tag_hex(k): _vr(k) for k in wanted
+            if _tag_hex(k) and k != "QueryRetrieveLevel"
+            and not (k == "RetrieveURL" and retrieve_base is None)
+        }
+        return _Shape(tags, tags if asks_study else context, asks_series, placeholders)
+
+    def _build(self, query: Query, row: Any, shape: _Shape, wanted: frozenset[str] | None,
                retrieve_base: str | None, counts: dict[tuple[str, int], int] | None
                ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         level = query.level
         if level is Level.STUDY:
-            stored = json.loads(row.attributes)
-            self._copy(out, stored, wanted)
+            _copy(out, json.loads(row.attributes), shape.tags)
             n_series, n_instances = row.number_of_series, row.number_of_instances
             if counts is not None:
                 n_series = counts.get(("study_series", row.pk), 0)
                 n_instances = counts.get(("study", row.pk), 0)
-            computed = {
+            computed: dict[str, Any] = {
                 "StudyInstanceUID": row.study_instance_uid,
                 "ModalitiesInStudy": [m for m in row.modalities_in_study.split("\\") if m],
                 "NumberOfStudyRelatedSeries": n_series,
@@ -812,12 +844,8 @@ class QueryEngine:
             if retrieve_base is not None:
                 computed["RetrieveURL"] = f"{retrieve_base}/studies/{row.study_instance_uid}"
         elif level is Level.SERIES:
-            study_attrs = json.loads(row.study_attributes)
-            if query.study_uid is None or wanted is None or self._asks_study(wanted):
-                self._copy(out, study_attrs, wanted)
-            else:
-                self._copy(out, study_attrs, wanted & STUDY_CONTEXT)
-            self._copy(out, json.loads(row.attributes), wanted)
+            _copy(out, json.loads(row.study_attributes), shape.study_tags)
+            _copy(out, json.loads(row.attributes), shape.tags)
             n_instances = row.number_of_instances
             if counts is not None:
                 n_instances = counts.get(("series", row.pk), 0)
@@ -831,16 +859,12 @@ class QueryEngine:
                 computed["RetrieveURL"] = (f"{retrieve_base}/studies/{row.study_instance_uid}"
                                            f"/series/{row.series_instance_uid}")
         else:
-            study_attrs = json.loads(row.study_attributes)
-            if query.study_uid is None or wanted is None or self._asks_study(wanted):
-                self._copy(out, study_attrs, wanted)
-            else:
-                self._copy(out, study_attrs, wanted & STUDY_CONTEXT)
-            if query.series_uid is None or wanted is None or self._asks_series(wanted):
-                self._copy(out, json.loads(row.series_attributes), wanted)
+            _copy(out, json.loads(row.study_attributes), shape.study_tags)
+            if shape.asks_series:
+                _copy(out, json.loads(row.series_attributes), shape.tags)
             metadata = getattr(row, "metadata_json", None)
             if metadata is not None:
-                self._copy(out, json.loads(metadata), wanted)
+                _copy(out, json.loads(metadata), shape.tags)
             computed = {
                 "StudyInstanceUID": row.study_instance_uid,
                 "SeriesInstanceUID": row.series_instance_uid,
@@ -860,46 +884,31 @@ class QueryEngine:
         for keyword, value in computed.items():
             always = keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
             if wanted is None or keyword in wanted or (always and query.defaults):
-                out[tag_hex(keyword)] = _element(keyword, value)
-        if wanted is not None:
-            for keyword in wanted:
-                tag = tag_for_keyword(keyword)
-                if tag is None or keyword == "QueryRetrieveLevel":
-                    continue
-                if keyword == "RetrieveURL" and retrieve_base is None:
-                    continue
-                key = f"{tag:08X}"
-                if key not in out:
-                    out[key] = _element(keyword)  # asked for, not present: zero length
+                out[_tag_hex(keyword)] = _element(keyword, value)
+        if shape.placeholders:
+            for tag, vr in shape.placeholders.items():
+                if tag not in out:
+                    out[tag] = {"vr": vr}  # asked for, not present: zero length
         return dict(sorted(out.items()))
 
-    @staticmethod
-    def _asks_study(wanted: frozenset[str]) -> bool:
-        from gateway.metadata import PATIENT_STUDY_KEYWORDS
 
-        return any(k in PATIENT_STUDY_KEYWORDS and k not in ("SpecificCharacterSet",
-                                                             "TimezoneOffsetFromUTC")
-                   for k in wanted)
+@dataclass(frozen=True)
+class _Shape:
+    """The tags a search returns from each stored level (``None``: all of them)."""
 
-    @staticmethod
-    def _asks_series(wanted: frozenset[str]) -> bool:
-        from gateway.metadata import SERIES_KEYWORDS
+    tags: frozenset[str] | None
+    study_tags: frozenset[str] | None
+    asks_series: bool
+    placeholders: dict[str, str] | None
 
-        return any(k in SERIES_KEYWORDS for k in wanted)
 
-    @staticmethod
-    def _copy(out: dict[str, Any], stored: dict[str, Any],
-              wanted: frozenset[str] | None) -> None:
-        if wanted is None:
-            out.update(stored)
-            return
-        for keyword in wanted:
-            tag = tag_for_keyword(keyword)
-            if tag is None:
-                continue
-            key = f"{tag:08X}"
-            if key in stored:
-                out[key] = stored[key]
+def _copy(out: dict[str, Any], stored: dict[str, Any], tags: frozenset[str] | None) -> None:
+    if tags is None:
+        out.update(stored)
+        return
+    for key, element in stored.items():
+        if key in tags:
+            out[key] = element
 
 
 __all__ = [

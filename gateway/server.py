@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from pynetdicom.transport import ThreadedAssociationServer
 
+import viewer_links
 from dicomweb.app import MOUNT as DICOMWEB_MOUNT
 from dicomweb.app import create_app as create_dicomweb_app
 from dimse.peers import is_loopback
 from dimse.scp import start_server as start_dimse
-from gateway.access import AccessPolicy, NoSessions
+from gateway.access import AccessPolicy
+from gateway.audit import DatabaseAudit
 from gateway.config import Settings
 from gateway.core import Gateway
 from gateway.errors import GatewayError
@@ -55,7 +57,13 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     app = web.Application(client_max_size=gateway.settings.http.max_upload_bytes)
     app[GATEWAY] = gateway
     add_routes(app)
-    app.add_subapp(DICOMWEB_MOUNT, create_dicomweb_app(gateway, access_policy or NoSessions()))
+    # Viewer links: the portal API, /view and /iid; their service is the AccessPolicy that
+    # resolves viewer-session cookies, and the trail is the persistent audit sink.
+    links = viewer_links.build_service(gateway)
+    viewer_links.mount_api(app, gateway, links)
+    app.add_subapp(DICOMWEB_MOUNT, create_dicomweb_app(
+        gateway, access_policy or links, audit_sink=DatabaseAudit(gateway.index)))
+    viewer_links.mount_viewer(app, links)  # last: OHIF answers every path left (SPA)
     return app
 
 

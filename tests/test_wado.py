@@ -286,3 +286,21 @@ def test_restricted_session_sees_only_its_study_and_instances(live: LiveServer) 
         assert get("/studies", "expired").status == 401
         assert ("expired", "127.0.0.1") in sessions.calls
 
+
+
+def test_head_sends_headers_only(dw: Setup) -> None:
+    import http.client
+
+    c = dw.corpus
+    host, port = dw.live.http_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    auth = {"Authorization": f"Bearer {dw.token}"}
+    connection.request("HEAD", f"/dicomweb/studies/{c.study_a}", headers=auth)
+    response = connection.getresponse()
+    assert response.status == 200 and response.read() == b""
+    length = int(response.headers["Content-Length"])
+    # The same connection still works: no body bytes were sent after the HEAD answer.
+    connection.request("GET", f"/dicomweb/studies/{c.study_a}", headers=auth)
+    response = connection.getresponse()
+    assert response.status == 200 and len(response.read()) == length
+    connection.close()

@@ -1,0 +1,267 @@
+"""C-FIND SCP (PS3.4 C.4.1): Patient Root and Study Root, PATIENT / STUDY / SERIES / IMAGE.
+
+The matching is not done here: the identifier is turned into a :class:`gateway.query.Query`
+and run by the one query engine shared with QIDO-RS (:class:`gateway.query.QueryEngine`), so
+that single value, list of UID, wildcard, range and universal matching (PS3.4 C.2.2.2) behave
+the same over DIMSE and over the web.
+
+What this module does:
+
+- checks that the calling AE may query (:class:`dimse.peers.PeerPolicy`), else 0x0124;
+- reads the identifier: pydicom decodes its text with the identifier's own Specific Character
+  Set (C.4.1.1.3.1), so that matching sees Unicode; keys with an empty value are return keys;
+- PATIENT level (Patient Root only, C.6.1.1.2): the engine searches studies with the patient
+  keys and the matches are grouped by patient (Patient ID and Issuer), with
+  NumberOfPatientRelatedStudies / Series / Instances summed from the studies;
+- answers one Pending (0xFF00) per match with the requested keys only, plus
+  QueryRetrieveLevel (C.4.1.1.3.2) and RetrieveAETitle when asked, and checks for C-CANCEL
+  before each one;
+- encodes the responses in the query's character set when every value fits in it, in UTF-8
+  (ISO_IR 192) otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.charset import convert_encodings
+from pydicom.multival import MultiValue
+
+from dimse.peers import PeerPolicy
+from dimse.qr import QUERY_EVENT, record_access
+from gateway.access import Principal, PrincipalKind, Scope
+from gateway.core import Gateway
+from gateway.errors import InvalidQuery
+from gateway.query import Level, Query, QueryEngine
+
+logger = logging.getLogger(__name__)
+
+# PS3.4 C.4.1.1.4 C-FIND response statuses.
+PENDING = 0xFF00  # Pending: matches are continuing
+CANCEL = 0xFE00  # Cancel: matching terminated due to Cancel request
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Failed: Identifier does not match SOP Class
+UNABLE_TO_PROCESS = 0xC000  # Failed: Unable to process
+OUT_OF_RESOURCES = 0xA700  # Refused: Out of resources
+# PS3.7 Annex C, general status: the DIMSE-service-user is not authorised for the operation.
+NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
+
+UTF8 = "ISO_IR 192"
+TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+# Patient level keys (PS3.4 Table C.6-1) and their study-level counts.
+PATIENT_KEYS = frozenset({
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence", "PatientBirthDate", "PatientBirthTime", "PatientSex",
+    "EthnicGroup", "PatientComments", "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances",
+})
+PATIENT_COUNTS = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+                  "NumberOfPatientRelatedInstances")
+# Keys the SCP fills itself rather than the engine.
+OWN_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"})
+
+
+def principal_for(ae_title: str) -> Principal:
+    """The principal of a DIMSE peer allowed to query: it sees every study (DESIGN.md)."""
+    return Principal(kind=PrincipalKind.DIMSE, id=ae_title,
+                     scopes=frozenset({Scope.DICOMWEB_READ.value}), display_name=ae_title)
+
+
+def dicom_string(value: Any) -> str:
+    """A data element value in its DICOM string form (multiple values joined by ``\\``)."""
+    if value is None:
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "\\".join(dicom_string(v) for v in value)
+    return str(value)
+
+
+def identifier_keys(identifier: Dataset) -> dict[str, str]:
+    """``{keyword: value}`` of an identifier, for :meth:`gateway.query.Query.from_identifier`.
+
+    Sequence keys are passed with an empty value: they are returned as stored, but not matched
+    (sequence matching, C.2.2.2.6, is not supported by the query engine; see the conformance
+    statement). Private and unknown attributes are ignored.
+    """
+    keys: dict[str, str] = {}
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in OWN_KEYS or element.tag.is_private:
+            continue
+        keys[keyword] = "" if element.VR == "SQ" else dicom_string(element.value).strip()
+    return keys
+
+
+def information_model(sop_class_uid: str) -> str:
+    return "PATIENT_ROOT" if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.2.1.") \
+        else "STUDY_ROOT"
+
+
+def _response_charset(query_charset: list[str], datasets: list[Dataset]) -> str | None:
+    """The Specific Character Set of the responses: the query's when every text value fits.
+
+    Returns ``None`` when the default repertoire (ASCII) is enough and the query named none.
+    """
+    texts = [str(element.value) for ds in datasets for element in ds
+             if element.VR in TEXT_VRS and element.value not in (None, "")]
+    if query_charset and len(query_charset) == 1:
+        codec = convert_encodings(query_charset)[0]
+        try:
+            for text in texts:
+                text.encode(codec)
+            return query_charset[0]
+        except (UnicodeEncodeError, LookupError):
+            return UTF8
+    if all(text.isascii() for text in texts):
+        return query_charset[0] if query_charset else None
+    return UTF8
+
+
+def _dataset(match: dict[str, Any]) -> Dataset:
+    """A DICOM JSON match as a data set, without bulk data references."""
+    clean = {tag: element for tag, element in match.items()
+             if "BulkDataURI" not in element and "InlineBinary" not in element}
+    return Dataset.from_json(clean)
+
+
+def _patients(studies: list[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:
+    """Study matches grouped by patient, with the patient-level keys and summed counts."""
+    from pydicom.datadict import tag_for_keyword
+
+    def tag(keyword: str) -> str:
+        return f"{tag_for_keyword(keyword):08X}"
+
+    def first(match: dict[str, Any], keyword: str) -> Any:
+        values = match.get(tag(keyword), {}).get("Value") or [""]
+        return values[0]
+
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for study in studies:
+        key = (str(first(study, "PatientID")), str(first(study, "IssuerOfPatientID")))
+        group = groups.get(key)
+        if group is None:
+            group = {t: e for t, e in study.items()
+                     if any(t == tag(k) for k in wanted if tag_for_keyword(k) is not None)}
+            group["_counts"] = [0, 0, 0]
+            groups[key] = group
+        counts = group["_counts"]
+        counts[0] += 1
+        counts[1] += int(first(study, "NumberOfStudyRelatedSeries") or 0)
+        counts[2] += int(first(study, "NumberOfStudyRelatedInstances") or 0)
+    patients = []
+    for group in groups.values():
+        counts = group.pop("_counts")
+        for keyword, value in zip(PATIENT_COUNTS, counts, strict=True):
+            if keyword in wanted:
+                group[tag(keyword)] = {"vr": "IS", "Value": [value]}
+        patients.append(group)
+    return patients
+
+
+def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
+           ) -> tuple[str, list[Dataset], list[str]]:
+    """Run a C-FIND identifier through the query engine.
+
+    Returns
+    -------
+    tuple
+        The level, the response identifiers, and the Study Instance UIDs they come from (for
+        the access trail, whether or not the peer asked for them).
+
+    Raises
+    ------
+    InvalidQuery
+        When the level or a key is not valid for the information model (mapped to 0xA900).
+    """
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    allowed = ("PATIENT", "STUDY", "SERIES", "IMAGE") if model == "PATIENT_ROOT" \
+        else ("STUDY", "SERIES", "IMAGE")
+    if level not in allowed:
+        raise InvalidQuery(f"Query/Retrieve Level {level!r} is not one of {', '.join(allowed)}"
+                           f" in the {model.replace('_', ' ').title()} information model")
+    keys = identifier_keys(identifier)
+    engine = QueryEngine(gateway.index, max_results=0)
+    principal = principal_for(ae_title)
+    trail = frozenset({"StudyInstanceUID"})
+    if level == "PATIENT":
+        below = [k for k, v in keys.items() if k not in PATIENT_KEYS and v]
+        if below:
+            raise InvalidQuery(f"{', '.join(below)} cannot be matched at the PATIENT level")
+        study_keys = {k: v for k, v in keys.items()
+                      if k in PATIENT_KEYS and k not in PATIENT_COUNTS}
+        study_keys.setdefault("PatientID", "")
+        study_keys.setdefault("IssuerOfPatientID", "")
+        query = Query.from_identifier(Level.STUDY, study_keys)
+        query = Query(level=query.level, keys=query.keys,
+                      include=query.include | trail | {"NumberOfStudyRelatedSeries",
+                                                       "NumberOfStudyRelatedInstances"},
+                      defaults=False)
+        result = engine.search(query, principal)
+        study_uids = [str(uid) for uid in result.study_uids]
+        matches = _patients(result.matches, {k for k in keys if k in PATIENT_KEYS})
+    else:
+        query = Query.from_identifier(Level(level), keys)
+        query = Query(level=query.level, keys=query.keys, include=query.include | trail,
+                      defaults=False)
+        result = engine.search(query, principal)
+        study_uids = [str(uid) for uid in result.study_uids]
+        matches = result.matches
+    for warning in result.warnings:
+        logger.info("C-FIND from %s: %s", ae_title, warning)
+    datasets = []
+    asked_retrieve_ae = "RetrieveAETitle" in identifier
+    for match in matches:
+        ds = _dataset(match)
+        if "StudyInstanceUID" not in keys and "StudyInstanceUID" in ds:
+            del ds.StudyInstanceUID
+        ds.QueryRetrieveLevel = level
+        if asked_retrieve_ae:
+            ds.RetrieveAETitle = gateway.settings.dimse.ae_title
+        for keyword in keys:  # every asked key is answered, empty when unknown (C.4.1.1.3.2)
+            if keyword not in ds:
+                setattr(ds, keyword, None)
+        datasets.append(ds)
+    return level, datasets, study_uids
+
+
+def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any]:
+    """C-FIND SCP (PS3.4 C.4.1.2): one Pending response per match, then Success."""
+    requestor = event.assoc.requestor
+    ae_title, address = str(requestor.ae_title).strip(), str(requestor.address)
+    if not policy.allows("find", ae_title, address):
+        logger.warning("refused C-FIND from %s at %s: not allowed by [dimse.peers]",
+                       ae_title, address)
+        record_access(QUERY_EVENT, ae_title, address, (), "C-FIND refused: peer not allowed",
+                      success=False)
+        yield NOT_AUTHORIZED, None
+        return
+    try:
+        identifier = event.identifier
+        charset = identifier.get("SpecificCharacterSet") or []
+        query_charset = [charset] if isinstance(charset, str) else [str(c) for c in charset]
+        model = information_model(str(event.request.AffectedSOPClassUID))
+        level, datasets, study_uids = search(gateway, identifier, model, ae_title)
+    except InvalidQuery as exc:
+        logger.warning("C-FIND from %s at %s refused: %s", ae_title, address, exc)
+        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+        return
+    except Exception:  # noqa: BLE001 - mapped once, here, to "unable to process"
+        logger.exception("C-FIND from %s at %s failed", ae_title, address)
+        yield UNABLE_TO_PROCESS, None
+        return
+    record_access(QUERY_EVENT, ae_title, address, study_uids,
+                  f"C-FIND {model} {level} level, {len(datasets)} matches")
+    response_charset = _response_charset(query_charset, datasets)
+    for ds in datasets:
+        if event.is_cancelled:
+            logger.info("C-FIND from %s at %s cancelled by the peer", ae_title, address)
+            yield CANCEL, None
+            return
+        if response_charset:
+            ds.SpecificCharacterSet = response_charset
+        yield PENDING, ds
+
+
+__all__ = ["handle_find", "identifier_keys", "search"]
