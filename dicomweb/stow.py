@@ -41,31 +41,16 @@ from dicomweb.xml import to_native_xml
 from gateway.access import Scope
 from gateway.audit import AuditAction
 from gateway.errors import (
-    Conflict,
     Forbidden,
     GatewayError,
-    InvalidInstance,
-    SOPClassMismatch,
-    StorageFull,
 )
 from gateway.ingest import IngestResult
+from gateway.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, store_status
 from gateway.uids import validate_uid
 
 logger = logging.getLogger(__name__)
 
-# FailureReason values (PS3.18 §10.5.3, Table 10.5.3-3 / PS3.4 Annex B.2.3).
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111  # a different instance is stored under this UID
-OUT_OF_RESOURCES = 0xA700
-DATA_SET_DOES_NOT_MATCH = 0xA900  # SOP class / study of the request
-CANNOT_UNDERSTAND = 0xC000
-
-FAILURE_OF: tuple[tuple[type[GatewayError], int], ...] = (
-    (InvalidInstance, CANNOT_UNDERSTAND),
-    (SOPClassMismatch, DATA_SET_DOES_NOT_MATCH),
-    (Conflict, DUPLICATE_SOP_INSTANCE),
-    (StorageFull, OUT_OF_RESOURCES),
-)
+# FailureReason values (PS3.18 §10.5.3 reuses PS3.4 B.2.3): gateway.status, shared with C-STORE.
 
 SPOOL_IN_MEMORY = 16 * 1024 * 1024
 READ_CHUNK = 256 * 1024
@@ -151,8 +136,7 @@ def _store_part(request: web.Request, spool: Spool, study: str | None, source: s
         result: IngestResult = gateway_of(request).ingestor.ingest(
             data, source=source, expected_study_instance_uid=study)
     except GatewayError as exc:
-        failure = next((code for cls, code in FAILURE_OF if isinstance(exc, cls)),
-                       PROCESSING_FAILURE)
+        failure = store_status(exc)
         sop_class, sop_instance = _identify(data)
         logger.info("STOW-RS part refused (%s, 0x%04X): %s", sop_instance or "unreadable",
                     failure, exc)

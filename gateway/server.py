@@ -61,8 +61,9 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     # resolves viewer-session cookies, and the trail is the persistent audit sink.
     links = viewer_links.build_service(gateway)
     viewer_links.mount_api(app, gateway, links)
+    audit_sink = getattr(gateway, "audit", None) or DatabaseAudit(gateway.index)
     app.add_subapp(DICOMWEB_MOUNT, create_dicomweb_app(
-        gateway, access_policy or links, audit_sink=DatabaseAudit(gateway.index)))
+        gateway, access_policy or links, audit_sink=audit_sink))
     viewer_links.mount_viewer(app, links)  # last: OHIF answers every path left (SPA)
     return app
 

@@ -1,4 +1,4 @@
-"""The examples in the core's docstrings run and hold."""
+"""The examples in the docstrings (core, DICOMweb modules, query engine) run and hold."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import importlib
 
 import pytest
 
-MODULES = ["gateway.uids", "gateway.part10", "gateway.metadata", "gateway.storage"]
+MODULES = [
+    "gateway.uids", "gateway.part10", "gateway.metadata", "gateway.storage", "gateway.status",
+    "gateway.query", "gateway.apikeys", "dicomweb.media", "dicomweb.problems", "dicomweb.wado",
+    "dicomweb.stow", "dicomweb.xml",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
