@@ -29,6 +29,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import RLELossless
 
 from dicomweb.app import create_app as create_dicomweb_app
+from dicomweb.pixels import AuditCoalescer
 from gateway.access import Principal, PrincipalKind
 from gateway.apikeys import ApiKeys
 from gateway.audit import AuditAction, AuditEvent
@@ -550,7 +551,8 @@ async def test_accesses_are_audited(gateway: Gateway) -> None:
             f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
     try:
         async with aiohttp.ClientSession(headers={"Cookie": "gw_session=study"}) as session:
-            for tail in ("/frames/1", "/rendered", "/thumbnail", "/frames/7"):
+            for tail in ("/frames/1", "/frames/1", "/rendered", "/thumbnail", "/rendered",
+                         "/frames/7"):
                 async with session.get(base + tail, headers={"Accept": "*/*"}) as response:
                     await response.read()
                     assert response.status == (404 if tail == "/frames/7" else 200)
@@ -562,3 +564,17 @@ async def test_accesses_are_audited(gateway: Gateway) -> None:
         (AuditAction.INSTANCES_ACCESSED, (STUDY,), "link-1", True),
     ]
     assert all(e.principal == "viewer_session:viewer-1" for e in sink.events)
+    assert sink.events[0].detail == "WADO-RS frames (one entry per study and 60 s)"
+
+
+def test_audit_coalescer_windows() -> None:
+    viewer = Principal(PrincipalKind.VIEWER_SESSION, "v", jti="a")
+    other_link = Principal(PrincipalKind.VIEWER_SESSION, "v", jti="b")
+    coalescer = AuditCoalescer(window=60)
+    assert coalescer.due(viewer, STUDY, "frames")
+    assert not coalescer.due(viewer, STUDY, "frames")       # within the window
+    assert coalescer.due(viewer, OTHER_STUDY, "frames")     # another study
+    assert coalescer.due(viewer, STUDY, "rendered")         # another kind
+    assert coalescer.due(other_link, STUDY, "frames")       # another link
+    every_time = AuditCoalescer(window=0)
+    assert every_time.due(viewer, STUDY, "frames") and every_time.due(viewer, STUDY, "frames")
