@@ -21,6 +21,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -34,7 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dimse.find import handle_find
 from dimse.peers import PeerPolicy
-from dimse.qr import handle_get, handle_move
+from dimse.qr import handle_get, handle_move, shorten_poll
 from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
 from dimse.transport import install_fast_recv, tune_socket
 from gateway.core import Gateway
@@ -102,6 +103,7 @@ def handle_open(event: Any) -> None:
     if association_socket is not None and association_socket.socket is not None:
         tune_socket(association_socket.socket)
         install_fast_recv(association_socket)
+    shorten_poll(event.assoc)
 
 
 def handle_requested(event: Any, policy: PeerPolicy) -> None:
@@ -197,6 +199,10 @@ def build_ae(gateway: Gateway) -> AE:
     role selection keeps the default roles (it stores, the gateway receives).
     """
     settings = gateway.settings.dimse
+    # pynetdicom logs each Query/Retrieve request identifier at INFO, patient names included,
+    # and formats it even when INFO is off: neither is wanted (STYLE.md, privacy and latency).
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     ae = AE(ae_title=settings.ae_title)
     ae.require_called_aet = settings.require_called_ae
     ae.maximum_associations = settings.max_associations
