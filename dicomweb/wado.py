@@ -160,6 +160,11 @@ def _part_type(syntax: str) -> str:
     return f"{MEDIA_DICOM}; transfer-syntax={syntax}"
 
 
+def _open_sized(path: Path) -> tuple[BinaryIO, int]:
+    f = open(path, "rb")  # noqa: SIM115 - closed by send_file
+    return f, os.fstat(f.fileno()).st_size
+
+
 async def send_file(request: web.Request, response: web.StreamResponse, path: Path,
                     size: int, *, zero_copy: bool) -> None:
     """Send a stored file as (part of) the body, with flat memory.
@@ -175,9 +180,8 @@ async def send_file(request: web.Request, response: web.StreamResponse, path: Pa
         If the file's size is not the indexed one (replaced or deleted meanwhile): the multipart
         framing would be wrong, so the connection is dropped instead.
     """
-    f: BinaryIO = await asyncio.to_thread(open, path, "rb")
+    f, actual = await asyncio.to_thread(_open_sized, path)
     try:
-        actual = os.fstat(f.fileno()).st_size
         if actual != size:
             logger.error("stored file %s has %d bytes, the index says %d; aborting", path.name,
                          actual, size)
@@ -192,7 +196,7 @@ async def send_file(request: web.Request, response: web.StreamResponse, path: Pa
         while chunk := await asyncio.to_thread(f.read, CHUNK):
             await response.write(chunk)
     finally:
-        await asyncio.to_thread(f.close)
+        f.close()  # a read-only descriptor: closing does not wait on the disk
 
 
 async def _retrieve(request: web.Request, study: str, series: str | None = None,

@@ -61,7 +61,7 @@ from sqlalchemy.ext.compiler import compiles
 from gateway.access import Principal
 from gateway.errors import InvalidQuery
 from gateway.index import Index
-from gateway.metadata import normalize_name
+from gateway.metadata import PATIENT_STUDY_KEYWORDS, SERIES_KEYWORDS, normalize_name
 from gateway.models import Instance, Patient, Series, Study
 from gateway.uids import is_valid_uid
 
@@ -659,11 +659,8 @@ class QueryEngine:
                     f"ignored: {', '.join(ignored)}"] if ignored else []
         wanted = self._wanted(query)
         limit = query.limit
-        truncated_by_max = False
-        if self.max_results:
-            if limit is None or limit > self.max_results:
-                truncated_by_max = limit is not None
-                limit = self.max_results
+        if self.max_results and (limit is None or limit > self.max_results):
+            limit = self.max_results  # cut at the maximum: the Warning says more exist
         stmt = self._select(query, wanted)
         # Patient keys select patients first (their indexes), then the patients' studies
         # (ix_study_patient_date): a plan the databases pick reliably, unlike a join they may
@@ -684,11 +681,9 @@ class QueryEngine:
                 rows = rows[:limit]
             counts = (self._visible_counts(session, query.level, rows, principal)
                       if principal.instance_uids is not None else None)
-        if truncated_by_max and not truncated:
-            truncated_by_max = False
         shape = self._shape(query, wanted, retrieve_base)
         matches = [self._build(query, row, shape, wanted, retrieve_base, counts) for row in rows]
-        return QueryResult(matches, truncated or truncated_by_max, warnings)
+        return QueryResult(matches, truncated, warnings)
 
     # -- SQL ------------------------------------------------------------------------------------
     def _wanted(self, query: Query) -> frozenset[str] | None:
@@ -749,8 +744,6 @@ class QueryEngine:
 
     @staticmethod
     def _stored_above(keyword: str) -> bool:
-        from gateway.metadata import PATIENT_STUDY_KEYWORDS, SERIES_KEYWORDS
-
         return keyword in PATIENT_STUDY_KEYWORDS or keyword in SERIES_KEYWORDS
 
     def _scope(self, query: Query, principal: Principal) -> list[ColumnElement[bool]]:
@@ -811,8 +804,6 @@ class QueryEngine:
             return _Shape(None, None, True, None)
         tags = frozenset(_tag_hex(k) for k in wanted if _tag_hex(k))
         context = frozenset(_tag_hex(k) for k in wanted & STUDY_CONTEXT)
-        from gateway.metadata import PATIENT_STUDY_KEYWORDS, SERIES_KEYWORDS
-
         asks_study = query.study_uid is None or any(
             k in PATIENT_STUDY_KEYWORDS and k not in STUDY_CONTEXT for k in wanted)
         asks_series = query.series_uid is None or any(k in SERIES_KEYWORDS for k in wanted)

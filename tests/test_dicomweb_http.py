@@ -69,3 +69,27 @@ def test_unknown_route_and_method_are_problem_json(live: LiveServer) -> None:
 
 def test_health_routes_stay_outside_dicomweb_auth(live: LiveServer) -> None:
     assert raw(live.http_url + "/healthz").status == 200
+
+
+def test_capabilities_as_wadl(live: LiveServer) -> None:
+    import xml.etree.ElementTree as ET
+
+    token = api_key(live.gateway, "reader", "dicomweb:read")
+    reply = raw(live.http_url + "/dicomweb/", method="OPTIONS",
+                headers={"Authorization": f"Bearer {token}"})
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "application/vnd.sun.wadl+xml"
+    root = ET.fromstring(reply.body)
+    ns = {"w": "http://wadl.dev.java.net/2009/02"}
+    resources = root.find("w:resources", ns)
+    assert resources is not None
+    assert resources.get("base") == f"{live.http_url}/dicomweb/"
+    methods = {(r.get("path"), m.get("name")) for r in resources.findall("w:resource", ns)
+               for m in r.findall("w:method", ns)}
+    assert ("studies", "GET") in methods and ("studies", "POST") in methods
+    assert ("studies/{study}/series/{series}/metadata", "GET") in methods
+    assert ("studies/{study}", "DELETE") in methods
+    # Capabilities need a credential too (deny by default), and a WADL-compatible Accept.
+    assert raw(live.http_url + "/dicomweb/", method="OPTIONS").status == 401
+    assert raw(live.http_url + "/dicomweb/", method="OPTIONS",
+               headers={"Authorization": f"Bearer {token}", "Accept": "image/png"}).status == 406

@@ -10,7 +10,7 @@ import pytest
 MODULES = [
     "gateway.uids", "gateway.part10", "gateway.metadata", "gateway.storage", "gateway.status",
     "gateway.query", "gateway.apikeys", "dicomweb.media", "dicomweb.problems", "dicomweb.wado",
-    "dicomweb.stow", "dicomweb.xml",
+    "dicomweb.stow", "dicomweb.xml", "dicomweb.capabilities",
 ]
 
 

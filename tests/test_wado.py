@@ -304,3 +304,34 @@ def test_head_sends_headers_only(dw: Setup) -> None:
     response = connection.getresponse()
     assert response.status == 200 and len(response.read()) == length
     connection.close()
+
+
+def test_retrieval_streams_with_flat_memory(live: LiveServer) -> None:
+    """64 MB retrieved while Python's allocations stay far below the body size.
+
+    Server and client share this process: tracemalloc's peak would reach the body size if the
+    server assembled the response (or the client kept it). bench/wado_memory.py measures the
+    server's resident memory on a 1 GB study in its own process.
+    """
+    import tracemalloc
+    import urllib.request
+
+    study, series = "1.2.826.0.1.3680043.8.498.64", "1.2.826.0.1.3680043.8.498.64.1"
+    for i in range(128):  # 128 x 512 KiB
+        live.gateway.ingestor.ingest(part10(ct_dataset(i, study=study, series=series, rows=512)))
+    token = api_key(live.gateway, "reader", "dicomweb:read")
+    request = urllib.request.Request(f"{live.http_url}/dicomweb/studies/{study}", headers={
+        "Authorization": f"Bearer {token}",
+        "Accept": 'multipart/related; type="application/dicom"'})
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        total = 0
+        with urllib.request.urlopen(request, timeout=120) as response:
+            while chunk := response.read(1024 * 1024):
+                total += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total > 64 * 1024 * 1024
+    assert peak < 16 * 1024 * 1024, f"peak Python allocations {peak / 2**20:.0f} MiB"
