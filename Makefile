@@ -52,7 +52,7 @@ run: $(STAMP)
 	$(BIN)/dicom-gateway demo
 	GATEWAY_DEMO=1 $(BIN)/dicom-gateway serve
 
-test: $(STAMP) system-deps viewer-cache
+test: $(STAMP) system-deps viewer-cache lint typecheck
 	GATEWAY_TEST_VIEWER_DIR=$(CURDIR)/$(VIEWER_CACHE) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) system-deps

@@ -29,6 +29,8 @@ import contextlib
 import functools
 import logging
 import secrets
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,7 +38,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from sqlalchemy import bindparam, select
 
-from dicomweb.app import GATEWAY, audit, require
+from dicomweb.app import GATEWAY, PRINCIPAL, audit, require
 from dicomweb.problems import HTTPProblem
 from gateway.access import Principal, Scope
 from gateway.audit import AuditAction
@@ -75,6 +77,8 @@ logger = logging.getLogger(__name__)
 MEDIA_MULTIPART = "multipart/related"
 # Bytes of frames read per worker-thread call while streaming a multipart answer.
 STREAM_BATCH_BYTES = 8 * 1024**2
+# Pixel requests of one viewer for one study within this many seconds share one audit entry.
+AUDIT_WINDOW_SECONDS = 60.0
 # Instances rendered by one series or study request.
 MAX_RENDERED_INSTANCES = 5000
 T = TypeVar("T")
@@ -86,12 +90,54 @@ class PixelServices:
     def __init__(self, gateway: Gateway) -> None:
         table = gateway.settings.extra.get("pixels", {})
         self.gateway = gateway
-        self.limits = PixelLimits.from_settings(table, also=("cache_bytes",))
+        self.limits = PixelLimits.from_settings(table, also=("cache_bytes",
+                                                             "audit_window_seconds"))
         cache_bytes = int(table.get("cache_bytes", DEFAULT_MAX_BYTES))
         self.cache = RenderCache(gateway.settings.data_dir / "cache" / "rendered", cache_bytes)
+        self.audit_window = AuditCoalescer(float(table.get("audit_window_seconds",
+                                                           AUDIT_WINDOW_SECONDS)))
 
 
 PIXELS = web.AppKey("pixel_services", PixelServices)
+
+
+class AuditCoalescer:
+    """Keeps the access trail to one entry per viewer, study and kind of pixel request a window.
+
+    A viewer opening a 500-slice series asks for 500 frames; the trail (PS3.15 A.5.3.6, DICOM
+    Instances Transferred) needs to say who got which study when, not 500 times over, and a
+    synchronous database row per frame would cost more than serving the frame. The first
+    request of a (principal, link, study, kind) in each ``window`` seconds is recorded; the
+    others are covered by it.
+    """
+
+    def __init__(self, window: float = AUDIT_WINDOW_SECONDS, size: int = 10000) -> None:
+        self.window = window
+        self.size = size
+        self._last: dict[tuple[str, str | None, str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, principal: Principal, study: str, kind: str) -> bool:
+        """Whether this access opens a new window (and so must be recorded)."""
+        key = (principal.audit_name, principal.jti, study, kind)
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.window:
+                return False
+            if len(self._last) >= self.size:
+                self._last = {k: t for k, t in self._last.items() if now - t < self.window}
+            self._last[key] = now
+            return True
+
+
+async def _audit(request: web.Request, services: PixelServices, action: AuditAction,
+                 study: str, kind: str) -> None:
+    """Record a successful pixel access, once per viewer, study and kind a window."""
+    if services.audit_window.due(request[PRINCIPAL], study, kind):
+        window = round(services.audit_window.window)
+        await audit(request, action, (study,),
+                    detail=f"WADO-RS {kind} (one entry per study and {window} s)")
 
 
 # -- finding instances -------------------------------------------------------------------------
@@ -405,10 +451,8 @@ async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
         return _Frames(pixel_file, choice, pixel_file.output_syntax(choice.transfer_syntax),
                        first, batch)
 
-    found, _ = await asyncio.gather(
-        _off_loop(services, work),
-        audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
-              detail=f"frames {request.match_info['frames']} of {sop}"))
+    found = await _off_loop(services, work)
+    await _audit(request, services, AuditAction.INSTANCES_TRANSFERRED, study, "frames")
     choice = found.choice
     part_type = f"{choice.media_type}; transfer-syntax={found.syntax_out}"
     if not choice.multipart:
@@ -519,9 +563,8 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
         frames: list[int | None] = [None] if numbers is None else [n - 1 for n in numbers]
         return images, [_render_one(services, images[0], f, params) for f in frames]
 
-    (images, rendered), _ = await asyncio.gather(
-        _off_loop(services, work),
-        audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="rendered"))
+    images, rendered = await _off_loop(services, work)
+    await _audit(request, services, AuditAction.INSTANCES_ACCESSED, study, "rendered")
     if sop is None:
         if len(images) > MAX_RENDERED_INSTANCES:
             raise HTTPProblem(413, f"{len(images)} instances: at most {MAX_RENDERED_INSTANCES} "
@@ -564,9 +607,8 @@ async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
         frame = numbers[0] - 1 if numbers is not None else (image.number_of_frames - 1) // 2
         return _render_one(services, image, frame, params)
 
-    rendered, _ = await asyncio.gather(
-        _off_loop(services, work),
-        audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="thumbnail"))
+    rendered = await _off_loop(services, work)
+    await _audit(request, services, AuditAction.INSTANCES_ACCESSED, study, "thumbnail")
     _store_later(services, [rendered])
     return web.Response(body=rendered[0], headers={"Content-Type": params.media_type,
                                                    "Cache-Control": "private, max-age=300"})

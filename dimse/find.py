@@ -26,12 +26,13 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
 from pydicom.charset import convert_encodings
+from pydicom.config import IGNORE
 from pydicom.multival import MultiValue
 
 from dimse.peers import PeerPolicy
-from dimse.qr import QUERY_EVENT, record_access
+from dimse.qr import QUERY_EVENT, busy, record_access
 from gateway.access import Principal, PrincipalKind, Scope
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
@@ -49,6 +50,8 @@ OUT_OF_RESOURCES = 0xA700  # Refused: Out of resources
 NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
 
 UTF8 = "ISO_IR 192"
+# VRs whose DICOM JSON form needs pydicom's reader (nested data sets, tags, binary).
+JSON_VIA_PYDICOM = frozenset({"SQ", "AT", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 # Patient level keys (PS3.4 Table C.6-1) and their study-level counts.
 PATIENT_KEYS = frozenset({
@@ -119,11 +122,38 @@ def _response_charset(query_charset: list[str], datasets: list[Dataset]) -> str 
     return UTF8
 
 
+def _person_name(value: dict[str, str]) -> str:
+    groups = [value.get("Alphabetic", ""), value.get("Ideographic", ""),
+              value.get("Phonetic", "")]
+    return "=".join(groups).rstrip("=")
+
+
 def _dataset(match: dict[str, Any]) -> Dataset:
-    """A DICOM JSON match as a data set, without bulk data references."""
-    clean = {tag: element for tag, element in match.items()
-             if "BulkDataURI" not in element and "InlineBinary" not in element}
-    return Dataset.from_json(clean)
+    """A DICOM JSON match (PS3.18 F.2) as a data set, without bulk data references.
+
+    Plain values are set directly (about three times faster than ``Dataset.from_json``, which
+    matters at one response per match); sequences and the rarer VRs go through pydicom's
+    reader.
+    """
+    ds = Dataset()
+    nested: dict[str, Any] = {}
+    for tag, element in match.items():
+        if "BulkDataURI" in element or "InlineBinary" in element:
+            continue
+        vr = element.get("vr", "UN")
+        if vr in JSON_VIA_PYDICOM:
+            nested[tag] = element
+            continue
+        values = element.get("Value")
+        if values and vr == "PN":
+            values = [_person_name(v) if isinstance(v, dict) else v for v in values]
+        value = None if not values else values[0] if len(values) == 1 else values
+        number = int(tag, 16)
+        # Values come from the index, checked when the instance was ingested.
+        ds[number] = DataElement(number, vr, value, validation_mode=IGNORE)
+    if nested:
+        ds.update(Dataset.from_json(nested))
+    return ds
 
 
 def _patients(studies: list[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:
@@ -233,8 +263,8 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     if not policy.allows("find", ae_title, address):
         logger.warning("refused C-FIND from %s at %s: not allowed by [dimse.peers]",
                        ae_title, address)
-        record_access(QUERY_EVENT, ae_title, address, (), "C-FIND refused: peer not allowed",
-                      success=False)
+        record_access(gateway, QUERY_EVENT, ae_title, address, (),
+                      "C-FIND refused: peer not allowed", success=False)
         yield NOT_AUTHORIZED, None
         return
     try:
@@ -251,17 +281,18 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
         logger.exception("C-FIND from %s at %s failed", ae_title, address)
         yield UNABLE_TO_PROCESS, None
         return
-    record_access(QUERY_EVENT, ae_title, address, study_uids,
+    record_access(gateway, QUERY_EVENT, ae_title, address, study_uids,
                   f"C-FIND {model} {level} level, {len(datasets)} matches")
     response_charset = _response_charset(query_charset, datasets)
-    for ds in datasets:
-        if event.is_cancelled:
-            logger.info("C-FIND from %s at %s cancelled by the peer", ae_title, address)
-            yield CANCEL, None
-            return
-        if response_charset:
-            ds.SpecificCharacterSet = response_charset
-        yield PENDING, ds
+    with busy(event.assoc):
+        for ds in datasets:
+            if event.is_cancelled:
+                logger.info("C-FIND from %s at %s cancelled by the peer", ae_title, address)
+                yield CANCEL, None
+                return
+            if response_charset:
+                ds.SpecificCharacterSet = response_charset
+            yield PENDING, ds
 
 
 __all__ = ["handle_find", "identifier_keys", "search"]

@@ -21,6 +21,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -197,6 +198,10 @@ def build_ae(gateway: Gateway) -> AE:
     role selection keeps the default roles (it stores, the gateway receives).
     """
     settings = gateway.settings.dimse
+    # pynetdicom logs each Query/Retrieve request identifier at INFO, patient names included,
+    # and formats it even when INFO is off: neither is wanted (STYLE.md, privacy and latency).
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     ae = AE(ae_title=settings.ae_title)
     ae.require_called_aet = settings.require_called_ae
     ae.maximum_associations = settings.max_associations

@@ -27,7 +27,7 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,15 @@ from pydicom.uid import (
 
 from gateway.config import SettingsError
 from gateway.errors import GatewayError, InvalidQuery, NotFound
+
+# pylibjpeg-rle: the RLE decoder pydicom uses too, called directly for grayscale frames.
+_rle_decode: Callable[..., Any] | None = None
+try:
+    from rle.utils import decode_pixel_data
+
+    _rle_decode = decode_pixel_data
+except ImportError:  # pragma: no cover - pydicom's own decoders are used then
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -384,6 +393,11 @@ class PixelFile:
         info.check(limits)
         data = self.stored_frame(index)
         if info.encapsulated:
+            if (_rle_decode is not None and info.transfer_syntax_uid == RLELossless
+                    and info.samples_per_pixel == 1 and info.bits_allocated in (8, 16, 32)):
+                arr = _decode_rle_grayscale(data, info, index)
+                return clean_bits(arr, info.bits_stored, info.pixel_representation) \
+                    if clean else arr
             check_codestream(data, info)
             decoder = get_decoder(UID(info.transfer_syntax_uid))
             if not decoder.is_available:
@@ -481,6 +495,28 @@ class PixelFile:
             stored = self.transfer_syntax_uid
             return ExplicitVRLittleEndian if stored in NATIVE_SYNTAXES else stored
         return transfer_syntax_uid
+
+
+def _decode_rle_grayscale(data: bytes, info: ImagePixel, index: int) -> np.ndarray:
+    """One grayscale RLE frame (PS3.5 Annex G) through pylibjpeg-rle directly.
+
+    The same decoder pydicom would pick, without its per-call option handling, which costs as
+    much as the decoding itself for a 512x512 frame.
+    """
+    assert _rle_decode is not None
+    try:
+        raw = _rle_decode(data, version=2, rows=info.rows, columns=info.columns,
+                          bits_allocated=info.bits_allocated, samples_per_pixel=1)
+    except Exception as exc:
+        raise PixelDataError(f"frame {index + 1} cannot be decoded from RLE Lossless: "
+                             f"{exc}") from exc
+    kind = "i" if info.pixel_representation else "u"
+    expected = info.rows * info.columns * info.bits_allocated // 8
+    if len(raw) != expected:
+        raise PixelDataError(f"frame {index + 1}: the RLE data decodes to {len(raw)} bytes, "
+                             f"not {expected}")
+    return np.frombuffer(raw, dtype=f"<{kind}{info.bits_allocated // 8}").reshape(
+        info.rows, info.columns)
 
 
 def _native_array(data: bytes, info: ImagePixel, *, as_rgb: bool) -> np.ndarray:

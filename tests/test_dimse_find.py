@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from qr_helpers import identifier, load_study, qr_settings
 
+from gateway.audit import events_for_patient
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec
 
@@ -65,6 +67,10 @@ class Archive:
         assert assoc.is_established
         context_id = assoc.accepted_contexts[0].context_id
         out: list[tuple[int, Dataset | None]] = []
+        if cancel_after == 0:
+            # C-CANCEL while the SCP is still searching (PS3.7 9.3.2.3). pynetdicom drops a
+            # C-CANCEL that arrives before it starts serving the request, hence the delay.
+            threading.Timer(0.005, assoc.send_c_cancel, (3, context_id)).start()
         try:
             for status, found in assoc.send_c_find(ds, model, msg_id=3):
                 out.append((int(status.Status), found))
@@ -234,7 +240,7 @@ def many_matches(tmp_path: Path, database_url: str) -> Iterator[Archive]:
 
 def test_cancel(many_matches: Archive) -> None:
     responses = many_matches.find(identifier("IMAGE", SOPInstanceUID="", ImageType=""),
-                                  cancel_after=1)
+                                  cancel_after=0)
     assert responses[-1][0] == CANCEL
     assert len(responses) < 250
 
@@ -335,3 +341,7 @@ def test_access_trail_names_the_calling_ae_and_studies_not_the_patient(
     assert archive.uid(2) in lines[0]
     assert lines[1].startswith("audit 110112 failure by dimse:NOFIND from 127.0.0.1")
     assert not any("Schmit" in line or "LU0000002" in line for line in lines)
+    # ... and in the persistent trail, queryable per patient (PS3.15 A.5.3, 110112 Query).
+    (entry,) = events_for_patient(archive.live.gateway.index, "LU0000002")
+    assert (entry.action, entry.actor, entry.address, entry.study_instance_uid,
+            entry.outcome) == ("query", "dimse:WORKSTATION1", "127.0.0.1", archive.uid(2), 0)

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from qr_helpers import StoreSCP, identifier, load_study, qr_settings, store_scp
 
+from gateway.audit import events_for_patient
 from gateway.core import Gateway
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("movescu") is None,
@@ -342,3 +343,6 @@ def test_move_is_in_the_access_trail(make_rig: Any, caplog: pytest.LogCaptureFix
     (line,) = [r.getMessage() for r in caplog.records if r.name == "dimse.audit"]
     assert line.startswith("audit 110104 success by dimse:PACS1 from 127.0.0.1")
     assert study_uid in line and "C-MOVE to STORESCP" in line and "5 instances" in line
+    (entry,) = events_for_patient(rig.gateway.index, rig.study[0].PatientID)
+    assert (entry.action, entry.actor, entry.study_instance_uid) == (
+        "transfer", "dimse:PACS1", study_uid)

@@ -28,8 +28,11 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import RLELossless
 
+from dicomweb.app import create_app as create_dicomweb_app
+from dicomweb.pixels import AuditCoalescer
 from gateway.access import Principal, PrincipalKind
 from gateway.apikeys import ApiKeys
+from gateway.audit import AuditAction, AuditEvent
 from gateway.core import Gateway
 from gateway.pixels import read_pixel_file
 from gateway.render import Window, apply_window
@@ -517,3 +520,61 @@ async def test_instance_without_pixel_data_is_422(served: Served) -> None:
     response, body = await served.get(
         f"{served.url}/dicomweb/studies/{OTHER_STUDY}/series/{ds.SeriesInstanceUID}/thumbnail")
     assert response.status == 200 and image(body).format == "JPEG"
+
+
+class RecordingSink:
+    """An audit sink that keeps the events (the AuditSink protocol)."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    def record(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+
+async def test_accesses_are_audited(gateway: Gateway) -> None:
+    """Frames are Instances Transferred, rendered and thumbnails Instances Accessed (PS3.15
+    A.5.3); a refused request records nothing."""
+    name = "ct_explicit_le.dcm"
+    gateway.ingestor.ingest((FILES_DIR / name).read_bytes(), source="test")
+    sink = RecordingSink()
+    root = web.Application()
+    root.add_subapp("/dicomweb", create_dicomweb_app(gateway, Sessions({
+        "study": Principal(PrincipalKind.VIEWER_SESSION, "viewer-1", frozenset({"dicomweb:read"}),
+                           study_uids=frozenset({STUDY}), jti="link-1")}), sink))
+    runner = web.AppRunner(root)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    ds = HEADERS[name]
+    base = (f"http://127.0.0.1:{runner.addresses[0][1]}/dicomweb/studies/{STUDY}/series/"
+            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    try:
+        async with aiohttp.ClientSession(headers={"Cookie": "gw_session=study"}) as session:
+            for tail in ("/frames/1", "/frames/1", "/rendered", "/thumbnail", "/rendered",
+                         "/frames/7"):
+                async with session.get(base + tail, headers={"Accept": "*/*"}) as response:
+                    await response.read()
+                    assert response.status == (404 if tail == "/frames/7" else 200)
+    finally:
+        await runner.cleanup()
+    assert [(e.action, e.study_uids, e.jti, e.success) for e in sink.events] == [
+        (AuditAction.INSTANCES_TRANSFERRED, (STUDY,), "link-1", True),
+        (AuditAction.INSTANCES_ACCESSED, (STUDY,), "link-1", True),
+        (AuditAction.INSTANCES_ACCESSED, (STUDY,), "link-1", True),
+    ]
+    assert all(e.principal == "viewer_session:viewer-1" for e in sink.events)
+    assert sink.events[0].detail == "WADO-RS frames (one entry per study and 60 s)"
+
+
+def test_audit_coalescer_windows() -> None:
+    viewer = Principal(PrincipalKind.VIEWER_SESSION, "v", jti="a")
+    other_link = Principal(PrincipalKind.VIEWER_SESSION, "v", jti="b")
+    coalescer = AuditCoalescer(window=60)
+    assert coalescer.due(viewer, STUDY, "frames")
+    assert not coalescer.due(viewer, STUDY, "frames")       # within the window
+    assert coalescer.due(viewer, OTHER_STUDY, "frames")     # another study
+    assert coalescer.due(viewer, STUDY, "rendered")         # another kind
+    assert coalescer.due(other_link, STUDY, "frames")       # another link
+    every_time = AuditCoalescer(window=0)
+    assert every_time.due(viewer, STUDY, "frames") and every_time.due(viewer, STUDY, "frames")
