@@ -1,0 +1,42 @@
+"""Crash recovery never undoes the writes of another live process sharing the data folder.
+
+``dicom-gateway ingest``, ``apikey``, ``links`` ... open the core with recovery while ``serve``
+may be storing: a write placed but not yet committed to the index must survive that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import ct_dataset, make_settings, part10
+
+from gateway.core import Gateway
+from gateway.storage import relative_path
+
+
+def test_a_second_process_does_not_undo_writes_in_flight(tmp_path: Path,
+                                                         database_url: str) -> None:
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as serving:
+        ds = ct_dataset(0)
+        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                "ab" * 32)
+        pending = serving.storage.write(relpath, part10(ds))  # placed; its row not committed
+        with Gateway(settings) as command:  # e.g. `dicom-gateway apikey list` meanwhile
+            assert command.storage.exists(relpath)
+        assert serving.storage.exists(relpath) and pending.temp.exists()
+        serving.storage.finish(pending)
+
+
+def test_recovery_runs_when_no_other_process_is_attached(tmp_path: Path,
+                                                         database_url: str) -> None:
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as first:
+        ds = ct_dataset(0)
+        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                "cd" * 32)
+        first.storage.write(relpath, part10(ds))
+        first.storage.detach()  # as if the process had died with the write unfinished
+        with Gateway(settings) as restarted:
+            assert not restarted.storage.exists(relpath)
+            assert not list(restarted.storage.incoming.iterdir())
