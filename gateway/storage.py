@@ -205,7 +205,22 @@ class FileStorage:
         _unlink(spooled)
 
     def finish(self, pending: PendingWrite) -> None:
-        """Drop the journal entry of a write whose index row is committed."""
+        """Drop the journal entry of a write whose index row is committed.
+
+        If the final name is gone (a delete of the same instance, committed between
+        :meth:`place` and this row's commit, removed the copy that was already there), the
+        journal entry, which holds the same content, is linked back first: a committed row
+        never points at nothing.
+        """
+        final = self.path(pending.relpath)
+        if not final.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(pending.temp, final)
+            except FileExistsError:
+                pass
+            if self.fsync:
+                _fsync_dir(final.parent)
         _unlink(pending.temp)
 
     def abandon(self, pending: PendingWrite, *, keep_final: bool = False) -> None:

@@ -40,3 +40,24 @@ def test_recovery_runs_when_no_other_process_is_attached(tmp_path: Path,
         with Gateway(settings) as restarted:
             assert not restarted.storage.exists(relpath)
             assert not list(restarted.storage.incoming.iterdir())
+
+
+def test_a_write_finished_after_a_racing_delete_keeps_its_file(tmp_path: Path,
+                                                               database_url: str) -> None:
+    """Re-send of a stored instance while a delete of it commits: the new row keeps a file.
+
+    The re-send finds the final name taken (same content) and keeps the old copy; the delete
+    then removes that copy; the re-send's row is committed after: finishing restores the file.
+    """
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as gateway:
+        data = part10(ct_dataset(0))
+        ds = ct_dataset(0)
+        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                "ef" * 32)
+        gateway.storage.finish(gateway.storage.write(relpath, data))  # stored before
+        pending = gateway.storage.write(relpath, data)  # the re-send: name taken, copy kept
+        gateway.storage.delete(relpath)  # the racing delete, after its commit
+        gateway.storage.finish(pending)  # the re-send's row is committed
+        assert gateway.storage.path(relpath).read_bytes() == data
+        assert not pending.temp.exists()
