@@ -233,8 +233,8 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     if not policy.allows("find", ae_title, address):
         logger.warning("refused C-FIND from %s at %s: not allowed by [dimse.peers]",
                        ae_title, address)
-        record_access(QUERY_EVENT, ae_title, address, (), "C-FIND refused: peer not allowed",
-                      success=False)
+        record_access(gateway, QUERY_EVENT, ae_title, address, (),
+                      "C-FIND refused: peer not allowed", success=False)
         yield NOT_AUTHORIZED, None
         return
     try:
@@ -251,7 +251,7 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
         logger.exception("C-FIND from %s at %s failed", ae_title, address)
         yield UNABLE_TO_PROCESS, None
         return
-    record_access(QUERY_EVENT, ae_title, address, study_uids,
+    record_access(gateway, QUERY_EVENT, ae_title, address, study_uids,
                   f"C-FIND {model} {level} level, {len(datasets)} matches")
     response_charset = _response_charset(query_charset, datasets)
     for ds in datasets:

@@ -35,6 +35,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dimse.peers import PeerPolicy, Service
 from dimse.transport import install_fast_recv, tune_socket
+from gateway.audit import AuditAction, AuditEvent, DatabaseAudit
 from gateway.config import Destination, DimseSettings
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
@@ -64,14 +65,14 @@ INSTANCES_TRANSFERRED = "110104"  # DICOM Instances Transferred (C-MOVE)
 TRAIL_STUDIES = 20  # study UIDs named per trail line; more are counted
 
 
-def record_access(event_id: str, ae_title: str, address: str, study_uids: Iterable[str],
-                  detail: str, *, success: bool = True) -> None:
+def record_access(gateway: Gateway, event_id: str, ae_title: str, address: str,
+                  study_uids: Iterable[str], detail: str, *, success: bool = True) -> None:
     """One entry of the access trail: who (calling AE, address), what (studies), the outcome.
 
-    DESIGN.md sends every access to ``gateway.audit``; until that module is settled (the
-    dicomweb and links branches each carry a version), DIMSE accesses are written here, at
-    INFO, with UIDs and never patient names or IDs. The composition root's audit sink replaces
-    this body when it lands: it is the only place the DIMSE front end records accesses.
+    Written to the gateway's persistent trail (:class:`gateway.audit.DatabaseAudit`, or the sink
+    set on the core), the same trail as the web side's, so that a patient's trail
+    (``GET /api/audit?patient=``) shows DIMSE queries and retrievals too (PS3.15 A.5.3); and
+    logged at INFO with UIDs only, never patient names or IDs.
     """
     studies = list(dict.fromkeys(study_uids))
     shown = ",".join(studies[:TRAIL_STUDIES])
@@ -79,6 +80,10 @@ def record_access(event_id: str, ae_title: str, address: str, study_uids: Iterab
         shown += f",+{len(studies) - TRAIL_STUDIES}"
     trail_logger.info("audit %s %s by dimse:%s from %s studies=[%s] %s", event_id,
                       "success" if success else "failure", ae_title, address, shown, detail)
+    sink = getattr(gateway, "audit", None) or DatabaseAudit(gateway.index)
+    sink.record(AuditEvent(action=AuditAction(event_id), principal=f"dimse:{ae_title}",
+                           address=address, study_uids=tuple(studies), detail=detail,
+                           success=success))
 
 
 def peer_of(event: Any) -> tuple[str, str]:
@@ -276,13 +281,13 @@ def destination_request(destination: Destination, settings: DimseSettings,
     return destination.host, destination.port, kwargs
 
 
-def _refuse(service: Service, policy: PeerPolicy, event: Any) -> bool:
+def _refuse(gateway: Gateway, service: Service, policy: PeerPolicy, event: Any) -> bool:
     ae_title, address = peer_of(event)
     if policy.allows(service, ae_title, address):
         return False
     logger.warning("refused C-%s from %s at %s: not allowed by [dimse.peers]",
                    service.upper(), ae_title, address)
-    record_access(INSTANCES_TRANSFERRED if service == "move" else INSTANCES_ACCESSED,
+    record_access(gateway, INSTANCES_TRANSFERRED if service == "move" else INSTANCES_ACCESSED,
                   ae_title, address, (), f"C-{service.upper()} refused: peer not allowed",
                   success=False)
     return True
@@ -311,7 +316,7 @@ def handle_move(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     """
     ae_title, address = peer_of(event)
     destination_ae = (event.move_destination or "").strip()
-    if _refuse("move", policy, event):
+    if _refuse(gateway, "move", policy, event):
         yield None, None
         return
     destination = gateway.settings.dimse.destinations.get(destination_ae)
@@ -337,7 +342,7 @@ def handle_move(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
         yield 1
         yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
-    record_access(INSTANCES_TRANSFERRED, ae_title, address,
+    record_access(gateway, INSTANCES_TRANSFERRED, ae_title, address,
                   (i.study_instance_uid for i in items),
                   f"C-MOVE to {destination_ae}: {describe(identifier)}, {len(items)} instances")
     yield destination_request(destination, gateway.settings.dimse, items, holder)
@@ -352,7 +357,7 @@ def handle_get(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any
     (PS3.7 D.3.3.4) making it the Storage SCP; sub-operations use the contexts it accepted.
     """
     ae_title, address = peer_of(event)
-    if _refuse("get", policy, event):
+    if _refuse(gateway, "get", policy, event):
         yield 1
         yield NOT_AUTHORIZED, None
         return
@@ -371,7 +376,7 @@ def handle_get(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any
         yield 1
         yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
-    record_access(INSTANCES_ACCESSED, ae_title, address,
+    record_access(gateway, INSTANCES_ACCESSED, ae_title, address,
                   (i.study_instance_uid for i in items),
                   f"C-GET: {describe(identifier)}, {len(items)} instances")
     yield len(items)

@@ -335,3 +335,14 @@ def test_access_trail_names_the_calling_ae_and_studies_not_the_patient(
     assert archive.uid(2) in lines[0]
     assert lines[1].startswith("audit 110112 failure by dimse:NOFIND from 127.0.0.1")
     assert not any("Schmit" in line or "LU0000002" in line for line in lines)
+
+
+def test_queries_reach_the_patients_persistent_trail(archive: Archive) -> None:
+    """The same trail as the web side: GET /api/audit?patient= shows the C-FIND."""
+    from gateway.audit import events_for_patient
+
+    matches(archive.find(identifier("STUDY", PatientID="LU0000002", PatientName=""),
+                         calling="WORKSTATION1"))
+    events = events_for_patient(archive.live.gateway.index, "LU0000002")
+    assert [(e.action, e.actor, e.study_instance_uid, e.address) for e in events] == [
+        ("query", "dimse:WORKSTATION1", archive.uid(2), "127.0.0.1")]

@@ -342,3 +342,9 @@ def test_move_is_in_the_access_trail(make_rig: Any, caplog: pytest.LogCaptureFix
     (line,) = [r.getMessage() for r in caplog.records if r.name == "dimse.audit"]
     assert line.startswith("audit 110104 success by dimse:PACS1 from 127.0.0.1")
     assert study_uid in line and "C-MOVE to STORESCP" in line and "5 instances" in line
+    # ... and in the patient's persistent trail (GET /api/audit?patient=), as a transfer.
+    from gateway.audit import events_for_patient
+
+    events = events_for_patient(rig.gateway.index, str(rig.study[0].PatientID))
+    assert [(e.action, e.actor, e.study_instance_uid) for e in events] == [
+        ("transfer", "dimse:PACS1", study_uid)]
