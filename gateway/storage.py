@@ -239,6 +239,20 @@ class FileStorage:
             except OSError:
                 break
 
+    def delete_unindexed(self, relpaths: list[str], is_indexed: Callable[[str], bool]) -> int:
+        """Remove the files of deleted rows, except those indexed again meanwhile.
+
+        A delete removes its rows first, then the files. An identical re-send of a deleted
+        instance committed in between has a row for the same path (same UIDs, same digest):
+        its file must stay. Returns how many files were removed.
+        """
+        removed = 0
+        for relpath in relpaths:
+            if not is_indexed(relpath):
+                self.delete(relpath)
+                removed += 1
+        return removed
+
     # -- recovery -----------------------------------------------------------------------------
     def pending_writes(self) -> Iterator[PendingWrite]:
         """The writes left in ``.incoming`` by a process that stopped before finishing them."""

@@ -61,3 +61,24 @@ def test_a_write_finished_after_a_racing_delete_keeps_its_file(tmp_path: Path,
         gateway.storage.finish(pending)  # the re-send's row is committed
         assert gateway.storage.path(relpath).read_bytes() == data
         assert not pending.temp.exists()
+
+
+def test_delete_keeps_the_file_of_an_instance_stored_again_meanwhile(
+        tmp_path: Path, database_url: str) -> None:
+    """Delete: rows committed away, then a re-send is stored, then the files are removed."""
+    from sqlalchemy import select
+
+    from gateway.models import Instance
+
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as gateway:
+        data = part10(ct_dataset(0))
+        gateway.ingestor.ingest(data, source="test")
+        with gateway.index.Session() as session:
+            pks = list(session.scalars(select(Instance.pk)))
+        paths = gateway.index.write(lambda session: gateway.index.remove_instances(session, pks))
+        gateway.ingestor.ingest(data, source="test")  # the re-send, between commit and files
+        assert gateway.storage.delete_unindexed(paths, gateway.index.has_file) == 0
+        (relpath,) = paths
+        assert gateway.storage.path(relpath).read_bytes() == data
+        assert gateway.index.has_file(relpath)
