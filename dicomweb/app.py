@@ -36,6 +36,7 @@ POLICY = web.AppKey("access_policy", AccessPolicy)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 AUDIT = web.AppKey("audit", AuditSink)
 PRINCIPAL = web.RequestKey("principal", Principal)
+CORS = web.RequestKey("cors", tuple[str, bool])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -92,39 +93,47 @@ async def audit(request: web.Request, action: AuditAction, study_uids: tuple[str
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """CORS for the configured origins only; preflights are answered before authentication.
 
-    Outermost, so that error responses (already problem+json) carry the headers too and a
-    browser can read them.
+    Outermost; the headers are added as the response is prepared, so error responses
+    (problem+json) and streamed bodies carry them too and a browser can read them.
     """
     origins = request.config_dict[GATEWAY].settings.http.cors_origins
     origin = request.headers.get("Origin")
-    allowed = bool(origins) and origin is not None and ("*" in origins or origin in origins)
+    listed = origin is not None and origin in origins
+    allowed = listed or (origin is not None and "*" in origins)
+    # Credentials (the viewer-session cookie) only for origins named one by one: "*" lets any
+    # site read with a bearer token it holds itself, never with the browser's cookie.
+    credentials = listed
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not allowed:
             return problem_response(403, "cross-origin requests from this origin are not "
                                          "allowed (http.cors_origins)")
-        return web.Response(status=204, headers={
+        headers = {
             "Access-Control-Allow-Origin": origin or "",
             "Access-Control-Allow-Methods": CORS_ALLOW_METHODS,
             "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
-            "Access-Control-Allow-Credentials": "true",
             "Access-Control-Max-Age": CORS_MAX_AGE,
             "Vary": "Origin",
-        })
-    if not allowed:
-        return await handler(request)
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        _cors_headers(exc, origin or "")
-        raise
-    if not response.prepared:
-        _cors_headers(response, origin or "")
-    return response
+        }
+        if credentials:
+            headers["Access-Control-Allow-Credentials"] = "true"
+        return web.Response(status=204, headers=headers)
+    if allowed:
+        # Added when the headers are sent (on_response_prepare), so streamed responses, which
+        # handlers prepare themselves, carry them too.
+        request[CORS] = (origin or "", credentials)
+    return await handler(request)
 
 
-def _cors_headers(response: web.StreamResponse, origin: str) -> None:
+async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    cors = request.get(CORS)
+    if cors is not None and "Access-Control-Allow-Origin" not in response.headers:
+        _cors_headers(response, *cors)
+
+
+def _cors_headers(response: web.StreamResponse, origin: str, credentials: bool) -> None:
     response.headers["Access-Control-Allow-Origin"] = origin
-    response.headers["Access-Control-Allow-Credentials"] = "true"
+    if credentials:
+        response.headers["Access-Control-Allow-Credentials"] = "true"
     response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
     response.headers.add("Vary", "Origin")
 
@@ -180,6 +189,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     from dicomweb import capabilities, delete, pixels, qido, stow, wado
 
     app = web.Application(middlewares=[cors_middleware, problem_middleware, auth_middleware])
+    app.on_response_prepare.append(_on_response_prepare)
     app[GATEWAY] = gateway
     app[POLICY] = access_policy if access_policy is not None else NoSessions()
     app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)

@@ -36,11 +36,8 @@ async def _delete(request: web.Request, study: str, series: str | None = None,
 
     paths = await asyncio.to_thread(gateway.index.write, work)
 
-    def remove_files() -> None:
-        for path in paths:
-            gateway.storage.delete(path)
-
-    await asyncio.to_thread(remove_files)
+    # Files after the commit; a path indexed again meanwhile (a re-send) keeps its file.
+    await asyncio.to_thread(gateway.storage.delete_unindexed, paths, gateway.index.has_file)
     logger.info("deleted %d instances of study %s (by %s)", len(pks), study, who.audit_name)
     await audit(request, AuditAction.STUDY_DELETED, (study,),
                 detail=f"deleted {len(pks)} instances"

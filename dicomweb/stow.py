@@ -229,41 +229,48 @@ async def store_instances(request: web.Request) -> web.Response:
     reader = MultipartReader(request.headers, request.content)
     outcomes: list[Outcome] = []
     received = 0
-    while True:
-        try:
-            part = await reader.next()
-        except ValueError as exc:
-            raise HTTPProblem(400, f"malformed multipart body: {exc}") from None
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader):
-            raise HTTPProblem(415, "nested multipart bodies are not supported")
-        part_type = part.headers.get("Content-Type", MEDIA_DICOM).split(";")[0].strip().lower()
-        spool = Spool(str(spool_dir))
-        try:
-            while chunk := await part.read_chunk(READ_CHUNK):
-                received += len(chunk)
-                if received > limit:
-                    raise HTTPProblem(413, f"the body exceeds {limit} bytes "
-                                           "(http.max_upload_bytes); the parts before the "
-                                           "limit were stored")
-                await spool.write(chunk)
-        except BaseException:
-            spool.close()
-            raise
-        if part_type != MEDIA_DICOM:
-            spool.close()
-            outcomes.append(Outcome("", "", failure=CANNOT_UNDERSTAND,
-                                    reason=f"part of type {part_type}"))
-            continue
-        outcomes.append(await asyncio.to_thread(_store_part, request, spool, study, source))
+    try:
+        while True:
+            try:
+                part = await reader.next()
+            except ValueError as exc:
+                raise HTTPProblem(400, f"malformed multipart body: {exc}") from None
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise HTTPProblem(415, "nested multipart bodies are not supported")
+            part_type = (part.headers.get("Content-Type", MEDIA_DICOM)
+                         .split(";")[0].strip().lower())
+            spool = Spool(str(spool_dir))
+            try:
+                while chunk := await part.read_chunk(READ_CHUNK):
+                    received += len(chunk)
+                    if received > limit:
+                        raise HTTPProblem(413, f"the body exceeds {limit} bytes "
+                                               "(http.max_upload_bytes); the parts before the "
+                                               "limit were stored")
+                    await spool.write(chunk)
+            except BaseException:
+                spool.close()
+                raise
+            if part_type != MEDIA_DICOM:
+                spool.close()
+                outcomes.append(Outcome("", "", failure=CANNOT_UNDERSTAND,
+                                        reason=f"part of type {part_type}"))
+                continue
+            outcomes.append(await asyncio.to_thread(_store_part, request, spool, study, source))
+    finally:
+        # Parts stored before a refusal of the rest of the body (413, malformed, nested) are
+        # kept, so the trail must name them whatever the answer is.
+        stored = [o for o in outcomes if o.failure is None]
+        if outcomes:
+            await audit(request, AuditAction.INSTANCES_TRANSFERRED,
+                        tuple(sorted({o.study_instance_uid for o in stored})),
+                        detail=f"STOW-RS: {len(stored)} stored, "
+                               f"{len(outcomes) - len(stored)} refused",
+                        success=bool(stored))
     if not outcomes:
         raise HTTPProblem(400, "the multipart body holds no part")
-    stored = [o for o in outcomes if o.failure is None]
-    await audit(request, AuditAction.INSTANCES_TRANSFERRED,
-                tuple(sorted({o.study_instance_uid for o in stored})),
-                detail=f"STOW-RS: {len(stored)} stored, {len(outcomes) - len(stored)} refused",
-                success=bool(stored))
     status = 200 if len(stored) == len(outcomes) else 202 if stored else 409
     dataset = response_dataset(outcomes, base_url(request), study)
     if form == "xml":

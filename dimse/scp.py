@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dimse.find import handle_find
-from dimse.peers import PeerPolicy
+from dimse.peers import PeerPolicy, is_loopback
 from dimse.qr import handle_get, handle_move
 from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
 from dimse.transport import install_fast_recv, tune_socket
@@ -272,6 +272,11 @@ def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociati
     thread.start()
     host, port = server.server_address[:2]
     logger.info("DIMSE %s listening on %s:%s", settings.ae_title, host, port)
+    if not is_loopback(settings.host) and not policy.store_allow_list:
+        logger.warning(
+            "DIMSE listens on %s and no [dimse.peers] entry has store = true: any AE that "
+            "reaches the port may store instances; list the peers that may store",
+            settings.host)
     return server
 
 

@@ -68,7 +68,13 @@ def load_jwt_keys(table: Mapping[str, Any]) -> dict[str, JwtKey]:
             material = str(spec["key"])
         else:
             raise SettingsError(f"[auth.jwt_keys.{kid}] needs key or key_file")
-        keys[str(kid)] = JwtKey(str(kid), str(spec["algorithm"]), material)
+        algorithm = str(spec["algorithm"])
+        if algorithm.lower() == "none" or algorithm not in jwt.algorithms.get_default_algorithms():
+            raise SettingsError(f"[auth.jwt_keys.{kid}] algorithm {algorithm!r} is not a "
+                                "signature algorithm PyJWT knows (HS256, ES256, EdDSA, RS256...)")
+        if not material.strip():
+            raise SettingsError(f"[auth.jwt_keys.{kid}] has an empty key")
+        keys[str(kid)] = JwtKey(str(kid), algorithm, material)
     return keys
 
 

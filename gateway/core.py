@@ -37,11 +37,13 @@ class Gateway:
         """
         if recover:
             self.index.upgrade()
-            self.storage.recover(self.index.has_file)
+        # Recovery only when no other process (serve, a worker, a CLI command) uses the folder.
+        self.storage.attach(self.index.has_file if recover else None)
         return self
 
     def close(self) -> None:
         self.ingestor.close()
+        self.storage.detach()
         self.index.close()
 
     def __enter__(self) -> Gateway:

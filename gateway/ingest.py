@@ -11,15 +11,16 @@ from __future__ import annotations
 import enum
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,7 +28,7 @@ from gateway.errors import Conflict, InvalidInstance, SOPClassMismatch
 from gateway.index import Index
 from gateway.metadata import ParsedInstance, parse_instance
 from gateway.metrics import METRICS
-from gateway.models import Instance
+from gateway.models import Instance, Patient, Series, Study
 from gateway.storage import FileStorage, relative_path
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,35 @@ logger = logging.getLogger(__name__)
 
 _INSTANCE_BY_UID = select(Instance.__table__.c.pk, Instance.__table__.c.digest).where(
     Instance.__table__.c.sop_instance_uid == bindparam("uid"))
+
+
+# What the portal set on the study and patient of an instance (DSP rules, viewer_links): kept
+# when a replaced instance was the last of its study and the rows are dropped and made again.
+_POLICY_OF_INSTANCE = (
+    select(Study.study_instance_uid, Study.confidentiality, Study.author,
+           Patient.patient_id, Patient.issuer_of_patient_id, Patient.dsp_created)
+    .select_from(Instance)
+    .join(Series, Series.pk == Instance.series_pk)
+    .join(Study, Study.pk == Series.study_pk)
+    .join(Patient, Patient.pk == Study.patient_pk)
+    .where(Instance.pk == bindparam("pk"))
+)
+
+
+def _restore_policy(session: Session, kept: Sequence[Any]) -> None:
+    """Put back a study's confidentiality and its patient's DSP date after a replacement.
+
+    Without this, replacing the only instance of a ``private`` study would make it ``normal``
+    (the default of a new study row), visible to every relationship.
+    """
+    study_uid, level, author, patient_id, issuer, dsp_created = kept
+    session.execute(update(Study).where(Study.study_instance_uid == study_uid)
+                    .values(confidentiality=level, author=author))
+    if dsp_created is not None:
+        session.execute(update(Patient).where(Patient.patient_id == patient_id,
+                                              Patient.issuer_of_patient_id == issuer,
+                                              Patient.dsp_created.is_(None))
+                        .values(dsp_created=dsp_created))
 
 
 class Outcome(enum.Enum):
@@ -171,8 +201,12 @@ class Ingestor:
                 if old.digest == parsed.digest:
                     return Outcome.DUPLICATE
                 self._against_existing(parsed, old.digest)  # raises Conflict unless overwrite
+                kept = session.execute(
+                    _POLICY_OF_INSTANCE, {"pk": old.pk}).first()
                 replaced.extend(self.index.remove_instances(session, [old.pk]))
                 self.index.add_instance(session, parsed, relpath, source, metadata_json)
+                if kept is not None:
+                    _restore_policy(session, kept)
                 return Outcome.REPLACED
             self.index.add_instance(session, parsed, relpath, source, metadata_json)
             return Outcome.STORED

@@ -15,6 +15,7 @@ to be scanned.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -73,6 +74,49 @@ class FileStorage:
         self.min_free_bytes = min_free_bytes
         self.incoming = root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._lock: int | None = None
+
+    # -- the processes sharing the folder -----------------------------------------------------
+    def attach(self, is_indexed: Callable[[str], bool] | None = None) -> bool:
+        """Join the processes using this folder; recover first if none other is attached.
+
+        Parameters
+        ----------
+        is_indexed
+            As for :meth:`recover`; ``None`` never recovers (a worker whose siblings write).
+
+        Returns
+        -------
+        bool
+            Whether recovery ran.
+        """
+        if self._lock is not None:
+            return False
+        fd = os.open(self.root.with_name(self.root.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        recovered = False
+        try:
+            if is_indexed is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.info("another process uses the data folder: no crash recovery now")
+                else:
+                    self.recover(is_indexed)
+                    recovered = True
+            # Shared from here on; waits while another process holds the exclusive lock
+            # (it is recovering: nothing may be written before it is done).
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock = fd
+        return recovered
+
+    def detach(self) -> None:
+        """Leave the processes using this folder (the shared lock is released)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # -- reading ------------------------------------------------------------------------------
     def path(self, relpath: str) -> Path:
@@ -161,7 +205,22 @@ class FileStorage:
         _unlink(spooled)
 
     def finish(self, pending: PendingWrite) -> None:
-        """Drop the journal entry of a write whose index row is committed."""
+        """Drop the journal entry of a write whose index row is committed.
+
+        If the final name is gone (a delete of the same instance, committed between
+        :meth:`place` and this row's commit, removed the copy that was already there), the
+        journal entry, which holds the same content, is linked back first: a committed row
+        never points at nothing.
+        """
+        final = self.path(pending.relpath)
+        if not final.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(pending.temp, final)
+            except FileExistsError:
+                pass
+            if self.fsync:
+                _fsync_dir(final.parent)
         _unlink(pending.temp)
 
     def abandon(self, pending: PendingWrite, *, keep_final: bool = False) -> None:
@@ -179,6 +238,20 @@ class FileStorage:
                 parent.rmdir()
             except OSError:
                 break
+
+    def delete_unindexed(self, relpaths: list[str], is_indexed: Callable[[str], bool]) -> int:
+        """Remove the files of deleted rows, except those indexed again meanwhile.
+
+        A delete removes its rows first, then the files. An identical re-send of a deleted
+        instance committed in between has a row for the same path (same UIDs, same digest):
+        its file must stay. Returns how many files were removed.
+        """
+        removed = 0
+        for relpath in relpaths:
+            if not is_indexed(relpath):
+                self.delete(relpath)
+                removed += 1
+        return removed
 
     # -- recovery -----------------------------------------------------------------------------
     def pending_writes(self) -> Iterator[PendingWrite]:

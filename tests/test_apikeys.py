@@ -141,3 +141,16 @@ def test_jwt_bearer(jwt_live: LiveServer) -> None:
     unsigned = jwt.encode({"sub": "x", "exp": int(time.time()) + 60, "scope": "admin"}, None,
                           algorithm="none", headers={"kid": "k2026"})
     assert get_studies(jwt_live, unsigned) == 401
+
+
+@pytest.mark.parametrize("spec", [{"algorithm": "none", "key": ""},
+                                  {"algorithm": "None", "key": "x"},
+                                  {"algorithm": "HS257", "key": "secret"},
+                                  {"algorithm": "HS256", "key": "  "}])
+def test_jwt_keys_without_a_real_signature_are_refused(spec: dict[str, str]) -> None:
+    """alg "none" with an empty key would accept unsigned tokens: a settings error instead."""
+    from gateway.auth import load_jwt_keys
+    from gateway.config import SettingsError
+
+    with pytest.raises(SettingsError, match="k1"):
+        load_jwt_keys({"k1": spec})

@@ -53,6 +53,47 @@ def test_cors_for_configured_origins(tmp_path: Path, database_url: str) -> None:
         assert reply.status == 403 and "Access-Control-Allow-Origin" not in reply.headers
 
 
+def test_cors_streamed_retrieve_carries_the_headers(tmp_path: Path, database_url: str) -> None:
+    """WADO-RS streams its multipart body: the CORS headers must be on it all the same."""
+    settings = make_settings(tmp_path, database_url,
+                             GATEWAY_HTTP_CORS_ORIGINS="https://viewer.example.lu")
+    with Gateway(settings) as gateway, LiveServer(gateway) as live:
+        corpus = load_corpus(gateway)
+        token = api_key(gateway, "reader", "dicomweb:read")
+        reply = raw(f"{live.http_url}/dicomweb/studies/{corpus.study_a}",
+                    headers={"Origin": "https://viewer.example.lu",
+                             "Authorization": f"Bearer {token}",
+                             "Accept": 'multipart/related; type="application/dicom"; '
+                                       "transfer-syntax=*"})
+        assert reply.status == 200
+        assert reply.headers["Access-Control-Allow-Origin"] == "https://viewer.example.lu"
+        assert "Warning" in reply.headers["Access-Control-Expose-Headers"]
+
+
+def test_cors_wildcard_never_allows_credentials(tmp_path: Path, database_url: str) -> None:
+    """With "*", any site may call with a bearer token it holds, never with the viewer's
+    session cookie: no Access-Control-Allow-Credentials for an origin not named one by one."""
+    settings = make_settings(tmp_path, database_url,
+                             GATEWAY_HTTP_CORS_ORIGINS="*,https://viewer.example.lu")
+    with Gateway(settings) as gateway, LiveServer(gateway) as live:
+        load_corpus(gateway)
+        other = dict(PREFLIGHT, Origin="https://any.example.com")
+        reply = raw(live.http_url + "/dicomweb/studies", method="OPTIONS", headers=other)
+        assert reply.status == 204
+        assert reply.headers["Access-Control-Allow-Origin"] == "https://any.example.com"
+        assert "Access-Control-Allow-Credentials" not in reply.headers
+        token = api_key(gateway, "reader", "dicomweb:read")
+        reply = raw(live.http_url + "/dicomweb/studies",
+                    headers={"Origin": "https://any.example.com",
+                             "Authorization": f"Bearer {token}"})
+        assert reply.status == 200
+        assert reply.headers["Access-Control-Allow-Origin"] == "https://any.example.com"
+        assert "Access-Control-Allow-Credentials" not in reply.headers
+        # An origin listed by name keeps credentials (same-site deployments of the viewer).
+        reply = raw(live.http_url + "/dicomweb/studies", method="OPTIONS", headers=PREFLIGHT)
+        assert reply.headers["Access-Control-Allow-Credentials"] == "true"
+
+
 def test_unknown_route_and_method_are_problem_json(live: LiveServer) -> None:
     token = api_key(live.gateway, "ops", "admin")
     auth = {"Authorization": f"Bearer {token}"}

@@ -313,3 +313,17 @@ def test_storescu_folder_of_many(live: LiveServer, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert instance_count(live.gateway) == 20
+
+
+def test_open_store_on_a_network_address_is_warned(tmp_path: Path, database_url: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from dimse.scp import start_server
+
+    caplog.set_level("WARNING", logger="dimse.scp")
+    settings = make_settings(tmp_path, database_url, GATEWAY_DIMSE_HOST="0.0.0.0",
+                             GATEWAY_DIMSE_PORT="0")
+    with Gateway(settings) as gateway:
+        server = start_server(gateway)
+        server.shutdown()
+    assert any("any AE that reaches the port may store" in r.getMessage()
+               for r in caplog.records)

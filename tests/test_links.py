@@ -377,6 +377,12 @@ def test_iid_launch(env: dict[str, Any]) -> None:
 
 
 # -- the access trail ----------------------------------------------------------------------------
+@pytest.mark.parametrize("count", ["-1", "0", "ten"])
+def test_audit_count_must_be_a_positive_integer(env: dict[str, Any], count: str) -> None:
+    reply = env["portal"].request("GET", f"/api/audit?patient={PATIENT}&_count={count}")
+    assert reply.status == 400 and "_count" in reply.json()["detail"]
+
+
 def test_audit_trail_as_fhir_and_dicom(env: dict[str, Any]) -> None:
     body = mint(env).json()
     env["browser"].request("GET", path_of(body["url"]))

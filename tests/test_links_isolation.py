@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from gateway.keyimages import key_images
+from gateway.models import Instance
 from tests.links_helpers import (
     Client,
     Reply,
@@ -79,6 +80,14 @@ def paths(ds: Any) -> dict[str, str]:
         "instance": base,
         "frames": f"{base}/frames/1",
         "bulk pixel data": f"{base}/bulk/7FE00010",
+        "study": f"/dicomweb/studies/{ds.StudyInstanceUID}",
+        "series": f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}",
+        "rendered": f"{base}/rendered",
+        "frame rendered": f"{base}/frames/1/rendered",
+        "thumbnail": f"{base}/thumbnail",
+        "series rendered": f"/dicomweb/studies/{ds.StudyInstanceUID}/series/"
+                           f"{ds.SeriesInstanceUID}/rendered",
+        "study thumbnail": f"/dicomweb/studies/{ds.StudyInstanceUID}/thumbnail",
     }
 
 
@@ -89,6 +98,13 @@ ACCEPT = {
                          'transfer-syntax=*'},
     "bulk pixel data": {"Accept": 'multipart/related; type="application/octet-stream"; '
                                   'transfer-syntax=*'},
+    "study": {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    "series": {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    "rendered": {"Accept": "image/jpeg"},
+    "frame rendered": {"Accept": "image/jpeg"},
+    "thumbnail": {"Accept": "image/jpeg"},
+    "series rendered": {"Accept": "image/jpeg"},
+    "study thumbnail": {"Accept": "image/jpeg"},
 }
 
 
@@ -139,6 +155,24 @@ def test_session_cannot_retrieve_other_studies(env: dict[str, Any], kind: str) -
     crossed = crossed.replace(str(env["mine"][0].SOPInstanceUID), str(other.SOPInstanceUID))
     if crossed != own:
         assert browser.request("GET", crossed, headers=ACCEPT[kind]).status in (403, 404)
+
+
+def test_session_cannot_delete_store_or_use_the_portal_api(env: dict[str, Any]) -> None:
+    browser = open_session(env)
+    for ds in (env["mine"][0], env["theirs"][0]):
+        base = (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                f"/instances/{ds.SOPInstanceUID}")
+        for path in (f"/dicomweb/studies/{ds.StudyInstanceUID}", base):
+            assert browser.request("DELETE", path).status == 403, path
+    stow = browser.request("POST", "/dicomweb/studies", body=None, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+    assert stow.status == 403
+    # The cookie is no credential for the portal API.
+    assert browser.request("GET", "/api/links").status == 401
+    assert browser.request("GET", f"/api/audit?patient={MINE}").status == 401
+    with env["server"].gateway.index.Session() as session:
+        assert session.query(Instance).count() == len(env["mine"]) + len(env["theirs"]) + len(
+            env["sibling"])
 
 
 def test_key_images_session_sees_only_key_images(env: dict[str, Any]) -> None:

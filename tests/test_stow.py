@@ -12,6 +12,7 @@ from pydicom import Dataset
 from pydicom.uid import CTImageStorage
 from requests.exceptions import HTTPError
 
+from gateway.audit import AuditAction
 from gateway.core import Gateway
 from gateway.models import Instance
 
@@ -137,6 +138,26 @@ def test_body_over_the_limit_is_413(tmp_path, database_url) -> None:  # noqa: AN
         assert "max_upload_bytes" in json.loads(reply.body)["detail"]
         with gateway.index.Session() as session:
             assert session.query(Instance).count() == 0
+
+
+def test_parts_stored_before_a_refused_rest_are_audited(gateway: Gateway) -> None:
+    """A nested multipart after a good part: 415, but the stored part is in the trail."""
+    from test_dicomweb_audit import ListSink
+
+    sink = ListSink()
+    gateway.audit = sink  # type: ignore[attr-defined]  # what the composition root injects
+    token = api_key(gateway, "writer", "dicomweb:write")
+    nested = (b"--inner\r\nContent-Type: application/dicom\r\n\r\nx\r\n--inner--\r\n")
+    body = (b"--XyZzYboundary\r\nContent-Type: application/dicom\r\n\r\n"
+            + part10(ct_dataset(0, study=STUDY, series=SERIES)) + b"\r\n"
+            + b'--XyZzYboundary\r\nContent-Type: multipart/mixed; boundary="inner"\r\n\r\n'
+            + nested + b"\r\n--XyZzYboundary--\r\n")
+    with LiveServer(gateway) as live:
+        reply = post(live, token, body)
+        assert reply.status == 415
+        assert count(live) == 1  # kept: the first part was complete and acknowledged to the index
+    transferred = [e for e in sink.events if e.action is AuditAction.INSTANCES_TRANSFERRED]
+    assert [e.study_uids for e in transferred] == [(STUDY,)]
 
 
 def test_store_needs_the_write_scope(live: LiveServer) -> None:

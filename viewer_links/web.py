@@ -238,9 +238,12 @@ async def get_audit(request: web.Request) -> web.Response:
     if not 0 < len(patient) <= 64:
         raise InvalidQuery("give the patient's ID: /api/audit?patient=ID")
     try:
-        limit = min(int(request.query.get("_count", "1000")), 10000)
+        limit = int(request.query.get("_count", "1000"))
     except ValueError:
         raise InvalidQuery("_count must be an integer") from None
+    if not 0 < limit:
+        raise InvalidQuery("_count must be a positive integer")
+    limit = min(limit, 10000)
     index = request.config_dict[GATEWAY].index
     events = await asyncio.to_thread(audit.events_for_patient, index, patient, limit=limit)
     await asyncio.to_thread(audit.record, index, audit.Action.AUDIT_READ, principal=who,

@@ -1,0 +1,84 @@
+"""Crash recovery never undoes the writes of another live process sharing the data folder.
+
+``dicom-gateway ingest``, ``apikey``, ``links`` ... open the core with recovery while ``serve``
+may be storing: a write placed but not yet committed to the index must survive that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import ct_dataset, make_settings, part10
+
+from gateway.core import Gateway
+from gateway.storage import relative_path
+
+
+def test_a_second_process_does_not_undo_writes_in_flight(tmp_path: Path,
+                                                         database_url: str) -> None:
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as serving:
+        ds = ct_dataset(0)
+        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                "ab" * 32)
+        pending = serving.storage.write(relpath, part10(ds))  # placed; its row not committed
+        with Gateway(settings) as command:  # e.g. `dicom-gateway apikey list` meanwhile
+            assert command.storage.exists(relpath)
+        assert serving.storage.exists(relpath) and pending.temp.exists()
+        serving.storage.finish(pending)
+
+
+def test_recovery_runs_when_no_other_process_is_attached(tmp_path: Path,
+                                                         database_url: str) -> None:
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as first:
+        ds = ct_dataset(0)
+        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                "cd" * 32)
+        first.storage.write(relpath, part10(ds))
+        first.storage.detach()  # as if the process had died with the write unfinished
+        with Gateway(settings) as restarted:
+            assert not restarted.storage.exists(relpath)
+            assert not list(restarted.storage.incoming.iterdir())
+
+
+def test_a_write_finished_after_a_racing_delete_keeps_its_file(tmp_path: Path,
+                                                               database_url: str) -> None:
+    """Re-send of a stored instance while a delete of it commits: the new row keeps a file.
+
+    The re-send finds the final name taken (same content) and keeps the old copy; the delete
+    then removes that copy; the re-send's row is committed after: finishing restores the file.
+    """
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as gateway:
+        data = part10(ct_dataset(0))
+        ds = ct_dataset(0)
+        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                "ef" * 32)
+        gateway.storage.finish(gateway.storage.write(relpath, data))  # stored before
+        pending = gateway.storage.write(relpath, data)  # the re-send: name taken, copy kept
+        gateway.storage.delete(relpath)  # the racing delete, after its commit
+        gateway.storage.finish(pending)  # the re-send's row is committed
+        assert gateway.storage.path(relpath).read_bytes() == data
+        assert not pending.temp.exists()
+
+
+def test_delete_keeps_the_file_of_an_instance_stored_again_meanwhile(
+        tmp_path: Path, database_url: str) -> None:
+    """Delete: rows committed away, then a re-send is stored, then the files are removed."""
+    from sqlalchemy import select
+
+    from gateway.models import Instance
+
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as gateway:
+        data = part10(ct_dataset(0))
+        gateway.ingestor.ingest(data, source="test")
+        with gateway.index.Session() as session:
+            pks = list(session.scalars(select(Instance.pk)))
+        paths = gateway.index.write(lambda session: gateway.index.remove_instances(session, pks))
+        gateway.ingestor.ingest(data, source="test")  # the re-send, between commit and files
+        assert gateway.storage.delete_unindexed(paths, gateway.index.has_file) == 0
+        (relpath,) = paths
+        assert gateway.storage.path(relpath).read_bytes() == data
+        assert gateway.index.has_file(relpath)
