@@ -84,9 +84,8 @@ def dicom_string(value: Any) -> str:
 def identifier_keys(identifier: Dataset) -> dict[str, str]:
     """``{keyword: value}`` of an identifier, for :meth:`gateway.query.Query.from_identifier`.
 
-    Sequence keys are passed with an empty value: they are returned as stored, but not matched
-    (sequence matching, C.2.2.2.6, is not supported by the query engine; see the conformance
-    statement). Private and unknown attributes are ignored.
+    Sequence keys are passed with an empty value (their item's keys are in
+    :func:`identifier_items`). Private and unknown attributes are ignored.
     """
     keys: dict[str, str] = {}
     for element in identifier:
@@ -95,6 +94,29 @@ def identifier_keys(identifier: Dataset) -> dict[str, str]:
             continue
         keys[keyword] = "" if element.VR == "SQ" else dicom_string(element.value).strip()
     return keys
+
+
+def identifier_items(identifier: Dataset) -> dict[str, dict[str, str]]:
+    """``{sequence keyword: {item keyword: value}}`` of the identifier's sequence keys.
+
+    PS3.4 C.2.2.2.6: a sequence key holds one item whose attributes are the item's matching
+    and return keys; a sequence with no item is universal matching. More than one item is
+    not a valid key (:class:`InvalidQuery`, status 0xA900).
+    """
+    items: dict[str, dict[str, str]] = {}
+    for element in identifier:
+        keyword = element.keyword
+        if element.VR != "SQ" or not keyword or element.tag.is_private:
+            continue
+        value = element.value or []
+        if len(value) > 1:
+            raise InvalidQuery(f"{keyword}: a sequence key has at most one item (PS3.4 "
+                               f"C.2.2.2.6), not {len(value)}")
+        if value:
+            items[keyword] = {
+                e.keyword: "" if e.VR == "SQ" else dicom_string(e.value).strip()
+                for e in value[0] if e.keyword and not e.tag.is_private}
+    return items
 
 
 def information_model(sop_class_uid: str) -> str:
@@ -212,6 +234,7 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
         raise InvalidQuery(f"Query/Retrieve Level {level!r} is not one of {', '.join(allowed)}"
                            f" in the {model.replace('_', ' ').title()} information model")
     keys = identifier_keys(identifier)
+    items = identifier_items(identifier)
     engine = QueryEngine(gateway.index, max_results=0)
     principal = principal_for(ae_title)
     trail = frozenset({"StudyInstanceUID"})
@@ -232,9 +255,9 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
         study_uids = [str(uid) for uid in result.study_uids]
         matches = _patients(result.matches, {k for k in keys if k in PATIENT_KEYS})
     else:
-        query = Query.from_identifier(Level(level), keys)
+        query = Query.from_identifier(Level(level), keys, items=items)
         query = Query(level=query.level, keys=query.keys, include=query.include | trail,
-                      defaults=False)
+                      defaults=False, items=query.items)
         result = engine.search(query, principal)
         study_uids = [str(uid) for uid in result.study_uids]
         matches = result.matches
@@ -295,4 +318,4 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
             yield PENDING, ds
 
 
-__all__ = ["handle_find", "identifier_keys", "search"]
+__all__ = ["handle_find", "identifier_items", "identifier_keys", "search"]
