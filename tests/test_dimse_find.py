@@ -441,3 +441,20 @@ def test_findscu_sequence_matching(seq_archive: Archive, tmp_path: Path) -> None
     assert values(found, "Modality") == ["MR"]
     (item,) = found[0].RequestAttributesSequence
     assert (item.ScheduledProcedureStepID, item.RequestedProcedureID) == ("SPS2", "RP2")
+
+
+def test_access_trail_has_one_entry_per_matched_study_with_its_patient(archive: Archive) -> None:
+    found = matches(archive.find(identifier("STUDY", PatientID="LU*", AccessionNumber=""),
+                                 calling="WORKSTATION2"))
+    assert len(found) == 4
+    index = archive.live.gateway.index
+    by_patient = {
+        patient: sorted(e.study_instance_uid for e in events_for_patient(index, patient)
+                        if e.actor == "dimse:WORKSTATION2")
+        for patient in ("LU0000001", "LU0000002", "LU0000003")
+    }
+    assert by_patient == {
+        "LU0000001": sorted([archive.uid(0), archive.uid(1)]),
+        "LU0000002": [archive.uid(2)],
+        "LU0000003": [archive.uid(3)],
+    }
