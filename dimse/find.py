@@ -29,6 +29,7 @@ from typing import Any
 from pydicom import DataElement, Dataset
 from pydicom.charset import convert_encodings
 from pydicom.config import IGNORE
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
 from dimse.peers import PeerPolicy
@@ -62,6 +63,8 @@ PATIENT_KEYS = frozenset({
 })
 PATIENT_COUNTS = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
                   "NumberOfPatientRelatedInstances")
+QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE = 0x00080052, 0x00080054
+SPECIFIC_CHARACTER_SET, STUDY_INSTANCE_UID = 0x00080005, 0x0020000D
 # Keys the SCP fills itself rather than the engine.
 OWN_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"})
 
@@ -180,8 +183,6 @@ def _dataset(match: dict[str, Any]) -> Dataset:
 
 def _patients(studies: list[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:
     """Study matches grouped by patient, with the patient-level keys and summed counts."""
-    from pydicom.datadict import tag_for_keyword
-
     def tag(keyword: str) -> str:
         return f"{tag_for_keyword(keyword):08X}"
 
@@ -265,16 +266,21 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
         logger.info("C-FIND from %s: %s", ae_title, warning)
     datasets = []
     asked_retrieve_ae = "RetrieveAETitle" in identifier
+    # Tags and VRs worked out once, not per match (keyword lookups cost ~0.1 ms a match).
+    asked = [(tag, dictionary_VR(tag)) for tag in
+             (tag_for_keyword(k) for k in keys) if tag is not None]
+    drop_study_uid = "StudyInstanceUID" not in keys
+    retrieve_ae = gateway.settings.dimse.ae_title
     for match in matches:
         ds = _dataset(match)
-        if "StudyInstanceUID" not in keys and "StudyInstanceUID" in ds:
-            del ds.StudyInstanceUID
-        ds.QueryRetrieveLevel = level
+        if drop_study_uid and STUDY_INSTANCE_UID in ds:
+            del ds[STUDY_INSTANCE_UID]
+        ds[QUERY_RETRIEVE_LEVEL] = DataElement(QUERY_RETRIEVE_LEVEL, "CS", level)
         if asked_retrieve_ae:
-            ds.RetrieveAETitle = gateway.settings.dimse.ae_title
-        for keyword in keys:  # every asked key is answered, empty when unknown (C.4.1.1.3.2)
-            if keyword not in ds:
-                setattr(ds, keyword, None)
+            ds[RETRIEVE_AE_TITLE] = DataElement(RETRIEVE_AE_TITLE, "AE", retrieve_ae)
+        for tag, vr in asked:  # every asked key is answered, empty when unknown (C.4.1.1.3.2)
+            if tag not in ds:
+                ds[tag] = DataElement(tag, vr, [] if vr == "SQ" else None)
         datasets.append(ds)
     return level, datasets, study_uids
 
@@ -314,7 +320,8 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
                 yield CANCEL, None
                 return
             if response_charset:
-                ds.SpecificCharacterSet = response_charset
+                ds[SPECIFIC_CHARACTER_SET] = DataElement(SPECIFIC_CHARACTER_SET, "CS",
+                                                         response_charset)
             yield PENDING, ds
 
 
