@@ -73,15 +73,23 @@ async def _search(request: web.Request, level: Level, study: str | None = None,
     warnings.extend(f'299 {host}: "{w}"' for w in result.warnings)
     if warnings:
         headers["Warning"] = ", ".join(warnings)
-    await audit(request, AuditAction.QUERY, result.study_uids,
-                detail=f"{level.value} query, {len(result.matches)} matches")
-    # PS3.18 §8.3.4.4.1 as corrected by CP-2473: a search with no match answers 200 (OK) with
-    # an empty result (an empty JSON array), not 204.
-    if form == "xml":
-        return _xml_response(result, headers)
-    body = json.dumps(result.matches, ensure_ascii=False, separators=(",", ":")).encode()
-    headers["Content-Type"] = MEDIA_DICOM_JSON
-    return web.Response(body=body, headers=headers)
+    # The trail entry is written while the body is encoded; it is committed before the
+    # response leaves (the record precedes the disclosure).
+    recording = asyncio.create_task(audit(
+        request, AuditAction.QUERY, result.study_uids,
+        detail=f"{level.value} query, {len(result.matches)} matches"))
+    try:
+        # PS3.18 §8.3.4.4.1 as corrected by CP-2473: a search with no match answers 200 (OK)
+        # with an empty result (an empty JSON array), not 204.
+        if form == "xml":
+            response = _xml_response(result, headers)
+        else:
+            body = json.dumps(result.matches, ensure_ascii=False, separators=(",", ":")).encode()
+            headers["Content-Type"] = MEDIA_DICOM_JSON
+            response = web.Response(body=body, headers=headers)
+    finally:
+        await recording
+    return response
 
 
 def _xml_response(result: QueryResult, headers: dict[str, str]) -> web.Response:

@@ -290,6 +290,8 @@ class DatabaseAudit:
                 link = session.get(ViewerLink, event.jti)
                 if link is not None:
                     name, relationship = link.viewer_name, link.viewer_relationship
+            # One SELECT for the patients of all the studies named (a QIDO-RS search or a
+            # C-FIND names hundreds) and one multi-row INSERT (add_many).
             add_many(session, SINK_ACTIONS.get(event.action, Action.RETRIEVE),
                      list(event.study_uids) or [None],
                      outcome=Outcome.SUCCESS if event.success else Outcome.MINOR_FAILURE,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -68,6 +69,19 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     return app
 
 
+def freeze_startup_objects() -> None:
+    """Exclude the objects alive at startup from the garbage collector's full collections.
+
+    The pydicom data dictionary, SQLAlchemy's mappers and the imported modules make ~100,000
+    long-lived objects; every full (generation 2) collection walks them all, which took
+    50-150 ms on a 2-core machine and landed in the middle of random QIDO responses and
+    C-STORE round trips. ``gc.freeze()`` moves them to the permanent generation (Python docs,
+    ``gc``). Process-wide, hence here in the composition root.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class Server:
     """DIMSE and HTTP listeners of one gateway process."""
 
@@ -89,6 +103,7 @@ class Server:
                         for _ in range(settings.dimse.workers - 1)]
         self.runner = web.AppRunner(create_app(self.gateway), access_log=None)
         await self.runner.setup()
+        freeze_startup_objects()
         site = web.TCPSite(self.runner, settings.http.host, settings.http.port)
         await site.start()
         server = site._server  # noqa: SLF001 - aiohttp exposes no bound port otherwise
@@ -131,6 +146,7 @@ def stop_dimse_worker(worker: subprocess.Popen[bytes]) -> None:
 def run_dimse_worker(gateway: Gateway, port: int) -> None:
     """Serve DIMSE on ``port`` (bound by the main process too) until stdin closes."""
     server = start_dimse(gateway, port=port)
+    freeze_startup_objects()
     try:
         sys.stdin.buffer.read()
     finally:
