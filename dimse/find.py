@@ -29,6 +29,7 @@ from typing import Any
 from pydicom import DataElement, Dataset
 from pydicom.charset import convert_encodings
 from pydicom.config import IGNORE
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
 from dimse.peers import PeerPolicy
@@ -62,6 +63,8 @@ PATIENT_KEYS = frozenset({
 })
 PATIENT_COUNTS = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
                   "NumberOfPatientRelatedInstances")
+QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE = 0x00080052, 0x00080054
+SPECIFIC_CHARACTER_SET, STUDY_INSTANCE_UID = 0x00080005, 0x0020000D
 # Keys the SCP fills itself rather than the engine.
 OWN_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"})
 
@@ -84,9 +87,8 @@ def dicom_string(value: Any) -> str:
 def identifier_keys(identifier: Dataset) -> dict[str, str]:
     """``{keyword: value}`` of an identifier, for :meth:`gateway.query.Query.from_identifier`.
 
-    Sequence keys are passed with an empty value: they are returned as stored, but not matched
-    (sequence matching, C.2.2.2.6, is not supported by the query engine; see the conformance
-    statement). Private and unknown attributes are ignored.
+    Sequence keys are passed with an empty value (their item's keys are in
+    :func:`identifier_items`). Private and unknown attributes are ignored.
     """
     keys: dict[str, str] = {}
     for element in identifier:
@@ -95,6 +97,29 @@ def identifier_keys(identifier: Dataset) -> dict[str, str]:
             continue
         keys[keyword] = "" if element.VR == "SQ" else dicom_string(element.value).strip()
     return keys
+
+
+def identifier_items(identifier: Dataset) -> dict[str, dict[str, str]]:
+    """``{sequence keyword: {item keyword: value}}`` of the identifier's sequence keys.
+
+    PS3.4 C.2.2.2.6: a sequence key holds one item whose attributes are the item's matching
+    and return keys; a sequence with no item is universal matching. More than one item is
+    not a valid key (:class:`InvalidQuery`, status 0xA900).
+    """
+    items: dict[str, dict[str, str]] = {}
+    for element in identifier:
+        keyword = element.keyword
+        if element.VR != "SQ" or not keyword or element.tag.is_private:
+            continue
+        value = element.value or []
+        if len(value) > 1:
+            raise InvalidQuery(f"{keyword}: a sequence key has at most one item (PS3.4 "
+                               f"C.2.2.2.6), not {len(value)}")
+        if value:
+            items[keyword] = {
+                e.keyword: "" if e.VR == "SQ" else dicom_string(e.value).strip()
+                for e in value[0] if e.keyword and not e.tag.is_private}
+    return items
 
 
 def information_model(sop_class_uid: str) -> str:
@@ -158,8 +183,6 @@ def _dataset(match: dict[str, Any]) -> Dataset:
 
 def _patients(studies: list[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:
     """Study matches grouped by patient, with the patient-level keys and summed counts."""
-    from pydicom.datadict import tag_for_keyword
-
     def tag(keyword: str) -> str:
         return f"{tag_for_keyword(keyword):08X}"
 
@@ -212,6 +235,7 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
         raise InvalidQuery(f"Query/Retrieve Level {level!r} is not one of {', '.join(allowed)}"
                            f" in the {model.replace('_', ' ').title()} information model")
     keys = identifier_keys(identifier)
+    items = identifier_items(identifier)
     engine = QueryEngine(gateway.index, max_results=0)
     principal = principal_for(ae_title)
     trail = frozenset({"StudyInstanceUID"})
@@ -232,9 +256,9 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
         study_uids = [str(uid) for uid in result.study_uids]
         matches = _patients(result.matches, {k for k in keys if k in PATIENT_KEYS})
     else:
-        query = Query.from_identifier(Level(level), keys)
+        query = Query.from_identifier(Level(level), keys, items=items)
         query = Query(level=query.level, keys=query.keys, include=query.include | trail,
-                      defaults=False)
+                      defaults=False, items=query.items)
         result = engine.search(query, principal)
         study_uids = [str(uid) for uid in result.study_uids]
         matches = result.matches
@@ -242,16 +266,21 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
         logger.info("C-FIND from %s: %s", ae_title, warning)
     datasets = []
     asked_retrieve_ae = "RetrieveAETitle" in identifier
+    # Tags and VRs worked out once, not per match (keyword lookups cost ~0.1 ms a match).
+    asked = [(tag, dictionary_VR(tag)) for tag in
+             (tag_for_keyword(k) for k in keys) if tag is not None]
+    drop_study_uid = "StudyInstanceUID" not in keys
+    retrieve_ae = gateway.settings.dimse.ae_title
     for match in matches:
         ds = _dataset(match)
-        if "StudyInstanceUID" not in keys and "StudyInstanceUID" in ds:
-            del ds.StudyInstanceUID
-        ds.QueryRetrieveLevel = level
+        if drop_study_uid and STUDY_INSTANCE_UID in ds:
+            del ds[STUDY_INSTANCE_UID]
+        ds[QUERY_RETRIEVE_LEVEL] = DataElement(QUERY_RETRIEVE_LEVEL, "CS", level)
         if asked_retrieve_ae:
-            ds.RetrieveAETitle = gateway.settings.dimse.ae_title
-        for keyword in keys:  # every asked key is answered, empty when unknown (C.4.1.1.3.2)
-            if keyword not in ds:
-                setattr(ds, keyword, None)
+            ds[RETRIEVE_AE_TITLE] = DataElement(RETRIEVE_AE_TITLE, "AE", retrieve_ae)
+        for tag, vr in asked:  # every asked key is answered, empty when unknown (C.4.1.1.3.2)
+            if tag not in ds:
+                ds[tag] = DataElement(tag, vr, [] if vr == "SQ" else None)
         datasets.append(ds)
     return level, datasets, study_uids
 
@@ -291,8 +320,9 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
                 yield CANCEL, None
                 return
             if response_charset:
-                ds.SpecificCharacterSet = response_charset
+                ds[SPECIFIC_CHARACTER_SET] = DataElement(SPECIFIC_CHARACTER_SET, "CS",
+                                                         response_charset)
             yield PENDING, ds
 
 
-__all__ = ["handle_find", "identifier_keys", "search"]
+__all__ = ["handle_find", "identifier_items", "identifier_keys", "search"]

@@ -37,7 +37,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -149,6 +149,28 @@ MATCH_KEYS: dict[str, MatchKey] = {
     "InstanceNumber": MatchKey(Level.IMAGE, Instance.instance_number, Kind.NUMBER),
 }
 
+@dataclass(frozen=True)
+class SequenceKey:
+    """A sequence attribute matched item by item (PS3.4 C.2.2.2.6), and its item keys."""
+
+    level: Level
+    items: Mapping[str, Kind]
+
+
+# Sequence keys matched on the level attributes stored at ingest (PS3.4 C.6.1.1.3, C.6.1.1.4;
+# PS3.18 Table 10.6.3-4). Only these item keys filter; others are returned, not matched.
+SEQUENCE_KEYS: dict[str, SequenceKey] = {
+    "RequestAttributesSequence": SequenceKey(Level.SERIES, {
+        "ScheduledProcedureStepID": Kind.TEXT, "RequestedProcedureID": Kind.TEXT,
+        "AccessionNumber": Kind.TEXT}),
+    "IssuerOfAccessionNumberSequence": SequenceKey(Level.STUDY, {
+        "LocalNamespaceEntityID": Kind.TEXT, "UniversalEntityID": Kind.TEXT,
+        "UniversalEntityIDType": Kind.CODE}),
+    "ProcedureCodeSequence": SequenceKey(Level.STUDY, {
+        "CodeValue": Kind.TEXT, "CodingSchemeDesignator": Kind.TEXT,
+        "CodingSchemeVersion": Kind.TEXT, "CodeMeaning": Kind.TEXT}),
+}
+
 # Attributes returned by default (PS3.18 Tables 10.6.3-3, 10.6.3-4, 10.6.3-5).
 STUDY_RETURN = (
     "SpecificCharacterSet", "StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability",
@@ -254,20 +276,25 @@ class Query:
     series_uid: str | None = None
     combined_datetime: bool = False
     defaults: bool = True
+    items: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_identifier(cls, level: Level | str, identifier: Mapping[str, str], *,
-                        fuzzy: bool = False, combined_datetime: bool = False) -> Query:
+                        fuzzy: bool = False, combined_datetime: bool = False,
+                        items: Mapping[str, Mapping[str, str]] | None = None) -> Query:
         """A C-FIND query: the identifier's keys are matched and returned, nothing else.
 
         ``identifier`` maps keywords to values in their DICOM string form (``str(elem.value)``,
         multi-values joined by ``\\``); ``QueryRetrieveLevel`` and ``SpecificCharacterSet`` are
-        dropped from the keys. Sequence attributes are not supported as keys.
+        dropped from the keys. A sequence key is in ``identifier`` with an empty value and its
+        item's keys in ``items`` (``{sequence keyword: {item keyword: value}}``, PS3.4
+        C.2.2.2.6).
         """
         keys = {k: v for k, v in identifier.items()
                 if k not in ("QueryRetrieveLevel", "SpecificCharacterSet")}
         return cls(level=Level(level), keys=keys, include=frozenset(keys), fuzzy=fuzzy,
-                   combined_datetime=combined_datetime, defaults=False)
+                   combined_datetime=combined_datetime, defaults=False,
+                   items=dict(items or {}))
 
 
 @dataclass
@@ -311,6 +338,7 @@ def parse_qido(level: Level, params: Iterable[tuple[str, str]], *,
     ('P1', 10, ['StudyDescription'])
     """
     keys: dict[str, str] = {}
+    items: dict[str, dict[str, str]] = {}
     include: set[str] = set()
     include_all = False
     fuzzy = False
@@ -340,8 +368,13 @@ def parse_qido(level: Level, params: Iterable[tuple[str, str]], *,
             continue
         else:
             if "." in name:
-                raise InvalidQueryParameter(
-                    name, "matching on sequence items is not supported by this server")
+                sequence, item_key = _sequence_key(name)
+                entry = items.setdefault(sequence, {})
+                if item_key in entry:
+                    raise InvalidQueryParameter(name, "given more than once")
+                entry[item_key] = value
+                keys.setdefault(sequence, "")
+                continue
             keyword = keyword_of(name)
             if keyword in keys:
                 spec = MATCH_KEYS.get(keyword)
@@ -352,10 +385,29 @@ def parse_qido(level: Level, params: Iterable[tuple[str, str]], *,
                 keys[keyword] = value
     query = Query(level=level, keys=keys, include=frozenset(include), include_all=include_all,
                   fuzzy=fuzzy, limit=limit, offset=offset, study_uid=study_uid,
-                  series_uid=series_uid)
+                  series_uid=series_uid, items=items)
     # Parse every condition now, so that a bad value is a 400 before any SQL runs.
     _conditions(query)
+    _sequence_conditions(query)
     return query
+
+
+def _sequence_key(name: str) -> tuple[str, str]:
+    """``"00400275.00400009"`` -> ``("RequestAttributesSequence", "ScheduledProcedureStepID")``.
+
+    A QIDO-RS key on a sequence item (PS3.18 §8.3.4.1, Table 10.6.3-4): one level of nesting,
+    on the sequences of :data:`SEQUENCE_KEYS`.
+    """
+    parts = name.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise InvalidQueryParameter(
+            name, "a sequence key is SequenceKeyword.ItemKeyword (one level of nesting)")
+    sequence = keyword_of(parts[0], name)
+    if sequence not in SEQUENCE_KEYS:
+        raise InvalidQueryParameter(
+            name, f"{sequence} is not a sequence this server matches on (supported: "
+            f"{', '.join(SEQUENCE_KEYS)})")
+    return sequence, keyword_of(parts[1], name)
 
 
 def _non_negative(name: str, value: str) -> int:
@@ -588,6 +640,8 @@ def _conditions(query: Query) -> tuple[list[Condition], list[str]]:
         value = raw.strip() if isinstance(raw, str) else str(raw)
         spec = MATCH_KEYS.get(keyword)
         if spec is None:
+            if keyword in SEQUENCE_KEYS:
+                continue  # matched in Python (_sequence_conditions)
             if keyword not in COMPUTED and keyword not in DEFAULT_RETURN[query.level]:
                 warnings.append(keyword)
             continue
@@ -600,6 +654,78 @@ def _conditions(query: Query) -> tuple[list[Condition], list[str]]:
         conditions.append(Condition(keyword, spec, _condition(keyword, spec, value,
                                                               query.fuzzy)))
     return conditions, warnings
+
+
+# -- sequence matching (PS3.4 C.2.2.2.6) -------------------------------------------------------
+def _value_matcher(value: str, kind: Kind) -> Callable[[str], bool]:
+    """A test of one stored value against a key, with the rules of the SQL conditions:
+    single value (case-sensitive), wildcard ``*`` / ``?`` (C.2.2.2.4), list for codes."""
+    values = _split_list(value) if kind is Kind.CODE else [value]
+    if len(values) > 1:
+        members = frozenset(values)
+        return members.__contains__
+    single = values[0]
+    if _has_wildcard(single):
+        pattern = re.compile("".join(
+            ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in single), re.DOTALL)
+        return lambda stored: pattern.fullmatch(stored) is not None
+    return single.__eq__
+
+
+@dataclass(frozen=True)
+class SequenceCondition:
+    """A sequence key with at least one non-universal item key.
+
+    The sequence matches when at least one of its stored items matches every item key
+    (PS3.4 C.2.2.2.6); an attribute absent or empty in the item does not match a
+    non-universal key.
+    """
+
+    keyword: str
+    spec: SequenceKey
+    tag: str
+    tests: tuple[tuple[str, Callable[[str], bool]], ...]
+
+    def item_matches(self, item: Mapping[str, Any]) -> bool:
+        for tag, test in self.tests:
+            values = item.get(tag, {}).get("Value") or []
+            if not any(isinstance(v, str) and test(v) for v in values):
+                return False
+        return True
+
+    def matches(self, attributes: Mapping[str, Any]) -> bool:
+        items = attributes.get(self.tag, {}).get("Value") or []
+        return any(isinstance(item, dict) and self.item_matches(item) for item in items)
+
+
+def _sequence_conditions(query: Query) -> tuple[list[SequenceCondition], list[str]]:
+    """The sequence keys of a query to match in Python, and item keys that were ignored."""
+    conditions: list[SequenceCondition] = []
+    ignored: list[str] = []
+    for keyword, item in query.items.items():
+        spec = SEQUENCE_KEYS.get(keyword)
+        if spec is None:
+            ignored.extend(f"{keyword}.{k}" for k, v in item.items() if v.strip())
+            continue
+        tests = []
+        for item_key, raw in item.items():
+            value = raw.strip()
+            kind = spec.items.get(item_key)
+            if kind is None:
+                if value:
+                    ignored.append(f"{keyword}.{item_key}")
+                continue
+            if value in ("", "*"):
+                continue  # universal matching of the item key
+            tests.append((_tag_hex(item_key), _value_matcher(value, kind)))
+        if not tests:
+            continue  # universal matching: the sequence is returned as stored
+        if spec.level.depth > query.level.depth:
+            raise InvalidQueryParameter(
+                keyword, f"is a {spec.level.value.lower()}-level attribute; it cannot be "
+                f"matched in a {query.level.value.lower()}-level search")
+        conditions.append(SequenceCondition(keyword, spec, _tag_hex(keyword), tuple(tests)))
+    return conditions, ignored
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -655,6 +781,8 @@ class QueryEngine:
             On a malformed key.
         """
         conditions, ignored = _conditions(query)
+        sequences, ignored_items = _sequence_conditions(query)
+        ignored = ignored + ignored_items
         warnings = [f"the following attributes are not supported as matching keys and were "
                     f"ignored: {', '.join(ignored)}"] if ignored else []
         wanted = self._wanted(query)
@@ -670,12 +798,18 @@ class QueryEngine:
         if on_patient:
             others.append(Study.patient_pk.in_(select(Patient.pk).where(*on_patient)))
         stmt = stmt.where(*others, *self._scope(query, principal))
-        if limit is not None:
-            stmt = stmt.limit(limit + 1)
-        if query.offset:
-            stmt = stmt.offset(query.offset)
+        # Sequence keys are matched in Python on the rows SQL narrowed down: paging then has
+        # to come after that filter, not in the SELECT.
+        if not sequences:
+            if limit is not None:
+                stmt = stmt.limit(limit + 1)
+            if query.offset:
+                stmt = stmt.offset(query.offset)
         with self.index.Session() as session:
             rows = session.execute(stmt).all()
+            if sequences:
+                rows = [r for r in rows if self._sequences_match(query.level, r, sequences)]
+                rows = rows[query.offset:]
             truncated = limit is not None and len(rows) > limit
             if truncated:
                 rows = rows[:limit]
@@ -684,6 +818,23 @@ class QueryEngine:
         shape = self._shape(query, wanted, retrieve_base)
         matches = [self._build(query, row, shape, wanted, retrieve_base, counts) for row in rows]
         return QueryResult(matches, truncated, warnings)
+
+    @staticmethod
+    def _sequences_match(level: Level, row: Any, sequences: list[SequenceCondition]) -> bool:
+        """Whether a row's stored level attributes match every sequence key."""
+        parsed: dict[Level, dict[str, Any]] = {}
+        for condition in sequences:
+            source = condition.spec.level
+            if source not in parsed:
+                if source is level:
+                    stored = row.attributes if level is not Level.IMAGE else None
+                else:
+                    stored = (row.study_attributes if source is Level.STUDY
+                              else row.series_attributes)
+                parsed[source] = json.loads(stored) if stored else {}
+            if not condition.matches(parsed[source]):
+                return False
+        return True
 
     # -- SQL ------------------------------------------------------------------------------------
     def _wanted(self, query: Query) -> frozenset[str] | None:
@@ -880,6 +1031,8 @@ class QueryEngine:
             for tag, vr in shape.placeholders.items():
                 if tag not in out:
                     out[tag] = {"vr": vr}  # asked for, not present: zero length
+        if query.items and not query.defaults:
+            _prune_items(query, out)
         return dict(sorted(out.items()))
 
 
@@ -893,6 +1046,28 @@ class _Shape:
     placeholders: dict[str, str] | None
 
 
+def _prune_items(query: Query, out: dict[str, Any]) -> None:
+    """C-FIND: a sequence key with item keys returns the matching items, each with the item
+    keys asked for only (zero length when not stored), as the identifier's other keys are
+    (PS3.4 C.2.2.2.6, C.4.1.1.3.2). An empty sequence key returns the sequence as stored."""
+    for keyword, item_keys in query.items.items():
+        element = out.get(_tag_hex(keyword))
+        if not item_keys or element is None or not element.get("Value"):
+            continue
+        probe = Query(level=query.level, items={keyword: item_keys})
+        conditions, _ = _sequence_conditions(probe)
+        asked = {_tag_hex(k): _vr(k) for k in item_keys if _tag_hex(k)}
+        kept = []
+        for item in element["Value"]:
+            if not isinstance(item, dict) or any(not c.item_matches(item) for c in conditions):
+                continue
+            kept.append({tag: item.get(tag, {"vr": vr}) for tag, vr in sorted(asked.items())})
+        element = {"vr": "SQ"}
+        if kept:
+            element["Value"] = kept
+        out[_tag_hex(keyword)] = element
+
+
 def _copy(out: dict[str, Any], stored: dict[str, Any], tags: frozenset[str] | None) -> None:
     if tags is None:
         out.update(stored)
@@ -903,6 +1078,6 @@ def _copy(out: dict[str, Any], stored: dict[str, Any], tags: frozenset[str] | No
 
 
 __all__ = [
-    "DEFAULT_RETURN", "MATCH_KEYS", "InvalidQueryParameter", "Level", "Query", "QueryEngine",
-    "QueryResult", "keyword_of", "parse_qido",
+    "DEFAULT_RETURN", "MATCH_KEYS", "SEQUENCE_KEYS", "InvalidQueryParameter", "Level", "Query",
+    "QueryEngine", "QueryResult", "keyword_of", "parse_qido",
 ]

@@ -163,3 +163,54 @@ def identifier(level: str, **keys: Any) -> Dataset:
 
 def pixel_bytes(ds: Dataset) -> bytes:
     return bytes(ds.PixelData)
+
+
+def _items(*items: Mapping[str, str]) -> list[Dataset]:
+    out = []
+    for keys in items:
+        item = Dataset()
+        for keyword, value in keys.items():
+            setattr(item, keyword, value)
+        out.append(item)
+    return out
+
+
+def load_sequence_studies(gateway: Gateway) -> list[list[Dataset]]:
+    """Two studies whose instances carry the matchable sequences (PS3.4 C.2.2.2.6).
+
+    Study 0 (accession SEQ1): ProcedureCodeSequence CTHEAD, IssuerOfAccessionNumberSequence
+    HOSP_A; its CT series has RequestAttributesSequence items SPS1/RP1 and SPS1B/RP1B, its MR
+    series one item SPS2/RP2. Study 1 (SEQ2): ProcedureCodeSequence MRKNEE, and its one series
+    has no RequestAttributesSequence.
+    """
+    specs = [
+        StudySpec(patient_id="SQ0000001", accession_number="SEQ1", key_object=False,
+                  series=(SeriesSpec(modality="CT", instances=2, rows=16, columns=16),
+                          SeriesSpec(modality="MR", instances=1, rows=16, columns=16))),
+        StudySpec(patient_id="SQ0000002", accession_number="SEQ2", key_object=False,
+                  series=(SeriesSpec(modality="MR", instances=1, rows=16, columns=16),)),
+    ]
+    requests = {
+        (0, "CT"): _items({"ScheduledProcedureStepID": "SPS1", "RequestedProcedureID": "RP1",
+                           "AccessionNumber": "SEQ1"},
+                          {"ScheduledProcedureStepID": "SPS1B", "RequestedProcedureID": "RP1B"}),
+        (0, "MR"): _items({"ScheduledProcedureStepID": "SPS2", "RequestedProcedureID": "RP2"}),
+    }
+    procedures = [
+        _items({"CodeValue": "CTHEAD", "CodingSchemeDesignator": "LOCAL",
+                "CodeMeaning": "CT Head"}),
+        _items({"CodeValue": "MRKNEE", "CodingSchemeDesignator": "LOCAL",
+                "CodeMeaning": "MR Knee"}),
+    ]
+    studies = []
+    for n, spec in enumerate(specs):
+        datasets = generate_study(spec, seed=100 + n)
+        for ds in datasets:
+            ds.ProcedureCodeSequence = procedures[n]
+            if n == 0:
+                ds.IssuerOfAccessionNumberSequence = _items({"LocalNamespaceEntityID": "HOSP_A"})
+            if (n, ds.Modality) in requests:
+                ds.RequestAttributesSequence = requests[(n, ds.Modality)]
+        files = ingest_datasets(gateway, datasets)
+        studies.append([dcmread(io.BytesIO(f)) for f in files])
+    return studies

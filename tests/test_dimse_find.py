@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import LiveServer
 from pydicom import Dataset, dcmread
+from pydicom.sequence import Sequence
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from qr_helpers import identifier, load_study, qr_settings
+from qr_helpers import identifier, load_sequence_studies, load_study, qr_settings
 
 from gateway.audit import events_for_patient
 from gateway.core import Gateway
@@ -345,3 +346,115 @@ def test_access_trail_names_the_calling_ae_and_studies_not_the_patient(
     (entry,) = events_for_patient(archive.live.gateway.index, "LU0000002")
     assert (entry.action, entry.actor, entry.address, entry.study_instance_uid,
             entry.outcome) == ("query", "dimse:WORKSTATION1", "127.0.0.1", archive.uid(2), 0)
+
+
+# -- sequence matching (PS3.4 C.2.2.2.6) -----------------------------------------------------
+@pytest.fixture
+def seq_archive(tmp_path: Path, database_url: str) -> Iterator[Archive]:
+    gateway = Gateway(qr_settings(tmp_path, database_url)).open()
+    try:
+        studies = load_sequence_studies(gateway)
+        with LiveServer(gateway) as live:
+            yield Archive(live, studies)
+    finally:
+        gateway.close()
+
+
+def sequence_key(**item_keys: str) -> Sequence:
+    item = Dataset()
+    for keyword, value in item_keys.items():
+        setattr(item, keyword, value)
+    return Sequence([item])
+
+
+def test_sequence_matching_at_series_level(seq_archive: Archive) -> None:
+    found = matches(seq_archive.find(identifier(
+        "SERIES", Modality="", SeriesInstanceUID="",
+        RequestAttributesSequence=sequence_key(ScheduledProcedureStepID="SPS1",
+                                               RequestedProcedureID=""))))
+    assert values(found, "Modality") == ["CT"]
+    # The matching item only, with the item keys asked for only (C.4.1.1.3.2).
+    (item,) = found[0].RequestAttributesSequence
+    assert (item.ScheduledProcedureStepID, item.RequestedProcedureID) == ("SPS1", "RP1")
+    assert "AccessionNumber" not in item
+    # Wildcards, and every item key must match in the same item.
+    found = matches(seq_archive.find(identifier(
+        "SERIES", Modality="",
+        RequestAttributesSequence=sequence_key(ScheduledProcedureStepID="SPS*"))))
+    assert values(found, "Modality") == ["CT", "MR"]
+    ct = next(ds for ds in found if ds.Modality == "CT")
+    assert [i.ScheduledProcedureStepID for i in ct.RequestAttributesSequence] == ["SPS1",
+                                                                                "SPS1B"]
+    found = matches(seq_archive.find(identifier(
+        "SERIES", Modality="", RequestAttributesSequence=sequence_key(
+            ScheduledProcedureStepID="SPS1", RequestedProcedureID="RP1B"))))
+    assert found == []
+    found = matches(seq_archive.find(identifier(
+        "SERIES", Modality="",
+        RequestAttributesSequence=sequence_key(AccessionNumber="SEQ1"))))
+    assert values(found, "Modality") == ["CT"]
+
+
+def test_empty_sequence_key_is_universal_and_returns_the_sequence(seq_archive: Archive) -> None:
+    found = matches(seq_archive.find(identifier("SERIES", Modality="",
+                                                RequestAttributesSequence=Sequence())))
+    assert values(found, "Modality") == ["CT", "MR", "MR"]
+    ct = next(ds for ds in found if ds.Modality == "CT")
+    assert [i.RequestedProcedureID for i in ct.RequestAttributesSequence] == ["RP1", "RP1B"]
+    assert [len(ds.RequestAttributesSequence) for ds in found
+            if ds.Modality == "MR"] in ([1, 0], [0, 1])
+
+
+def test_sequence_matching_at_study_level(seq_archive: Archive) -> None:
+    found = matches(seq_archive.find(identifier(
+        "STUDY", AccessionNumber="",
+        ProcedureCodeSequence=sequence_key(CodeValue="MRKNEE", CodingSchemeDesignator=""))))
+    assert values(found, "AccessionNumber") == ["SEQ2"]
+    assert found[0].ProcedureCodeSequence[0].CodingSchemeDesignator == "LOCAL"
+    found = matches(seq_archive.find(identifier(
+        "STUDY", AccessionNumber="",
+        IssuerOfAccessionNumberSequence=sequence_key(LocalNamespaceEntityID="HOSP_?"))))
+    assert values(found, "AccessionNumber") == ["SEQ1"]
+    # A study-level sequence at the series level filters the series of matching studies.
+    found = matches(seq_archive.find(identifier(
+        "SERIES", Modality="", ProcedureCodeSequence=sequence_key(CodeValue="CT*"))))
+    assert values(found, "Modality") == ["CT", "MR"]
+
+
+@pytest.mark.parametrize("ds", [
+    identifier("SERIES", RequestAttributesSequence=Sequence(
+        [*sequence_key(ScheduledProcedureStepID="A"), *sequence_key(
+            ScheduledProcedureStepID="B")])),
+    identifier("STUDY", RequestAttributesSequence=sequence_key(ScheduledProcedureStepID="A")),
+], ids=["two-items", "series-sequence-at-study-level"])
+def test_invalid_sequence_key_is_a900(seq_archive: Archive, ds: Dataset) -> None:
+    assert seq_archive.find(ds) == [(BAD_IDENTIFIER, None)]
+
+
+@needs_dcmtk
+def test_findscu_sequence_matching(seq_archive: Archive, tmp_path: Path) -> None:
+    result, found = findscu(seq_archive, tmp_path / "rsp", "QueryRetrieveLevel=SERIES",
+                            "Modality",
+                            "RequestAttributesSequence[0].ScheduledProcedureStepID=SPS2",
+                            "RequestAttributesSequence[0].RequestedProcedureID")
+    assert result.returncode == 0, result.stderr
+    assert values(found, "Modality") == ["MR"]
+    (item,) = found[0].RequestAttributesSequence
+    assert (item.ScheduledProcedureStepID, item.RequestedProcedureID) == ("SPS2", "RP2")
+
+
+def test_access_trail_has_one_entry_per_matched_study_with_its_patient(archive: Archive) -> None:
+    found = matches(archive.find(identifier("STUDY", PatientID="LU*", AccessionNumber=""),
+                                 calling="WORKSTATION2"))
+    assert len(found) == 4
+    index = archive.live.gateway.index
+    by_patient = {
+        patient: sorted(e.study_instance_uid for e in events_for_patient(index, patient)
+                        if e.actor == "dimse:WORKSTATION2")
+        for patient in ("LU0000001", "LU0000002", "LU0000003")
+    }
+    assert by_patient == {
+        "LU0000001": sorted([archive.uid(0), archive.uid(1)]),
+        "LU0000002": [archive.uid(2)],
+        "LU0000003": [archive.uid(3)],
+    }

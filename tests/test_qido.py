@@ -12,6 +12,7 @@ from dicomweb_client.api import DICOMwebClient
 from dicomweb_helpers import Corpus, api_key, client, load_corpus, raw
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
+from qr_helpers import load_sequence_studies
 
 from gateway.access import DEMO_PRINCIPAL, Principal, PrincipalKind
 from gateway.query import InvalidQueryParameter, Level, Query, QueryEngine, parse_qido
@@ -393,3 +394,55 @@ def test_restricted_principal_is_filtered_in_sql(live: LiveServer) -> None:
     assert uids(instances, "00080018") == set(corpus.instances(corpus.series_a_ct)[:1])
     nobody = Principal(kind=PrincipalKind.VIEWER_SESSION, id="v2", study_uids=frozenset())
     assert engine.search(parse_qido(Level.STUDY, []), nobody).matches == []
+
+
+# -- sequence matching (PS3.4 C.2.2.2.6, PS3.18 Table 10.6.3-4) --------------------------------
+def test_sequence_item_keys(live: LiveServer) -> None:
+    load_sequence_studies(live.gateway)
+    token = api_key(live.gateway, "reader", "dicomweb:read")
+
+    def get(query: str) -> tuple[int, list[dict]]:
+        reply = raw(live.http_url + "/dicomweb/" + query,
+                    headers={"Authorization": f"Bearer {token}"})
+        return reply.status, json.loads(reply.body) if reply.body else []
+
+    status, found = get("series?00400275.00400009=SPS2")
+    assert status == 200
+    assert [value(r, "Modality") for r in found] == ["MR"]
+    # The stored sequence is returned whole (a default series attribute, Table 10.6.3-4).
+    assert [i.RequestedProcedureID for i in value(found[0], "RequestAttributesSequence")] \
+        == ["RP2"]
+    status, found = get("series?RequestAttributesSequence.RequestedProcedureID=RP1*")
+    assert sorted(value(r, "Modality") for r in found) == ["CT"]
+    assert [i.RequestedProcedureID for i in value(found[0], "RequestAttributesSequence")] \
+        == ["RP1", "RP1B"]
+    status, found = get("series?00400275.00400009=SPS*&00400275.00401001=RP1B")
+    assert [value(r, "Modality") for r in found] == ["CT"]
+    status, found = get("studies?00081032.00080100=MRKNEE&includefield=AccessionNumber")
+    assert [value(r, "AccessionNumber") for r in found] == ["SEQ2"]
+    # Paging comes after the sequence filter: 2 matching series, one per page.
+    first = get("series?00400275.00400009=SPS*&limit=1")[1]
+    second = get("series?00400275.00400009=SPS*&limit=1&offset=1")[1]
+    third = get("series?00400275.00400009=SPS*&limit=1&offset=2")[1]
+    assert len(first) == len(second) == 1 and third == []
+    assert {value(first[0], "Modality"), value(second[0], "Modality")} == {"CT", "MR"}
+
+
+@pytest.mark.parametrize(("query", "parameter"), [
+    ("00400275.00400009.00080100=X", "00400275.00400009.00080100"),
+    ("PatientName.CodeValue=X", "PatientName.CodeValue"),
+    ("RequestAttributesSequence.Bogus=X", "RequestAttributesSequence.Bogus"),
+    ("00400275.00400009=A&00400275.00400009=B", "00400275.00400009"),
+])
+def test_bad_sequence_keys_are_400(dw: Setup, query: str, parameter: str) -> None:
+    reply = raw(dw.live.http_url + "/dicomweb/series?" + query,
+                headers={"Authorization": f"Bearer {dw.token}"})
+    assert reply.status == 400
+    assert json.loads(reply.body)["parameter"] == parameter
+
+
+def test_series_sequence_key_in_a_study_search_is_400(dw: Setup) -> None:
+    reply = raw(dw.live.http_url + "/dicomweb/studies?00400275.00400009=SPS1",
+                headers={"Authorization": f"Bearer {dw.token}"})
+    assert reply.status == 400
+    assert json.loads(reply.body)["parameter"] == "RequestAttributesSequence"
