@@ -239,11 +239,22 @@ def many_matches(tmp_path: Path, database_url: str) -> Iterator[Archive]:
         gateway.close()
 
 
+# A C-CANCEL races the SCP's Pending responses: on a loaded machine the SCU may be scheduled
+# too late to stop 250 of them. Up to three tries; cancel must take effect in one of them.
+CANCEL_TRIES = 3
+
+
 def test_cancel(many_matches: Archive) -> None:
-    responses = many_matches.find(identifier("IMAGE", SOPInstanceUID="", ImageType=""),
-                                  cancel_after=0)
-    assert responses[-1][0] == CANCEL
-    assert len(responses) < 250
+    outcomes = []
+    for _ in range(CANCEL_TRIES):
+        responses = many_matches.find(identifier("IMAGE", SOPInstanceUID="", ImageType=""),
+                                      cancel_after=0)
+        outcomes.append((responses[-1][0], len(responses)))
+        if responses[-1][0] == CANCEL:
+            break
+    status, count = outcomes[-1]
+    assert status == CANCEL, outcomes
+    assert count < 250
 
 
 def test_denied_peer(archive: Archive) -> None:
@@ -313,11 +324,15 @@ def test_findscu_list_of_uids(archive: Archive, tmp_path: Path) -> None:
 
 @needs_dcmtk
 def test_findscu_cancel(many_matches: Archive, tmp_path: Path) -> None:
-    result, found = findscu(many_matches, tmp_path / "rsp", "QueryRetrieveLevel=IMAGE",
-                            "SOPInstanceUID", extra=("--cancel", "1"))
-    output = result.stdout + result.stderr
-    assert "Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" \
-        in output, output
+    cancelled = "Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)"
+    for attempt in range(CANCEL_TRIES):
+        result, found = findscu(many_matches, tmp_path / f"rsp{attempt}",
+                                "QueryRetrieveLevel=IMAGE", "SOPInstanceUID",
+                                extra=("--cancel", "1"))
+        output = result.stdout + result.stderr
+        if cancelled in output:
+            break
+    assert cancelled in output, output
     assert len(found) < 250
 
 
