@@ -33,7 +33,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
 from dimse.peers import PeerPolicy
-from dimse.qr import QUERY_EVENT, busy, record_access
+from dimse.qr import QUERY_EVENT, busy, record_access, wait_until_sent
 from gateway.access import Principal, PrincipalKind, Scope
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
@@ -323,6 +323,7 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
                 ds[SPECIFIC_CHARACTER_SET] = DataElement(SPECIFIC_CHARACTER_SET, "CS",
                                                          response_charset)
             yield PENDING, ds
+            wait_until_sent(event.assoc)
 
 
 __all__ = ["handle_find", "identifier_items", "identifier_keys", "search"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -278,6 +279,21 @@ def busy(assoc: Any) -> Iterator[None]:
     finally:
         if previous is not None:
             dul._run_loop_delay = previous
+
+
+def wait_until_sent(assoc: Any, timeout: float = 30.0) -> None:
+    """Let the DUL send what is queued before the next Pending response is queued.
+
+    pynetdicom's DUL thread reads the socket only in a loop turn with nothing to send, and
+    the handler's generator can queue every response of a large result at once: a C-CANCEL
+    (PS3.7 9.3.2.3) would then be read only after the last match was sent. Waiting for the
+    queue to drain gives the DUL turns to read, so a cancel takes effect within a response or
+    two, and a large result is not held in memory as queued PDUs.
+    """
+    outgoing = assoc.dul.to_provider_queue
+    deadline = time.monotonic() + timeout
+    while not outgoing.empty() and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
 
 
 @dataclass
