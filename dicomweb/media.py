@@ -104,7 +104,8 @@ def parse_accept(header: str | None) -> list[MediaRange]:
                 except ValueError:
                     q = 0.0
             elif name:
-                params[name] = value
+                # A media type named in a parameter is case-insensitive (RFC 9110 §8.3.1).
+                params[name] = value.lower() if name == "type" else value
         if q > 0:
             ranges.append(MediaRange(media_type, params, q))
     ranges.sort(key=lambda r: -r.q)

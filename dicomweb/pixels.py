@@ -39,6 +39,7 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from dicomweb.app import GATEWAY, PRINCIPAL, audit, require
+from dicomweb.media import MediaRange, accept_of
 from dicomweb.problems import HTTPProblem
 from gateway.access import Principal, Scope
 from gateway.audit import AuditAction
@@ -218,70 +219,6 @@ def _pixel_file(gateway: Gateway, image: StoredImage) -> PixelFile:
 # -- Accept negotiation (PS3.18 §8.7.3.5) ----------------------------------------------------
 
 @dataclass(frozen=True)
-class MediaRange:
-    """One entry of an Accept header: type, parameters (lower-case names), quality."""
-
-    type: str
-    params: dict[str, str]
-    q: float
-
-
-def _split(text: str, separator: str) -> list[str]:
-    """Split on ``separator`` outside double quotes."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        if char == separator and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def parse_accept(header: str | None) -> list[MediaRange]:
-    """Parse an Accept header, best quality first (RFC 9110 §12.5.1).
-
-    >>> parse_accept('multipart/related; type="application/octet-stream"; transfer-syntax=*')
-    [MediaRange(type='multipart/related', params={'type': 'application/octet-stream', \
-'transfer-syntax': '*'}, q=1.0)]
-    """
-    if not header or not header.strip():
-        return [MediaRange("*/*", {}, 1.0)]
-    ranges: list[MediaRange] = []
-    for entry in _split(header, ","):
-        pieces = _split(entry, ";")
-        media = pieces[0].strip().lower()
-        if not media:
-            continue
-        params: dict[str, str] = {}
-        q = 1.0
-        for piece in pieces[1:]:
-            name, _, value = piece.partition("=")
-            name, value = name.strip().lower(), value.strip().strip('"').strip()
-            if name == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-            elif name:
-                params[name] = value.lower() if name == "type" else value
-        if q > 0:
-            ranges.append(MediaRange(media, params, q))
-    return sorted(ranges, key=lambda r: -r.q)
-
-
-def accept_of(request: web.Request) -> str | None:
-    """The ``accept`` query parameter, which overrides the header (PS3.18 §8.3.3.1), or
-    the Accept header."""
-    return request.query.get("accept") or request.headers.get("Accept")
-
-
-@dataclass(frozen=True)
 class FrameChoice:
     """The negotiated answer of a frames request."""
 
@@ -302,12 +239,12 @@ def negotiate_frames(ranges: Sequence[MediaRange], pixel_file: PixelFile,
     stored = pixel_file.transfer_syntax_uid
     for media_range in ranges:
         multipart = True
-        if media_range.type in ("multipart/related", "multipart/*"):
+        if media_range.media_type in ("multipart/related", "multipart/*"):
             media = media_range.params.get("type", MEDIA_OCTET_STREAM)
-        elif media_range.type in ("*/*", "application/*"):
+        elif media_range.media_type in ("*/*", "application/*"):
             media = MEDIA_OCTET_STREAM
-        elif media_range.type in SYNTAXES_OF_MEDIA and frame_count == 1:
-            media, multipart = media_range.type, False  # one frame, single part
+        elif media_range.media_type in SYNTAXES_OF_MEDIA and frame_count == 1:
+            media, multipart = media_range.media_type, False  # one frame, single part
         else:
             continue
         syntaxes = SYNTAXES_OF_MEDIA.get(media)
@@ -335,7 +272,7 @@ def negotiate_frames(ranges: Sequence[MediaRange], pixel_file: PixelFile,
 def negotiate_rendered(ranges: Sequence[MediaRange], *, allow_gif: bool = True) -> str:
     """Choose the rendered media type: image/jpeg by default (PS3.18 §8.7.4, Table 8.7.4-1)."""
     for media_range in ranges:
-        media = media_range.type
+        media = media_range.media_type
         if media == MEDIA_MULTIPART:
             media = media_range.params.get("type", MEDIA_JPEG)
         if media in ("*/*", "image/*", "multipart/*"):
@@ -437,7 +374,7 @@ async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
     services = request.config_dict[PIXELS]
     study, series, sop = (request.match_info[k] for k in ("study", "series", "instance"))
     numbers = parse_frame_list(request.match_info["frames"])
-    ranges = parse_accept(accept_of(request))
+    ranges = accept_of(request)
     limits = services.limits
 
     def work() -> _Frames:
@@ -547,7 +484,7 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     frames_text = request.match_info.get("frames")
     numbers = parse_frame_list(frames_text) if frames_text is not None else None
     with _problems():
-        media = negotiate_rendered(parse_accept(accept_of(request)))
+        media = negotiate_rendered(accept_of(request))
     params = render_params(request, media, thumbnail=False, limits=services.limits)
     if sop is None and params.media_type == MEDIA_GIF:
         params = RenderParams(MEDIA_JPEG, params.window, params.viewport, params.quality)
@@ -599,7 +536,7 @@ async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
     if numbers is not None and len(numbers) != 1:
         raise HTTPProblem(400, "a thumbnail is of one frame", parameter="frames")
     with _problems():
-        media = negotiate_rendered(parse_accept(accept_of(request)), allow_gif=False)
+        media = negotiate_rendered(accept_of(request), allow_gif=False)
     params = render_params(request, media, thumbnail=True, limits=services.limits)
 
     def work() -> tuple[bytes, str | None]:
@@ -634,4 +571,4 @@ def add_routes(app: web.Application) -> None:
 
 
 __all__ = ["PIXELS", "PixelServices", "add_routes", "find_images",
-           "negotiate_frames", "negotiate_rendered", "parse_accept"]
+           "negotiate_frames", "negotiate_rendered"]

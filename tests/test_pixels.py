@@ -304,8 +304,7 @@ def test_parse_frame_list() -> None:
         parse_frame_list("1,5", number_of_frames=3)
 
 
-@pytest.mark.parametrize("name", ["gateway.pixels", "gateway.render", "gateway.rendercache",
-                                  "dicomweb.pixels"])
+@pytest.mark.parametrize("name", ["gateway.pixels", "gateway.render", "gateway.rendercache"])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib
