@@ -69,6 +69,19 @@ def describe(study: str, series: str | None, instance: str | None) -> str:
     return f"study {study}"
 
 
+def _visible(index: Index, principal: Principal, study: str, series: str | None,
+             instance: str | None, *columns: Any) -> list[Any]:
+    """``columns`` of the instances under a URL that ``principal`` may see, in display order."""
+    stmt = ordered(
+        select(*columns)
+        .join(Series, Series.pk == Instance.series_pk)
+        .join(Study, Study.pk == Series.study_pk)
+        .where(*_where(principal, study, series, instance))
+    )
+    with index.Session() as session:
+        return list(session.execute(stmt).all())
+
+
 def find_instances(index: Index, principal: Principal, study: str, series: str | None = None,
                    instance: str | None = None) -> list[InstanceRef]:
     """The visible instances under a study / series / instance URL, in display order.
@@ -78,16 +91,11 @@ def find_instances(index: Index, principal: Principal, study: str, series: str |
     NotFound
         If there are none (unknown, or not visible to ``principal``).
     """
-    stmt = ordered(
-        select(Instance.pk, Study.study_instance_uid, Series.series_instance_uid,
-               Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-               Instance.file_path, Instance.file_size, Instance.digest)
-        .join(Series, Series.pk == Instance.series_pk)
-        .join(Study, Study.pk == Series.study_pk)
-        .where(*_where(principal, study, series, instance))
-    )
-    with index.Session() as session:
-        rows = session.execute(stmt).all()
+    rows = _visible(index, principal, study, series, instance,
+                    Instance.pk, Study.study_instance_uid, Series.series_instance_uid,
+                    Instance.sop_instance_uid, Instance.sop_class_uid,
+                    Instance.transfer_syntax_uid, Instance.file_path, Instance.file_size,
+                    Instance.digest)
     if not rows:
         raise NotFound(f"no {describe(study, series, instance)} here")
     return [InstanceRef(*row) for row in rows]
@@ -96,14 +104,7 @@ def find_instances(index: Index, principal: Principal, study: str, series: str |
 def metadata_digests(index: Index, principal: Principal, study: str, series: str | None,
                      instance: str | None) -> list[tuple[int, str]]:
     """``(pk, digest)`` of the visible instances, in display order (for the ETag)."""
-    stmt = ordered(
-        select(Instance.pk, Instance.digest)
-        .join(Series, Series.pk == Instance.series_pk)
-        .join(Study, Study.pk == Series.study_pk)
-        .where(*_where(principal, study, series, instance))
-    )
-    with index.Session() as session:
-        rows = session.execute(stmt).all()
+    rows = _visible(index, principal, study, series, instance, Instance.pk, Instance.digest)
     if not rows:
         raise NotFound(f"no {describe(study, series, instance)} here")
     return [(row[0], row[1]) for row in rows]
@@ -112,11 +113,5 @@ def metadata_digests(index: Index, principal: Principal, study: str, series: str
 def metadata_documents(index: Index, principal: Principal, study: str, series: str | None,
                        instance: str | None) -> list[str]:
     """The stored DICOM JSON of the visible instances, in display order, unparsed."""
-    stmt = ordered(
-        select(Instance.metadata_json)
-        .join(Series, Series.pk == Instance.series_pk)
-        .join(Study, Study.pk == Series.study_pk)
-        .where(*_where(principal, study, series, instance))
-    )
-    with index.Session() as session:
-        return list(session.scalars(stmt))
+    return [row[0] for row in _visible(index, principal, study, series, instance,
+                                       Instance.metadata_json)]
