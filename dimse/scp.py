@@ -13,6 +13,7 @@ import ssl
 import threading
 from typing import Any
 
+from pydicom import Dataset
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -20,7 +21,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -36,12 +37,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dimse.find import handle_find
 from dimse.peers import PeerPolicy, is_loopback
 from dimse.qr import handle_get, handle_move
-from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
+from dimse.status import NOT_AUTHORIZED, SUCCESS
+from dimse.storage_scp import StorageAcceptor, contexts_in_requestor_order
+from dimse.store import store_instance
 from dimse.transport import install_fast_recv, tune_socket
 from gateway.core import Gateway
-from gateway.errors import GatewayError
 from gateway.metrics import METRICS
-from gateway.part10 import file_meta_header
+from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,12 @@ STORAGE_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264 High Profile
     "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main Profile
 ]
+
+# What an association may propose and still be run by dimse.storage_scp: storage and
+# Verification; anything else goes through pynetdicom.
+FAST_LANE_SYNTAXES: set[str] = {
+    str(context.abstract_syntax) for context in AllStoragePresentationContexts
+} | {str(Verification)}
 
 # Query/Retrieve SOP classes (PS3.4 C.6.1 Patient Root, C.6.2 Study Root); identifiers and
 # responses are small, so the uncompressed syntaxes are enough.
@@ -106,12 +114,8 @@ def handle_open(event: Any) -> None:
 
 
 def handle_requested(event: Any, policy: PeerPolicy) -> None:
-    """Reject an association whose peer may use no service at all; else prefer its syntaxes.
-
-    pynetdicom accepts, for each proposed context, the first syntax of the *acceptor's* list.
-    To keep instances as received, this association's list is reordered to follow the order
-    the requestor proposed (its preference), keeping only syntaxes the gateway supports.
-    """
+    """Reject an association whose peer may use no service at all; else prefer its syntaxes
+    (:func:`dimse.storage_scp.contexts_in_requestor_order`)."""
     ae_title, address = peer_of(event)
     if not policy.allows_anything(ae_title, address):
         logger.warning("rejected association from %s at %s: peer not allowed", ae_title, address)
@@ -122,22 +126,9 @@ def handle_requested(event: Any, policy: PeerPolicy) -> None:
 
 
 def prefer_requestor_syntaxes(assoc: Any) -> None:
-    proposed: dict[str, list[str]] = {}
-    for context in assoc.requestor.primitive.presentation_context_definition_list:
-        # With several contexts for one SOP class, the first proposal wins the ordering.
-        proposed.setdefault(str(context.abstract_syntax), [str(t) for t in context.transfer_syntax])
-    contexts = []
-    for context in assoc.acceptor.supported_contexts:
-        wanted = proposed.get(str(context.abstract_syntax))
-        if wanted:
-            ours = [str(t) for t in context.transfer_syntax]
-            ordered = [t for t in wanted if t in ours] + [t for t in ours if t not in wanted]
-            reordered = build_context(context.abstract_syntax, ordered)
-            # Keep the SCP/SCU role selection the context accepts (C-GET, PS3.7 D.3.3.4).
-            reordered.scu_role, reordered.scp_role = context.scu_role, context.scp_role
-            context = reordered
-        contexts.append(context)
-    assoc.acceptor.supported_contexts = contexts
+    assoc.acceptor.supported_contexts = contexts_in_requestor_order(
+        assoc.requestor.primitive.presentation_context_definition_list,
+        assoc.acceptor.supported_contexts)
 
 
 def handle_accepted(event: Any) -> None:
@@ -154,39 +145,20 @@ def handle_echo(event: Any, policy: PeerPolicy) -> int:
     return SUCCESS
 
 
-def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> int:
-    """C-STORE (PS3.4 Annex B): keep the data set as received, then answer."""
+def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> Any:
+    """C-STORE (PS3.4 Annex B) on an association pynetdicom runs."""
     ae_title, address = peer_of(event)
-    if not policy.allows("store", ae_title, address):
-        logger.warning("refused C-STORE from %s at %s: not in the store allow-list",
-                       ae_title, address)
-        return NOT_AUTHORIZED
     request = event.request
-    context = event.context
-    try:
-        data = file_meta_header(
-            str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-            str(context.transfer_syntax), ae_title,
-        ) + event.encoded_dataset(include_meta=False)
-        result = gateway.ingestor.ingest(
-            data,
-            source=f"dimse:{ae_title}@{address}",
-            expected_sop_class_uid=str(request.AffectedSOPClassUID),
-            expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
-        )
-    except GatewayError as exc:
-        status = store_status(exc)
-        METRICS.inc("gateway_instances_rejected_total")
-        logger.warning("C-STORE from %s at %s of %s refused with 0x%04X: %s", ae_title, address,
-                       request.AffectedSOPInstanceUID, status, exc)
+    status, comment = store_instance(
+        gateway, policy, ae_title, address, str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+        event.encoded_dataset(include_meta=False))
+    if not comment:
         return status
-    except Exception as exc:  # never let an unexpected error kill the association silently
-        logger.exception("C-STORE from %s at %s of %s failed", ae_title, address,
-                         request.AffectedSOPInstanceUID)
-        return store_status(exc)
-    logger.debug("C-STORE %s from %s: %s", result.sop_instance_uid, ae_title,
-                 result.outcome.value)
-    return SUCCESS
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = comment[:64]
+    return response
 
 
 def build_ae(gateway: Gateway) -> AE:
@@ -203,6 +175,8 @@ def build_ae(gateway: Gateway) -> AE:
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     ae = AE(ae_title=settings.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.require_called_aet = settings.require_called_ae
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
@@ -243,7 +217,25 @@ def tls_context(gateway: Gateway) -> ssl.SSLContext | None:
     return context
 
 
-class SharedPortServer(ThreadedAssociationServer):
+class AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with storage-only associations run by
+    :class:`dimse.storage_scp.StorageAcceptor` in the connection's thread."""
+
+    storage_acceptor: StorageAcceptor | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        acceptor = self.storage_acceptor
+        if acceptor is not None and acceptor.take(request, client_address):
+            return
+        super().finish_request(request, client_address)
+
+    def server_close(self) -> None:
+        if self.storage_acceptor is not None:
+            self.storage_acceptor.close_all()
+        super().server_close()
+
+
+class SharedPortServer(AssociationServer):
     """An association server whose port other worker processes may bind too (SO_REUSEPORT)."""
 
     def server_bind(self) -> None:
@@ -265,8 +257,11 @@ def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociati
         (settings.host, settings.port if port is None else port),
         evt_handlers=handlers(gateway, policy),
         ssl_context=tls_context(gateway),
-        server_class=SharedPortServer if settings.workers > 1 else ThreadedAssociationServer,
+        server_class=SharedPortServer if settings.workers > 1 else AssociationServer,
     )
+    if not isinstance(server, AssociationServer):
+        raise TypeError(f"unexpected server class {type(server).__name__}")
+    server.storage_acceptor = StorageAcceptor(gateway, policy, ae, FAST_LANE_SYNTAXES)
     ae._servers.append(server)  # noqa: SLF001 - as AE.start_server does; shutdown() removes it
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
     thread.start()

@@ -1,0 +1,401 @@
+"""Storage-only associations, run without pynetdicom's DUL (PS3.4 Annexes A and B, PS3.8).
+
+A modality or a PACS pushing a study proposes storage SOP classes (and often Verification) and
+nothing else. Those associations are the gateway's bulk traffic, and pynetdicom's machinery
+(a reactor thread polling its queues every millisecond, P-DATA decoded into objects passed
+between threads) cost more CPU per instance than storing the instance does. This module runs
+them in the connection's own thread with blocking reads:
+
+- the A-ASSOCIATE-RQ is *peeked* (``MSG_PEEK``): an association proposing anything else (Query/
+  Retrieve, SCP/SCU role selection, user identity, extended negotiation) or arriving over TLS
+  is left untouched to pynetdicom (:mod:`dimse.scp`), which reads it as if nothing happened;
+- the A-ASSOCIATE PDUs are decoded and encoded by pynetdicom, and presentation contexts
+  negotiated by its :func:`~pynetdicom.presentation.negotiate_as_acceptor`, with the same
+  supported contexts, peer rules, called-AE check and association limit as the pynetdicom path;
+- P-DATA-TF PDUs are read straight off the socket; the data set's fragments are joined once
+  behind the Part 10 header and handed to :func:`dimse.store.store_instance`, the same function
+  the pynetdicom path calls; the C-STORE-RSP (success only once durable and indexed) is written
+  directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.uid import UID
+from pynetdicom import build_context
+from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAcPDU
+from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPDU
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from dimse import command_set, upper_layer
+from dimse.command_set import CommandSetError
+from dimse.peers import PeerPolicy
+from dimse.status import NOT_AUTHORIZED, SUCCESS
+from dimse.store import store_instance
+from dimse.transport import tune_socket
+from gateway.core import Gateway
+from gateway.metrics import METRICS
+from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+logger = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+# PS3.7 Annex C general statuses.
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
+UNRECOGNIZED_OPERATION = 0x0211  # Refused: Unrecognized operation
+C_CANCEL_RQ = 0x0FFF
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 Section 9.3.4.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+# User Information items a storage-only association may carry and still be run here.
+PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
+                    ImplementationVersionNameNotification, AsynchronousOperationsWindowNegotiation)
+# An A-ASSOCIATE-RQ larger than this is left to pynetdicom (128 contexts fit well within it).
+MAX_PEEKED_REQUEST = 1 << 20
+# No PDU the peer sends may exceed this, whatever Maximum Length it was told.
+PDU_LENGTH_CEILING = 64 << 20
+
+
+def contexts_in_requestor_order(requested: list[PresentationContext],
+                                supported: list[PresentationContext]
+                                ) -> list[PresentationContext]:
+    """The supported contexts with each one's transfer syntaxes reordered to follow the order
+    the requestor proposed them (its preference), keeping only the ones the gateway supports.
+
+    pynetdicom accepts, for each proposed context, the first syntax of the *acceptor's* list;
+    the gateway keeps instances as received, in the syntax the sender prefers.
+    """
+    proposed: dict[str, list[str]] = {}
+    for context in requested:
+        # With several contexts for one SOP class, the first proposal wins the ordering.
+        proposed.setdefault(str(context.abstract_syntax), [str(t) for t in context.transfer_syntax])
+    contexts = []
+    for context in supported:
+        wanted = proposed.get(str(context.abstract_syntax))
+        if wanted and context.abstract_syntax is not None:
+            ours = [str(t) for t in context.transfer_syntax]
+            ordered = [t for t in wanted if t in ours] + [t for t in ours if t not in wanted]
+            reordered = build_context(context.abstract_syntax, ordered)
+            # Keep the SCP/SCU role selection the context accepts (C-GET, PS3.7 D.3.3.4).
+            reordered.scu_role, reordered.scp_role = context.scu_role, context.scp_role
+            context = reordered
+        contexts.append(context)
+    return contexts
+
+
+def peek_associate_request(sock: socket.socket) -> bytes | None:
+    """The A-ASSOCIATE-RQ PDU waiting on a new connection, read without consuming it; ``None``
+    when what waits is not one (pynetdicom then reads and answers it)."""
+    try:
+        header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if len(header) < 6 or header[0] != upper_layer.A_ASSOCIATE_RQ:
+            return None
+        length = struct.unpack(">I", header[2:6])[0]
+        if length > MAX_PEEKED_REQUEST:
+            return None
+        data = sock.recv(6 + length, socket.MSG_PEEK | socket.MSG_WAITALL)
+    except (OSError, ValueError):
+        return None
+    return data if len(data) == 6 + length else None
+
+
+@dataclass
+class Negotiated:
+    calling_ae_title: str
+    called_ae_title: str
+    # context ID -> (abstract syntax, transfer syntax)
+    contexts: dict[int, tuple[str, str]]
+    peer_max_pdu: int
+    accept_pdu: bytes
+
+
+class AssociationSlots:
+    """The ``[dimse] max_associations`` limit, shared by this module's associations and
+    pynetdicom's."""
+
+    def __init__(self, ae: Any, limit: int) -> None:
+        self._ae = ae
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._ours = 0
+
+    def acquire(self) -> bool:
+        with self._lock:
+            theirs = sum(1 for a in self._ae.active_associations if a.is_acceptor)
+            if self._ours + theirs >= self._limit:
+                return False
+            self._ours += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._ours -= 1
+
+    def full(self) -> bool:
+        with self._lock:
+            theirs = sum(1 for a in self._ae.active_associations if a.is_acceptor)
+            return self._ours + theirs >= self._limit
+
+
+class StorageAcceptor:
+    """Takes the storage-only associations off pynetdicom's hands (see the module docstring).
+
+    Parameters
+    ----------
+    gateway
+        The core: settings and the ingestor.
+    policy
+        Which peers may echo and store.
+    ae
+        pynetdicom's Application Entity, for its supported presentation contexts and to count
+        its active associations against the shared limit.
+    syntaxes
+        The abstract syntaxes (storage SOP classes and Verification) an association may
+        propose and be run here.
+    """
+
+    def __init__(self, gateway: Gateway, policy: PeerPolicy, ae: Any,
+                 syntaxes: set[str]) -> None:
+        self.gateway = gateway
+        self.policy = policy
+        self.settings = gateway.settings.dimse
+        self.supported: list[PresentationContext] = list(ae.supported_contexts)
+        self.syntaxes = syntaxes
+        self.slots = AssociationSlots(ae, self.settings.max_associations)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def close_all(self) -> None:
+        """Stop reading on every association run here (server shutdown): each ends once the
+        message it is storing, if any, is answered."""
+        with self._open_lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def take(self, sock: socket.socket, address: tuple[str, int] | str) -> bool:
+        """Run the association on ``sock`` here if it is storage-only; ``False`` leaves the
+        connection, unread, to pynetdicom. Returns once the association ended."""
+        if not isinstance(sock, socket.socket) or hasattr(sock, "pending"):  # TLS
+            return False
+        tune_socket(sock)
+        sock.settimeout(self.settings.network_timeout)
+        peeked = peek_associate_request(sock)
+        if peeked is None:
+            return False
+        try:
+            pdu = AssociateRqPDU()
+            pdu.decode(peeked)
+            request = pdu.to_primitive()
+        except Exception:  # noqa: BLE001 - malformed: pynetdicom aborts it properly
+            return False
+        if not self._storage_only(request):
+            return False
+        host = address[0] if isinstance(address, tuple) else str(address)
+        with self._open_lock:
+            self._open.add(sock)
+        try:
+            upper_layer.recv_exact(sock, len(peeked))  # now consume it
+            self._run(sock, host, request)
+        except (upper_layer.PeerClosed, OSError) as exc:
+            logger.debug("storage association from %s ended: %s", host, exc)
+        finally:
+            with self._open_lock:
+                self._open.discard(sock)
+            _close(sock)
+        return True
+
+    def _storage_only(self, request: A_ASSOCIATE) -> bool:
+        contexts = request.presentation_context_definition_list
+        if not contexts:
+            return False
+        if any(str(cx.abstract_syntax) not in self.syntaxes for cx in contexts):
+            return False
+        return all(isinstance(item, PLAIN_USER_ITEMS) for item in request.user_information)
+
+    def _run(self, sock: socket.socket, host: str, request: A_ASSOCIATE) -> None:
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        rejection = None
+        if self.settings.require_called_ae and called != self.settings.ae_title.strip():
+            rejection = REJECT_CALLED_AE
+        elif not self.policy.allows_anything(calling, host):
+            logger.warning("rejected association from %s at %s: peer not allowed", calling, host)
+            rejection = REJECT_CALLING_AE
+        elif not self.slots.acquire():
+            logger.warning("rejected association from %s at %s: %d associations already",
+                           calling, host, self.settings.max_associations)
+            rejection = REJECT_LOCAL_LIMIT
+        if rejection is not None:
+            METRICS.inc("gateway_dimse_associations_rejected_total")
+            sock.sendall(upper_layer.reject_pdu(*rejection))
+            return
+        try:
+            negotiated = self._negotiate(request, calling, called)
+            sock.sendall(negotiated.accept_pdu)
+            METRICS.inc("gateway_dimse_associations_total")
+            logger.info("association from %s at %s accepted", calling, host)
+            self._serve(sock, host, negotiated)
+        finally:
+            self.slots.release()
+
+    def _negotiate(self, request: A_ASSOCIATE, calling: str, called: str) -> Negotiated:
+        proposed = request.presentation_context_definition_list
+        results, _roles = negotiate_as_acceptor(
+            proposed, contexts_in_requestor_order(proposed, self.supported), None)
+        accepted = {
+            int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in results if cx.result == 0x00 and cx.context_id is not None
+        }
+        peer_max = 0
+        for item in request.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                peer_max = int(item.maximum_length_received or 0)
+        reply = A_ASSOCIATE()
+        reply.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+        reply.calling_ae_title = request.calling_ae_title
+        reply.called_ae_title = request.called_ae_title
+        reply.result = 0x00
+        reply.result_source = 0x01
+        reply.presentation_context_definition_results_list = results
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.settings.max_pdu_size
+        class_uid = ImplementationClassUIDNotification()
+        class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        reply.user_information = [max_length, class_uid, version]
+        pdu = AssociateAcPDU()
+        pdu.from_primitive(reply)
+        return Negotiated(calling, called, accepted, peer_max, pdu.encode())
+
+    def _serve(self, sock: socket.socket, host: str, assoc: Negotiated) -> None:
+        """Read PDUs until release or abort; answer each complete message."""
+        max_pdu = max(self.settings.max_pdu_size, 1) if self.settings.max_pdu_size else 0
+        ceiling = max(max_pdu, PDU_LENGTH_CEILING) if max_pdu else PDU_LENGTH_CEILING
+        command_fragments: list[bytes] = []
+        command: dict[int, bytes] | None = None
+        command_context = 0
+        data_fragments: list[bytes | memoryview] = []
+        try:
+            while True:
+                pdu_type, body = upper_layer.read_pdu(sock, ceiling)
+                if pdu_type == upper_layer.P_DATA_TF:
+                    for context_id, control, fragment in upper_layer.pdvs(body):
+                        if context_id not in assoc.contexts:
+                            raise upper_layer.ProtocolError(
+                                f"presentation context {context_id} was not accepted")
+                        if control & upper_layer.COMMAND:
+                            if command is not None:
+                                raise upper_layer.ProtocolError(
+                                    "a command arrived before the previous data set ended")
+                            command_fragments.append(bytes(fragment))
+                            if not control & upper_layer.LAST_FRAGMENT:
+                                continue
+                            command = command_set.decode(b"".join(command_fragments))
+                            command_fragments.clear()
+                            command_context = context_id
+                            if command_set.us(command, command_set.COMMAND_DATA_SET_TYPE) \
+                                    == command_set.NO_DATA_SET:
+                                self._answer(sock, host, assoc, command_context, command, None)
+                                command = None
+                        else:
+                            if command is None or context_id != command_context:
+                                raise upper_layer.ProtocolError(
+                                    "a data set fragment arrived without its command")
+                            data_fragments.append(fragment)
+                            if control & upper_layer.LAST_FRAGMENT:
+                                self._answer(sock, host, assoc, command_context, command,
+                                             data_fragments)
+                                command = None
+                                data_fragments = []
+                elif pdu_type == upper_layer.A_RELEASE_RQ:
+                    sock.sendall(upper_layer.RELEASE_RP_PDU)
+                    logger.debug("association from %s at %s released", assoc.calling_ae_title,
+                                 host)
+                    return
+                elif pdu_type == upper_layer.A_ABORT:
+                    logger.info("association from %s at %s aborted by the peer",
+                                assoc.calling_ae_title, host)
+                    return
+                else:
+                    raise upper_layer.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}",
+                                                    upper_layer.UNEXPECTED_PDU)
+        except (upper_layer.ProtocolError, CommandSetError) as exc:
+            reason = getattr(exc, "reason", upper_layer.INVALID_PDU_PARAMETER)
+            logger.warning("aborting the association from %s at %s: %s",
+                           assoc.calling_ae_title, host, exc)
+            _send_quietly(sock, upper_layer.abort_pdu(upper_layer.SERVICE_PROVIDER, reason))
+        except TimeoutError:
+            logger.warning("aborting the association from %s at %s: nothing received for %s s",
+                           assoc.calling_ae_title, host, self.settings.network_timeout)
+            _send_quietly(sock, upper_layer.abort_pdu())
+
+    def _answer(self, sock: socket.socket, host: str, assoc: Negotiated, context_id: int,
+                command: dict[int, bytes], data_fragments: list[bytes | memoryview] | None
+                ) -> None:
+        field = command_set.us(command, command_set.COMMAND_FIELD)
+        message_id = command_set.us(command, command_set.MESSAGE_ID)
+        sop_class = command_set.text(command, command_set.AFFECTED_SOP_CLASS_UID) or ""
+        abstract_syntax, transfer_syntax = assoc.contexts[context_id]
+        if field is None or message_id is None:
+            raise upper_layer.ProtocolError("command set without Command Field or Message ID")
+        if field == C_CANCEL_RQ:
+            return
+        if field == command_set.C_ECHO_RQ:
+            allowed = self.policy.allows("echo", assoc.calling_ae_title, host)
+            response = command_set.echo_response(sop_class or VERIFICATION, message_id,
+                                                 SUCCESS if allowed else NOT_AUTHORIZED)
+        elif field == command_set.C_STORE_RQ and data_fragments is not None:
+            sop_instance = command_set.text(command, command_set.AFFECTED_SOP_INSTANCE_UID) or ""
+            if sop_class != abstract_syntax:
+                status, comment = SOP_CLASS_NOT_SUPPORTED, (
+                    f"context {context_id} was negotiated for {abstract_syntax}")
+            else:
+                status, comment = store_instance(
+                    self.gateway, self.policy, assoc.calling_ae_title, host, sop_class,
+                    sop_instance, transfer_syntax, data_fragments)
+            response = command_set.store_response(sop_class, sop_instance, message_id, status,
+                                                  comment)
+        else:
+            response = command_set.encode([
+                (command_set.AFFECTED_SOP_CLASS_UID, command.get(
+                    command_set.AFFECTED_SOP_CLASS_UID, b"")),
+                (command_set.COMMAND_FIELD, struct.pack("<H", (field | 0x8000) & 0xFFFF)),
+                (command_set.MESSAGE_ID_BEING_RESPONDED_TO, struct.pack("<H", message_id)),
+                (command_set.COMMAND_DATA_SET_TYPE, struct.pack("<H", command_set.NO_DATA_SET)),
+                (command_set.STATUS, struct.pack("<H", UNRECOGNIZED_OPERATION)),
+            ])
+        upper_layer.send_message(sock, context_id, response, None, assoc.peer_max_pdu)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

@@ -1,0 +1,56 @@
+"""C-STORE (PS3.4 Annex B): keep a received data set, and the status to answer with.
+
+One function for both ways an association reaches the gateway: pynetdicom's (associations that
+also query or retrieve, TLS) and :mod:`dimse.storage_scp` (storage-only associations).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from dimse.peers import PeerPolicy
+from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
+from gateway.core import Gateway
+from gateway.errors import GatewayError
+from gateway.metrics import METRICS
+from gateway.part10 import file_meta_header
+
+logger = logging.getLogger(__name__)
+
+
+def store_instance(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
+                   sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                   data_set: bytes | Sequence[bytes | memoryview]) -> tuple[int, str]:
+    """Store one data set received under a C-STORE request; ``(status, error comment)``.
+
+    Success is returned only once the instance is durable and indexed
+    (:meth:`gateway.ingest.Ingestor.ingest`). ``data_set`` is the encoded data set, whole or as
+    the fragments it arrived in; it is joined once behind its Part 10 file meta information.
+    """
+    if not policy.allows("store", ae_title, address):
+        logger.warning("refused C-STORE from %s at %s: not in the store allow-list",
+                       ae_title, address)
+        return NOT_AUTHORIZED, "this AE title may not store here"
+    header = file_meta_header(sop_class_uid, sop_instance_uid, transfer_syntax, ae_title)
+    fragments = [data_set] if isinstance(data_set, bytes) else data_set
+    try:
+        result = gateway.ingestor.ingest(
+            b"".join([header, *fragments]),
+            source=f"dimse:{ae_title}@{address}",
+            expected_sop_class_uid=sop_class_uid,
+            expected_sop_instance_uid=sop_instance_uid,
+        )
+    except GatewayError as exc:
+        status = store_status(exc)
+        METRICS.inc("gateway_instances_rejected_total")
+        logger.warning("C-STORE from %s at %s of %s refused with 0x%04X: %s", ae_title, address,
+                       sop_instance_uid, status, exc)
+        return status, str(exc)
+    except Exception as exc:  # never let an unexpected error kill the association silently
+        logger.exception("C-STORE from %s at %s of %s failed", ae_title, address,
+                         sop_instance_uid)
+        return store_status(exc), "processing failure"
+    logger.debug("C-STORE %s from %s: %s", result.sop_instance_uid, ae_title,
+                 result.outcome.value)
+    return SUCCESS, ""
