@@ -36,6 +36,7 @@ from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from dimse.peers import PeerPolicy, Service
+from dimse.storage_scu import StorageRequestor, StoredFile
 from dimse.transport import install_fast_recv, tune_socket
 from gateway.audit import AuditAction, AuditEvent, AuditSink, DatabaseAudit
 from gateway.config import Destination, DimseSettings
@@ -192,12 +193,14 @@ def failed_placeholder(item: StoredInstance) -> Dataset:
     return ds
 
 
-def dataset_for(item: StoredInstance, accepted: list[PresentationContext]) -> Dataset:
+def dataset_for(item: StoredInstance, accepted: list[PresentationContext], *,
+                raw: bool = False) -> Dataset:
     """The data set to send for ``item`` over an association with these accepted contexts.
 
-    As stored when its transfer syntax was accepted for its SOP class; decompressed (pixel data
-    decoded with pydicom's plugins, same SOP Instance UID) when only an uncompressed little
-    endian syntax was; otherwise a :func:`failed_placeholder`.
+    As stored when its transfer syntax was accepted for its SOP class (with ``raw``, for a
+    :class:`~dimse.storage_scu.StorageRequestor`, the file's bytes are sent without decoding);
+    decompressed (pixel data decoded with pydicom's plugins, same SOP Instance UID) when only an
+    uncompressed little endian syntax was; otherwise a :func:`failed_placeholder`.
     """
     syntaxes = {str(cx.transfer_syntax[0]) for cx in accepted
                 if cx.abstract_syntax == item.sop_class_uid and cx.as_scu}
@@ -205,6 +208,9 @@ def dataset_for(item: StoredInstance, accepted: list[PresentationContext]) -> Da
         logger.warning("peer accepted no context for SOP class %s: %s not sent",
                        item.sop_class_uid, item.sop_instance_uid)
         return failed_placeholder(item)
+    if raw and item.transfer_syntax_uid in syntaxes:
+        return StoredFile(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid,
+                          item.path)
     try:
         ds = dcmread(item.path)
     except (OSError, ValueError) as exc:
@@ -346,7 +352,7 @@ def _refuse(service: Service, gateway: Gateway, policy: PeerPolicy, event: Any) 
 
 
 def _pending(items: list[StoredInstance], event: Any, accepted: list[PresentationContext],
-             what: str) -> Iterator[tuple[int, Dataset | None]]:
+             what: str, *, raw: bool = False) -> Iterator[tuple[int, Dataset | None]]:
     """One Pending per sub-operation, or Cancel as soon as the peer sent C-CANCEL."""
     for item in items:
         if event.is_cancelled:
@@ -354,7 +360,7 @@ def _pending(items: list[StoredInstance], event: Any, accepted: list[Presentatio
             logger.info("%s from %s at %s cancelled by the peer", what, ae_title, address)
             yield CANCEL, None
             return
-        yield PENDING, dataset_for(item, accepted)
+        yield PENDING, dataset_for(item, accepted, raw=raw)
 
 
 # -- handlers --------------------------------------------------------------------------------
@@ -400,7 +406,8 @@ def handle_move(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     yield destination_request(destination, gateway.settings.dimse, items, holder)
     yield len(items)
     with busy(event.assoc):
-        yield from _pending(items, event, holder.accepted_contexts, "C-MOVE")
+        yield from _pending(items, event, holder.accepted_contexts, "C-MOVE",
+                            raw=isinstance(holder.assoc, StorageRequestor))
 
 
 def handle_get(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any]:

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 from pydicom import Dataset
@@ -39,6 +40,7 @@ from dimse.peers import PeerPolicy, is_loopback
 from dimse.qr import handle_get, handle_move
 from dimse.status import NOT_AUTHORIZED, SUCCESS
 from dimse.storage_scp import StorageAcceptor, contexts_in_requestor_order
+from dimse.storage_scu import StorageRequestor
 from dimse.store import store_instance
 from dimse.transport import install_fast_recv, tune_socket
 from gateway.core import Gateway
@@ -161,6 +163,28 @@ def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> Any:
     return response
 
 
+class GatewayAE(AE):
+    """pynetdicom's AE, whose outgoing associations (C-MOVE sub-operations) are
+    :class:`dimse.storage_scu.StorageRequestor` when no TLS is asked for."""
+
+    def associate(self, addr: Any, port: int, contexts: Any = None, ae_title: str = "ANY-SCP",
+                  max_pdu: int = 16382, ext_neg: Any = None, bind_address: Any = None,
+                  tls_args: Any = None, evt_handlers: Any = None) -> Any:
+        if tls_args is not None or ext_neg or bind_address is not None or not contexts:
+            return super().associate(addr, port, contexts, ae_title, max_pdu, ext_neg,
+                                     bind_address, tls_args, evt_handlers)
+        requestor = StorageRequestor.open(
+            str(addr), port, calling_ae_title=str(self.ae_title),
+            called_ae_title=str(ae_title), contexts=list(contexts), max_pdu=max_pdu,
+            timeout=float(self.network_timeout or 60.0))
+        if requestor.is_established:
+            # What pynetdicom would signal; the move handler learns the accepted contexts.
+            for event, handler, *args in evt_handlers or ():
+                if event is evt.EVT_ESTABLISHED:
+                    handler(SimpleNamespace(assoc=requestor), *args)
+        return requestor
+
+
 def build_ae(gateway: Gateway) -> AE:
     """The Application Entity: Verification, every storage SOP class pynetdicom knows, and
     Query/Retrieve (Patient Root and Study Root, FIND / MOVE / GET).
@@ -174,7 +198,7 @@ def build_ae(gateway: Gateway) -> AE:
     # and formats it even when INFO is off: neither is wanted (STYLE.md, privacy and latency).
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-    ae = AE(ae_title=settings.ae_title)
+    ae = GatewayAE(ae_title=settings.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.require_called_aet = settings.require_called_ae
