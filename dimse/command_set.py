@@ -1,8 +1,8 @@
 """DIMSE command sets (PS3.7 Section 6.3 and Annex E), encoded and decoded without pydicom.
 
 A command set is a handful of group 0000 elements in implicit VR little endian. The gateway's
-own association loops (:mod:`dimse.storage_scp`, :mod:`dimse.storage_scu`) read and write them
-on every message, where building a pydicom ``Dataset`` would cost more than the message.
+own association loops (:mod:`dimse.acceptor`, :mod:`dimse.storage_scu`) read and write them on
+every message, where building a pydicom ``Dataset`` would cost more than the message.
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ from gateway.errors import GatewayError
 # Command Field values (PS3.7 Section E.1).
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_FIND_RQ = 0x0020
+C_FIND_RSP = 0x8020
+C_MOVE_RQ = 0x0021
+C_MOVE_RSP = 0x8021
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
+C_CANCEL_RQ = 0x0FFF
 
 # Element numbers of group 0000 (PS3.7 Table E.1-1).
 COMMAND_GROUP_LENGTH = 0x0000
@@ -24,14 +29,21 @@ AFFECTED_SOP_CLASS_UID = 0x0002
 COMMAND_FIELD = 0x0100
 MESSAGE_ID = 0x0110
 MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
+MOVE_DESTINATION = 0x0600
 PRIORITY = 0x0700
 COMMAND_DATA_SET_TYPE = 0x0800
 STATUS = 0x0900
 ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE_UID = 0x1000
+NUMBER_OF_REMAINING_SUBOPERATIONS = 0x1020
+NUMBER_OF_COMPLETED_SUBOPERATIONS = 0x1021
+NUMBER_OF_FAILED_SUBOPERATIONS = 0x1022
+NUMBER_OF_WARNING_SUBOPERATIONS = 0x1023
 MOVE_ORIGINATOR_AE_TITLE = 0x1030
 MOVE_ORIGINATOR_MESSAGE_ID = 0x1031
 
+PENDING = 0xFF00
+CANCEL = 0xFE00
 NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows
 DATA_SET_PRESENT = 0x0000  # any other value means a data set follows; 0x0000 is customary
 
@@ -114,15 +126,37 @@ def store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int, s
     return encode(elements)
 
 
+def response(command_field: int, sop_class_uid: str, message_id: int, status: int, *,
+             data_set: bool = False, counts: tuple[int, int, int, int] | None = None,
+             error_comment: str = "") -> bytes:
+    """A response command set: C-ECHO-RSP, C-FIND-RSP, C-MOVE-RSP (PS3.7 Tables 9.3-13, 9.3-4,
+    9.3-6) or the answer to an unrecognised request. ``counts`` are the remaining, completed,
+    failed and warning sub-operations of a C-MOVE."""
+    elements = [
+        (AFFECTED_SOP_CLASS_UID, _uid(sop_class_uid)),
+        (COMMAND_FIELD, _US.pack(command_field)),
+        (MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(message_id)),
+        (COMMAND_DATA_SET_TYPE, _US.pack(DATA_SET_PRESENT if data_set else NO_DATA_SET)),
+        (STATUS, _US.pack(status)),
+    ]
+    if error_comment:
+        elements.append((ERROR_COMMENT, _padded(error_comment[:64])))
+    if counts is not None:
+        remaining, completed, failed, warning = counts
+        # Remaining in Pending and Cancel responses only (PS3.4 C.4.2.1.6, C.4.2.3.1).
+        if status in (PENDING, CANCEL):
+            elements.append((NUMBER_OF_REMAINING_SUBOPERATIONS, _US.pack(remaining)))
+        elements += [
+            (NUMBER_OF_COMPLETED_SUBOPERATIONS, _US.pack(completed)),
+            (NUMBER_OF_FAILED_SUBOPERATIONS, _US.pack(failed)),
+            (NUMBER_OF_WARNING_SUBOPERATIONS, _US.pack(warning)),
+        ]
+    return encode(elements)
+
+
 def echo_response(sop_class_uid: str, message_id: int, status: int) -> bytes:
     """A C-ECHO-RSP (PS3.7 Table 9.3-13)."""
-    return encode([
-        (AFFECTED_SOP_CLASS_UID, _uid(sop_class_uid)),
-        (COMMAND_FIELD, _US.pack(C_ECHO_RSP)),
-        (MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(message_id)),
-        (COMMAND_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
-        (STATUS, _US.pack(status)),
-    ])
+    return response(C_ECHO_RSP, sop_class_uid, message_id, status)
 
 
 def store_request(sop_class_uid: str, sop_instance_uid: str, message_id: int, *,

@@ -23,7 +23,7 @@ What this module does:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom import DataElement, Dataset
@@ -42,6 +42,7 @@ from gateway.query import Level, Query, QueryEngine
 logger = logging.getLogger(__name__)
 
 # PS3.4 C.4.1.1.4 C-FIND response statuses.
+SUCCESS = 0x0000
 PENDING = 0xFF00  # Pending: matches are continuing
 CANCEL = 0xFE00  # Cancel: matching terminated due to Cancel request
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Failed: Identifier does not match SOP Class
@@ -285,10 +286,14 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
     return level, datasets, study_uids
 
 
-def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any]:
-    """C-FIND SCP (PS3.4 C.4.1.2): one Pending response per match, then Success."""
-    requestor = event.assoc.requestor
-    ae_title, address = str(requestor.ae_title).strip(), str(requestor.address)
+def find_responses(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
+                   sop_class_uid: str, decode_identifier: Callable[[], Dataset],
+                   is_cancelled: Callable[[], bool]) -> Iterator[tuple[int, Dataset | None]]:
+    """C-FIND SCP (PS3.4 C.4.1.2): ``(Pending, identifier)`` per match, then a final status.
+
+    Used by both ways an association is run (:func:`handle_find` for pynetdicom,
+    :mod:`dimse.acceptor`). ``is_cancelled`` is asked before each Pending response.
+    """
     if not policy.allows("find", ae_title, address):
         logger.warning("refused C-FIND from %s at %s: not allowed by [dimse.peers]",
                        ae_title, address)
@@ -297,10 +302,10 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
         yield NOT_AUTHORIZED, None
         return
     try:
-        identifier = event.identifier
+        identifier = decode_identifier()
         charset = identifier.get("SpecificCharacterSet") or []
         query_charset = [charset] if isinstance(charset, str) else [str(c) for c in charset]
-        model = information_model(str(event.request.AffectedSOPClassUID))
+        model = information_model(sop_class_uid)
         level, datasets, study_uids = search(gateway, identifier, model, ae_title)
     except InvalidQuery as exc:
         logger.warning("C-FIND from %s at %s refused: %s", ae_title, address, exc)
@@ -313,17 +318,32 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     record_access(gateway, QUERY_EVENT, ae_title, address, study_uids,
                   f"C-FIND {model} {level} level, {len(datasets)} matches")
     response_charset = _response_charset(query_charset, datasets)
+    for ds in datasets:
+        if is_cancelled():
+            logger.info("C-FIND from %s at %s cancelled by the peer", ae_title, address)
+            yield CANCEL, None
+            return
+        if response_charset:
+            ds[SPECIFIC_CHARACTER_SET] = DataElement(SPECIFIC_CHARACTER_SET, "CS",
+                                                     response_charset)
+        yield PENDING, ds
+    yield SUCCESS, None
+
+
+def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any]:
+    """C-FIND on an association pynetdicom runs (its generator protocol)."""
+    requestor = event.assoc.requestor
+    ae_title, address = str(requestor.ae_title).strip(), str(requestor.address)
     with busy(event.assoc):
-        for ds in datasets:
-            if event.is_cancelled:
-                logger.info("C-FIND from %s at %s cancelled by the peer", ae_title, address)
-                yield CANCEL, None
-                return
-            if response_charset:
-                ds[SPECIFIC_CHARACTER_SET] = DataElement(SPECIFIC_CHARACTER_SET, "CS",
-                                                         response_charset)
-            yield PENDING, ds
-            wait_until_sent(event.assoc)
+        for status, ds in find_responses(gateway, policy, ae_title, address,
+                                         str(event.request.AffectedSOPClassUID),
+                                         lambda: event.identifier,
+                                         lambda: bool(event.is_cancelled)):
+            if status == SUCCESS:
+                return  # pynetdicom sends the final Success itself
+            yield status, ds
+            if status == PENDING:
+                wait_until_sent(event.assoc)
 
 
-__all__ = ["handle_find", "identifier_items", "identifier_keys", "search"]
+__all__ = ["find_responses", "handle_find", "identifier_items", "identifier_keys", "search"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +49,8 @@ trail_logger = logging.getLogger("dimse.audit")
 
 # PS3.4 C.4.2.1.5 (C-MOVE) and C.4.3.1.3.1 (C-GET) response statuses.
 PENDING = 0xFF00  # Pending: sub-operations are continuing
+SUB_OPERATIONS_FAILED = 0xA702  # Refused: Out of resources, unable to perform sub-operations
+SUB_OPERATIONS_WARNING = 0xB000  # Warning: sub-operations complete, one or more failures
 CANCEL = 0xFE00  # Cancel: sub-operations terminated due to Cancel indication
 MOVE_DESTINATION_UNKNOWN = 0xA801  # Refused: Move Destination unknown
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Identifier does not match SOP Class
@@ -181,13 +183,17 @@ def retrieve_contexts(instances: list[StoredInstance]) -> list[PresentationConte
             for sop_class, syntaxes in ordered[:MAX_CONTEXTS]]
 
 
+class Unsendable(Dataset):
+    """A sub-operation that fails without a C-STORE being attempted."""
+
+
 def failed_placeholder(item: StoredInstance) -> Dataset:
     """A data set pynetdicom cannot send, so that it counts the sub-operation as failed.
 
     It carries the SOP Instance UID, which pynetdicom lists in the final response's Failed SOP
     Instance UID List (PS3.4 C.4.2.1.4.2); it has no file meta, so no C-STORE is attempted.
     """
-    ds = Dataset()
+    ds = Unsendable()
     ds.SOPClassUID = item.sop_class_uid
     ds.SOPInstanceUID = item.sop_instance_uid
     return ds
@@ -341,6 +347,11 @@ def destination_request(destination: Destination, settings: DimseSettings,
 
 def _refuse(service: Service, gateway: Gateway, policy: PeerPolicy, event: Any) -> bool:
     ae_title, address = peer_of(event)
+    return _refused(service, gateway, policy, ae_title, address)
+
+
+def _refused(service: Service, gateway: Gateway, policy: PeerPolicy, ae_title: str,
+             address: str) -> bool:
     if policy.allows(service, ae_title, address):
         return False
     logger.warning("refused C-%s from %s at %s: not allowed by [dimse.peers]",
@@ -408,6 +419,106 @@ def handle_move(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     with busy(event.assoc):
         yield from _pending(items, event, holder.accepted_contexts, "C-MOVE",
                             raw=isinstance(holder.assoc, StorageRequestor))
+
+
+@dataclass
+class MoveProgress:
+    """One C-MOVE response to send (PS3.4 C.4.2.1.4): status and sub-operation counts."""
+
+    status: int
+    remaining: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> tuple[int, int, int, int]:
+        return self.remaining, self.completed, self.failed, self.warning
+
+
+def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
+                  destination_ae: str, sop_class_uid: str,
+                  decode_identifier: Callable[[], Dataset], is_cancelled: Callable[[], bool],
+                  associate: Callable[..., Any]) -> Iterator[MoveProgress]:
+    """C-MOVE SCP (PS3.4 C.4.2) for :mod:`dimse.acceptor`: a Pending progress per
+    sub-operation, then the final one.
+
+    The same decisions as :func:`handle_move` (refusals, destinations, trail, transfer
+    syntaxes); ``associate`` is the AE's (:meth:`dimse.scp.GatewayAE.associate`), which opens a
+    :class:`~dimse.storage_scu.StorageRequestor` unless the destination needs TLS.
+    """
+    destination = gateway.settings.dimse.destinations.get(destination_ae)
+    if _refused("move", gateway, policy, ae_title, address):
+        yield MoveProgress(MOVE_DESTINATION_UNKNOWN)
+        return
+    if destination is None:
+        logger.warning("C-MOVE from %s at %s to unknown destination %r", ae_title, address,
+                       destination_ae)
+        yield MoveProgress(MOVE_DESTINATION_UNKNOWN)
+        return
+    try:
+        identifier = decode_identifier()
+        items = requested_instances(gateway, identifier, information_model(sop_class_uid))
+    except Exception as exc:  # noqa: BLE001 - InvalidQuery, or an undecodable identifier
+        logger.warning("C-MOVE from %s at %s refused: %s", ae_title, address, exc)
+        yield MoveProgress(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
+        return
+    record_access(gateway, INSTANCES_TRANSFERRED, ae_title, address,
+                  (i.study_instance_uid for i in items),
+                  f"C-MOVE to {destination_ae}: {describe(identifier)}, {len(items)} instances")
+    holder = MoveAssociation()
+    host, port, kwargs = destination_request(destination, gateway.settings.dimse, items, holder)
+    store = associate(host, port, ae_title=destination_ae, **kwargs)
+    if not store.is_established:
+        logger.warning("C-MOVE from %s at %s: cannot associate with %s at %s:%s", ae_title,
+                       address, destination_ae, host, port)
+        yield MoveProgress(MOVE_DESTINATION_UNKNOWN)
+        return
+    raw = isinstance(store, StorageRequestor)
+    accepted = list(store.accepted_contexts)
+    progress = MoveProgress(PENDING, remaining=len(items))
+    try:
+        for number, item in enumerate(items, start=1):
+            if is_cancelled():
+                logger.info("C-MOVE from %s at %s cancelled by the peer", ae_title, address)
+                progress.status = CANCEL
+                yield progress
+                return
+            progress.remaining -= 1
+            dataset = dataset_for(item, accepted, raw=raw)
+            status = _sub_operation(store, dataset, number, gateway.settings.dimse.ae_title)
+            if status is None or not (status == 0x0000 or status & 0xF000 == 0xB000):
+                progress.failed += 1
+                progress.failed_uids.append(item.sop_instance_uid)
+            elif status == 0x0000:
+                progress.completed += 1
+            else:
+                progress.warning += 1
+            yield progress
+    finally:
+        store.release()
+    if progress.failed and progress.failed == len(items):
+        progress.status = SUB_OPERATIONS_FAILED
+    elif progress.failed or progress.warning:
+        progress.status = SUB_OPERATIONS_WARNING
+    else:
+        progress.status = 0x0000
+    yield progress
+
+
+def _sub_operation(store: Any, dataset: Dataset, message_id: int, originator: str
+                   ) -> int | None:
+    """Send one instance; its C-STORE-RSP status, or ``None`` when it could not be sent."""
+    if isinstance(dataset, Unsendable):
+        return None
+    try:
+        response = store.send_c_store(dataset, msg_id=message_id, originator_aet=originator,
+                                      originator_id=message_id)
+        return int(response.Status)
+    except Exception as exc:  # noqa: BLE001 - any failure counts against this sub-operation
+        logger.warning("C-STORE sub-operation of %s failed: %s", dataset.SOPInstanceUID, exc)
+        return None
 
 
 def handle_get(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any]:

@@ -35,11 +35,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dimse.acceptor import Acceptor, contexts_in_requestor_order
 from dimse.find import handle_find
 from dimse.peers import PeerPolicy, is_loopback
 from dimse.qr import handle_get, handle_move
 from dimse.status import NOT_AUTHORIZED, SUCCESS
-from dimse.storage_scp import StorageAcceptor, contexts_in_requestor_order
 from dimse.storage_scu import StorageRequestor
 from dimse.store import store_instance
 from dimse.transport import install_fast_recv, tune_socket
@@ -72,12 +72,6 @@ STORAGE_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main Profile
 ]
 
-# What an association may propose and still be run by dimse.storage_scp: storage and
-# Verification; anything else goes through pynetdicom.
-FAST_LANE_SYNTAXES: set[str] = {
-    str(context.abstract_syntax) for context in AllStoragePresentationContexts
-} | {str(Verification)}
-
 # Query/Retrieve SOP classes (PS3.4 C.6.1 Patient Root, C.6.2 Study Root); identifiers and
 # responses are small, so the uncompressed syntaxes are enough.
 QUERY_RETRIEVE_FIND = [
@@ -96,6 +90,15 @@ QUERY_TRANSFER_SYNTAXES: list[str] = [
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
 ]
+
+# What an association may propose and still be run by dimse.acceptor: everything but C-GET
+# (whose storage sub-operations need SCP/SCU role selection).
+ACCEPTOR_SYNTAXES: set[str] = {
+    str(context.abstract_syntax) for context in AllStoragePresentationContexts
+} | {str(Verification)} | {str(uid) for uid in QUERY_RETRIEVE_FIND} | {
+    str(PatientRootQueryRetrieveInformationModelMove),
+    str(StudyRootQueryRetrieveInformationModelMove),
+}
 
 # A-ASSOCIATE-RJ: rejected-permanent, DUL service user, calling AE title not recognised.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -117,7 +120,7 @@ def handle_open(event: Any) -> None:
 
 def handle_requested(event: Any, policy: PeerPolicy) -> None:
     """Reject an association whose peer may use no service at all; else prefer its syntaxes
-    (:func:`dimse.storage_scp.contexts_in_requestor_order`)."""
+    (:func:`dimse.acceptor.contexts_in_requestor_order`)."""
     ae_title, address = peer_of(event)
     if not policy.allows_anything(ae_title, address):
         logger.warning("rejected association from %s at %s: peer not allowed", ae_title, address)
@@ -242,20 +245,20 @@ def tls_context(gateway: Gateway) -> ssl.SSLContext | None:
 
 
 class AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with storage-only associations run by
-    :class:`dimse.storage_scp.StorageAcceptor` in the connection's thread."""
+    """pynetdicom's threaded server; the associations :class:`dimse.acceptor.Acceptor` can run
+    are run by it, in the connection's thread."""
 
-    storage_acceptor: StorageAcceptor | None = None
+    acceptor: Acceptor | None = None
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        acceptor = self.storage_acceptor
+        acceptor = self.acceptor
         if acceptor is not None and acceptor.take(request, client_address):
             return
         super().finish_request(request, client_address)
 
     def server_close(self) -> None:
-        if self.storage_acceptor is not None:
-            self.storage_acceptor.close_all()
+        if self.acceptor is not None:
+            self.acceptor.close_all()
         super().server_close()
 
 
@@ -285,7 +288,7 @@ def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociati
     )
     if not isinstance(server, AssociationServer):
         raise TypeError(f"unexpected server class {type(server).__name__}")
-    server.storage_acceptor = StorageAcceptor(gateway, policy, ae, FAST_LANE_SYNTAXES)
+    server.acceptor = Acceptor(gateway, policy, ae, ACCEPTOR_SYNTAXES)
     ae._servers.append(server)  # noqa: SLF001 - as AE.start_server does; shutdown() removes it
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
     thread.start()

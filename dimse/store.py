@@ -1,7 +1,7 @@
 """C-STORE (PS3.4 Annex B): keep a received data set, and the status to answer with.
 
 One function for both ways an association reaches the gateway: pynetdicom's (associations that
-also query or retrieve, TLS) and :mod:`dimse.storage_scp` (storage-only associations).
+also query or retrieve, TLS) and :mod:`dimse.acceptor` (storage-only associations).
 """
 
 from __future__ import annotations

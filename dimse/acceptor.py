@@ -1,35 +1,40 @@
-"""Storage-only associations, run without pynetdicom's DUL (PS3.4 Annexes A and B, PS3.8).
+"""Associations the gateway runs itself, without pynetdicom's DUL (PS3.7, PS3.8; PS3.4 Annexes
+A, B and C.4.1, C.4.2).
 
-A modality or a PACS pushing a study proposes storage SOP classes (and often Verification) and
-nothing else. Those associations are the gateway's bulk traffic, and pynetdicom's machinery
-(a reactor thread polling its queues every millisecond, P-DATA decoded into objects passed
-between threads) cost more CPU per instance than storing the instance does. This module runs
-them in the connection's own thread with blocking reads:
+pynetdicom runs each association with a reactor thread polling its queues every millisecond and
+decodes every P-DATA-TF into objects passed between threads; per message that cost more CPU than
+storing an instance or answering a query match. The associations that use only Verification,
+Storage, and Query/Retrieve FIND and MOVE (modalities and PACS pushing studies, workstations
+querying and retrieving) are run here, in the connection's own thread, with blocking reads:
 
-- the A-ASSOCIATE-RQ is *peeked* (``MSG_PEEK``): an association proposing anything else (Query/
-  Retrieve, SCP/SCU role selection, user identity, extended negotiation) or arriving over TLS
-  is left untouched to pynetdicom (:mod:`dimse.scp`), which reads it as if nothing happened;
-- the A-ASSOCIATE PDUs are decoded and encoded by pynetdicom, and presentation contexts
-  negotiated by its :func:`~pynetdicom.presentation.negotiate_as_acceptor`, with the same
-  supported contexts, peer rules, called-AE check and association limit as the pynetdicom path;
-- P-DATA-TF PDUs are read straight off the socket; the data set's fragments are joined once
-  behind the Part 10 header and handed to :func:`dimse.store.store_instance`, the same function
-  the pynetdicom path calls; the C-STORE-RSP (success only once durable and indexed) is written
-  directly.
+- the A-ASSOCIATE-RQ is *peeked* (``MSG_PEEK``): an association proposing anything else (C-GET,
+  SCP/SCU role selection, user identity, extended negotiation) or arriving over TLS is left
+  untouched to pynetdicom (:mod:`dimse.scp`), which reads it as if nothing happened;
+- A-ASSOCIATE PDUs are decoded and encoded by pynetdicom, presentation contexts negotiated by
+  its :func:`~pynetdicom.presentation.negotiate_as_acceptor`, with the same supported contexts,
+  peer rules, called-AE check and association limit as the pynetdicom path;
+- P-DATA-TF PDUs are read straight off the socket and each complete message is answered by the
+  same service functions the pynetdicom path uses: :func:`dimse.store.store_instance`,
+  :func:`dimse.find.find_responses`, :func:`dimse.qr.move_progress`; a C-CANCEL is looked for
+  between two responses without blocking.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import select
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import build_context
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAcPDU
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPDU
 from pynetdicom.pdu_primitives import (
@@ -42,8 +47,10 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from dimse import command_set, upper_layer
-from dimse.command_set import CommandSetError
+from dimse.command_set import C_CANCEL_RQ, CommandSetError
+from dimse.find import find_responses
 from dimse.peers import PeerPolicy
+from dimse.qr import move_progress
 from dimse.status import NOT_AUTHORIZED, SUCCESS
 from dimse.store import store_instance
 from dimse.transport import tune_socket
@@ -57,7 +64,6 @@ VERIFICATION = "1.2.840.10008.1.1"
 # PS3.7 Annex C general statuses.
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 UNRECOGNIZED_OPERATION = 0x0211  # Refused: Unrecognized operation
-C_CANCEL_RQ = 0x0FFF
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Section 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
@@ -115,13 +121,49 @@ def peek_associate_request(sock: socket.socket) -> bytes | None:
 
 
 @dataclass
-class Negotiated:
+class Association:
+    """One association run here: its socket, peer and negotiated contexts."""
+
+    sock: socket.socket
+    host: str
     calling_ae_title: str
-    called_ae_title: str
     # context ID -> (abstract syntax, transfer syntax)
     contexts: dict[int, tuple[str, str]]
     peer_max_pdu: int
-    accept_pdu: bytes
+    # A C-CANCEL-RQ read while an operation was running, by Message ID Being Responded To.
+    cancelled: set[int] = field(default_factory=set)
+
+    def send(self, context_id: int, command: bytes,
+             data_set: bytes | bytearray | memoryview | None = None) -> None:
+        upper_layer.send_message(self.sock, context_id, command, data_set, self.peer_max_pdu)
+
+    def cancel_requested(self, message_id: int) -> bool:
+        """Whether the peer sent a C-CANCEL for this operation: reads, without waiting, what
+        has arrived since the operation began (PS3.7 9.3.2.3, 9.3.4.3)."""
+        while message_id not in self.cancelled:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            pdu_type, body = upper_layer.read_pdu(self.sock, PDU_LENGTH_CEILING)
+            if pdu_type == upper_layer.A_ABORT:
+                raise upper_layer.PeerClosed("the peer aborted the association")
+            if pdu_type != upper_layer.P_DATA_TF:
+                raise upper_layer.ProtocolError(
+                    f"PDU type 0x{pdu_type:02X} while an operation is running",
+                    upper_layer.UNEXPECTED_PDU)
+            for _context_id, control, fragment in upper_layer.pdvs(body):
+                command = command_set.decode(fragment) \
+                    if control & upper_layer.COMMAND and control & upper_layer.LAST_FRAGMENT \
+                    else {}
+                if command_set.us(command, command_set.COMMAND_FIELD) != C_CANCEL_RQ:
+                    raise upper_layer.ProtocolError(
+                        "only a C-CANCEL may arrive while an operation is running "
+                        "(no asynchronous operations were negotiated)",
+                        upper_layer.UNEXPECTED_PDU)
+                answered = command_set.us(command, command_set.MESSAGE_ID_BEING_RESPONDED_TO)
+                if answered is not None:
+                    self.cancelled.add(answered)
+        return True
 
 
 class AssociationSlots:
@@ -146,33 +188,29 @@ class AssociationSlots:
         with self._lock:
             self._ours -= 1
 
-    def full(self) -> bool:
-        with self._lock:
-            theirs = sum(1 for a in self._ae.active_associations if a.is_acceptor)
-            return self._ours + theirs >= self._limit
 
-
-class StorageAcceptor:
-    """Takes the storage-only associations off pynetdicom's hands (see the module docstring).
+class Acceptor:
+    """Takes the associations it can run off pynetdicom's hands (see the module docstring).
 
     Parameters
     ----------
     gateway
-        The core: settings and the ingestor.
+        The core: settings, ingestor, index.
     policy
-        Which peers may echo and store.
+        Which peers may echo, store, find and move.
     ae
-        pynetdicom's Application Entity, for its supported presentation contexts and to count
-        its active associations against the shared limit.
+        The gateway's pynetdicom Application Entity (:class:`dimse.scp.GatewayAE`): its
+        supported presentation contexts, its active associations (counted against the shared
+        limit), and its ``associate`` for the sub-associations of C-MOVE.
     syntaxes
-        The abstract syntaxes (storage SOP classes and Verification) an association may
-        propose and be run here.
+        The abstract syntaxes an association may propose and be run here.
     """
 
     def __init__(self, gateway: Gateway, policy: PeerPolicy, ae: Any,
                  syntaxes: set[str]) -> None:
         self.gateway = gateway
         self.policy = policy
+        self.ae = ae
         self.settings = gateway.settings.dimse
         self.supported: list[PresentationContext] = list(ae.supported_contexts)
         self.syntaxes = syntaxes
@@ -182,7 +220,7 @@ class StorageAcceptor:
 
     def close_all(self) -> None:
         """Stop reading on every association run here (server shutdown): each ends once the
-        message it is storing, if any, is answered."""
+        message it is answering, if any, is answered."""
         with self._open_lock:
             for sock in self._open:
                 try:
@@ -191,8 +229,8 @@ class StorageAcceptor:
                     pass
 
     def take(self, sock: socket.socket, address: tuple[str, int] | str) -> bool:
-        """Run the association on ``sock`` here if it is storage-only; ``False`` leaves the
-        connection, unread, to pynetdicom. Returns once the association ended."""
+        """Run the association on ``sock`` here if it can be; ``False`` leaves the connection,
+        unread, to pynetdicom. Returns once the association ended."""
         if not isinstance(sock, socket.socket) or hasattr(sock, "pending"):  # TLS
             return False
         tune_socket(sock)
@@ -206,7 +244,7 @@ class StorageAcceptor:
             request = pdu.to_primitive()
         except Exception:  # noqa: BLE001 - malformed: pynetdicom aborts it properly
             return False
-        if not self._storage_only(request):
+        if not self._runs_here(request):
             return False
         host = address[0] if isinstance(address, tuple) else str(address)
         with self._open_lock:
@@ -215,14 +253,14 @@ class StorageAcceptor:
             upper_layer.recv_exact(sock, len(peeked))  # now consume it
             self._run(sock, host, request)
         except (upper_layer.PeerClosed, OSError) as exc:
-            logger.debug("storage association from %s ended: %s", host, exc)
+            logger.debug("association from %s ended: %s", host, exc)
         finally:
             with self._open_lock:
                 self._open.discard(sock)
             _close(sock)
         return True
 
-    def _storage_only(self, request: A_ASSOCIATE) -> bool:
+    def _runs_here(self, request: A_ASSOCIATE) -> bool:
         contexts = request.presentation_context_definition_list
         if not contexts:
             return False
@@ -235,6 +273,8 @@ class StorageAcceptor:
         called = str(request.called_ae_title).strip()
         rejection = None
         if self.settings.require_called_ae and called != self.settings.ae_title.strip():
+            logger.warning("rejected association from %s at %s: called AE title %r is not %r",
+                           calling, host, called, self.settings.ae_title)
             rejection = REJECT_CALLED_AE
         elif not self.policy.allows_anything(calling, host):
             logger.warning("rejected association from %s at %s: peer not allowed", calling, host)
@@ -248,15 +288,16 @@ class StorageAcceptor:
             sock.sendall(upper_layer.reject_pdu(*rejection))
             return
         try:
-            negotiated = self._negotiate(request, calling, called)
-            sock.sendall(negotiated.accept_pdu)
+            assoc, accept_pdu = self._negotiate(sock, host, request, calling)
+            sock.sendall(accept_pdu)
             METRICS.inc("gateway_dimse_associations_total")
             logger.info("association from %s at %s accepted", calling, host)
-            self._serve(sock, host, negotiated)
+            self._serve(assoc)
         finally:
             self.slots.release()
 
-    def _negotiate(self, request: A_ASSOCIATE, calling: str, called: str) -> Negotiated:
+    def _negotiate(self, sock: socket.socket, host: str, request: A_ASSOCIATE, calling: str
+                   ) -> tuple[Association, bytes]:
         proposed = request.presentation_context_definition_list
         results, _roles = negotiate_as_acceptor(
             proposed, contexts_in_requestor_order(proposed, self.supported), None)
@@ -284,16 +325,17 @@ class StorageAcceptor:
         reply.user_information = [max_length, class_uid, version]
         pdu = AssociateAcPDU()
         pdu.from_primitive(reply)
-        return Negotiated(calling, called, accepted, peer_max, pdu.encode())
+        return Association(sock, host, calling, accepted, peer_max), pdu.encode()
 
-    def _serve(self, sock: socket.socket, host: str, assoc: Negotiated) -> None:
+    def _serve(self, assoc: Association) -> None:
         """Read PDUs until release or abort; answer each complete message."""
-        max_pdu = max(self.settings.max_pdu_size, 1) if self.settings.max_pdu_size else 0
-        ceiling = max(max_pdu, PDU_LENGTH_CEILING) if max_pdu else PDU_LENGTH_CEILING
+        max_pdu = self.settings.max_pdu_size
+        ceiling = max(max_pdu, PDU_LENGTH_CEILING)
         command_fragments: list[bytes] = []
         command: dict[int, bytes] | None = None
         command_context = 0
         data_fragments: list[bytes | memoryview] = []
+        sock = assoc.sock
         try:
             while True:
                 pdu_type, body = upper_layer.read_pdu(sock, ceiling)
@@ -314,7 +356,7 @@ class StorageAcceptor:
                             command_context = context_id
                             if command_set.us(command, command_set.COMMAND_DATA_SET_TYPE) \
                                     == command_set.NO_DATA_SET:
-                                self._answer(sock, host, assoc, command_context, command, None)
+                                self._answer(assoc, command_context, command, None)
                                 command = None
                         else:
                             if command is None or context_id != command_context:
@@ -322,18 +364,17 @@ class StorageAcceptor:
                                     "a data set fragment arrived without its command")
                             data_fragments.append(fragment)
                             if control & upper_layer.LAST_FRAGMENT:
-                                self._answer(sock, host, assoc, command_context, command,
-                                             data_fragments)
+                                self._answer(assoc, command_context, command, data_fragments)
                                 command = None
                                 data_fragments = []
                 elif pdu_type == upper_layer.A_RELEASE_RQ:
                     sock.sendall(upper_layer.RELEASE_RP_PDU)
                     logger.debug("association from %s at %s released", assoc.calling_ae_title,
-                                 host)
+                                 assoc.host)
                     return
                 elif pdu_type == upper_layer.A_ABORT:
                     logger.info("association from %s at %s aborted by the peer",
-                                assoc.calling_ae_title, host)
+                                assoc.calling_ae_title, assoc.host)
                     return
                 else:
                     raise upper_layer.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}",
@@ -341,49 +382,100 @@ class StorageAcceptor:
         except (upper_layer.ProtocolError, CommandSetError) as exc:
             reason = getattr(exc, "reason", upper_layer.INVALID_PDU_PARAMETER)
             logger.warning("aborting the association from %s at %s: %s",
-                           assoc.calling_ae_title, host, exc)
+                           assoc.calling_ae_title, assoc.host, exc)
             _send_quietly(sock, upper_layer.abort_pdu(upper_layer.SERVICE_PROVIDER, reason))
         except TimeoutError:
             logger.warning("aborting the association from %s at %s: nothing received for %s s",
-                           assoc.calling_ae_title, host, self.settings.network_timeout)
+                           assoc.calling_ae_title, assoc.host, self.settings.network_timeout)
             _send_quietly(sock, upper_layer.abort_pdu())
 
-    def _answer(self, sock: socket.socket, host: str, assoc: Negotiated, context_id: int,
-                command: dict[int, bytes], data_fragments: list[bytes | memoryview] | None
-                ) -> None:
+    def _answer(self, assoc: Association, context_id: int, command: dict[int, bytes],
+                data_fragments: list[bytes | memoryview] | None) -> None:
         field = command_set.us(command, command_set.COMMAND_FIELD)
         message_id = command_set.us(command, command_set.MESSAGE_ID)
-        sop_class = command_set.text(command, command_set.AFFECTED_SOP_CLASS_UID) or ""
-        abstract_syntax, transfer_syntax = assoc.contexts[context_id]
+        if field == C_CANCEL_RQ:
+            return  # nothing running to cancel
         if field is None or message_id is None:
             raise upper_layer.ProtocolError("command set without Command Field or Message ID")
-        if field == C_CANCEL_RQ:
+        sop_class = command_set.text(command, command_set.AFFECTED_SOP_CLASS_UID) or ""
+        abstract_syntax, transfer_syntax = assoc.contexts[context_id]
+        if sop_class != abstract_syntax:
+            assoc.send(context_id, command_set.response(
+                (field | 0x8000) & 0xFFFF, sop_class, message_id, SOP_CLASS_NOT_SUPPORTED,
+                error_comment=f"context {context_id} was negotiated for another SOP class"))
             return
         if field == command_set.C_ECHO_RQ:
-            allowed = self.policy.allows("echo", assoc.calling_ae_title, host)
-            response = command_set.echo_response(sop_class or VERIFICATION, message_id,
-                                                 SUCCESS if allowed else NOT_AUTHORIZED)
+            allowed = self.policy.allows("echo", assoc.calling_ae_title, assoc.host)
+            assoc.send(context_id, command_set.echo_response(
+                sop_class, message_id, SUCCESS if allowed else NOT_AUTHORIZED))
         elif field == command_set.C_STORE_RQ and data_fragments is not None:
             sop_instance = command_set.text(command, command_set.AFFECTED_SOP_INSTANCE_UID) or ""
-            if sop_class != abstract_syntax:
-                status, comment = SOP_CLASS_NOT_SUPPORTED, (
-                    f"context {context_id} was negotiated for {abstract_syntax}")
-            else:
-                status, comment = store_instance(
-                    self.gateway, self.policy, assoc.calling_ae_title, host, sop_class,
-                    sop_instance, transfer_syntax, data_fragments)
-            response = command_set.store_response(sop_class, sop_instance, message_id, status,
-                                                  comment)
+            status, comment = store_instance(
+                self.gateway, self.policy, assoc.calling_ae_title, assoc.host, sop_class,
+                sop_instance, transfer_syntax, data_fragments)
+            assoc.send(context_id, command_set.store_response(
+                sop_class, sop_instance, message_id, status, comment))
+        elif field == command_set.C_FIND_RQ and data_fragments is not None:
+            self._find(assoc, context_id, sop_class, message_id, transfer_syntax,
+                       data_fragments)
+        elif field == command_set.C_MOVE_RQ and data_fragments is not None:
+            destination = command_set.text(command, command_set.MOVE_DESTINATION) or ""
+            self._move(assoc, context_id, sop_class, message_id, transfer_syntax,
+                       data_fragments, destination)
         else:
-            response = command_set.encode([
-                (command_set.AFFECTED_SOP_CLASS_UID, command.get(
-                    command_set.AFFECTED_SOP_CLASS_UID, b"")),
-                (command_set.COMMAND_FIELD, struct.pack("<H", (field | 0x8000) & 0xFFFF)),
-                (command_set.MESSAGE_ID_BEING_RESPONDED_TO, struct.pack("<H", message_id)),
-                (command_set.COMMAND_DATA_SET_TYPE, struct.pack("<H", command_set.NO_DATA_SET)),
-                (command_set.STATUS, struct.pack("<H", UNRECOGNIZED_OPERATION)),
-            ])
-        upper_layer.send_message(sock, context_id, response, None, assoc.peer_max_pdu)
+            assoc.send(context_id, command_set.response(
+                (field | 0x8000) & 0xFFFF, sop_class, message_id, UNRECOGNIZED_OPERATION))
+
+    def _find(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
+              transfer_syntax: str, data_fragments: list[bytes | memoryview]) -> None:
+        """C-FIND: a C-FIND-RSP per :func:`dimse.find.find_responses` answer."""
+        syntax = UID(transfer_syntax)
+        responses = find_responses(
+            self.gateway, self.policy, assoc.calling_ae_title, assoc.host, sop_class,
+            lambda: _decoded(data_fragments, syntax),
+            lambda: assoc.cancel_requested(message_id))
+        for status, identifier in responses:
+            encoded = _encoded(identifier, syntax) if identifier is not None else None
+            assoc.send(context_id, command_set.response(
+                command_set.C_FIND_RSP, sop_class, message_id, status,
+                data_set=encoded is not None), encoded)
+        assoc.cancelled.discard(message_id)
+
+    def _move(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
+              transfer_syntax: str, data_fragments: list[bytes | memoryview],
+              destination: str) -> None:
+        """C-MOVE: a C-MOVE-RSP per :func:`dimse.qr.move_progress` step; the final one lists
+        the failed SOP Instance UIDs (PS3.4 C.4.2.1.4.2)."""
+        syntax = UID(transfer_syntax)
+        for progress in move_progress(
+                self.gateway, self.policy, assoc.calling_ae_title, assoc.host, destination,
+                sop_class, lambda: _decoded(data_fragments, syntax),
+                lambda: assoc.cancel_requested(message_id), self.ae.associate):
+            encoded = None
+            if progress.status != command_set.PENDING and progress.failed_uids:
+                failed = Dataset()
+                failed.FailedSOPInstanceUIDList = progress.failed_uids
+                encoded = _encoded(failed, syntax)
+            assoc.send(context_id, command_set.response(
+                command_set.C_MOVE_RSP, sop_class, message_id, progress.status,
+                data_set=encoded is not None, counts=progress.counts), encoded)
+        assoc.cancelled.discard(message_id)
+
+
+def _decoded(fragments: list[bytes | memoryview], syntax: UID) -> Dataset:
+    """A request's identifier, decoded in its context's transfer syntax."""
+    return decode(io.BytesIO(b"".join(fragments)), syntax.is_implicit_VR,
+                  syntax.is_little_endian, syntax.is_deflated)
+
+
+def _encoded(identifier: Dataset, syntax: UID) -> bytes:
+    """A response identifier, encoded in its context's transfer syntax."""
+    encoded = encode(identifier, syntax.is_implicit_VR, syntax.is_little_endian,
+                     syntax.is_deflated)
+    if encoded is None:
+        raise upper_layer.ProtocolError("a response identifier could not be encoded",
+                                        upper_layer.REASON_NOT_SPECIFIED)
+    return encoded
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
