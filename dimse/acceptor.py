@@ -449,7 +449,7 @@ class Acceptor:
         syntax = UID(transfer_syntax)
         for progress in move_progress(
                 self.gateway, self.policy, assoc.calling_ae_title, assoc.host, destination,
-                sop_class, lambda: _decoded(data_fragments, syntax),
+                sop_class, message_id, lambda: _decoded(data_fragments, syntax),
                 lambda: assoc.cancel_requested(message_id), self.ae.associate):
             encoded = None
             if progress.status != command_set.PENDING and progress.failed_uids:

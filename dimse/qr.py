@@ -438,11 +438,14 @@ class MoveProgress:
 
 
 def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
-                  destination_ae: str, sop_class_uid: str,
+                  destination_ae: str, sop_class_uid: str, message_id: int,
                   decode_identifier: Callable[[], Dataset], is_cancelled: Callable[[], bool],
                   associate: Callable[..., Any]) -> Iterator[MoveProgress]:
     """C-MOVE SCP (PS3.4 C.4.2) for :mod:`dimse.acceptor`: a Pending progress per
     sub-operation, then the final one.
+
+    Each C-STORE sub-operation names the C-MOVE's requestor (``ae_title``) and ``message_id``
+    as its Move Originator (PS3.7 9.1.1.1), so the destination can tell whose move it serves.
 
     The same decisions as :func:`handle_move` (refusals, destinations, trail, transfer
     syntaxes); ``associate`` is the AE's (:meth:`dimse.scp.GatewayAE.associate`), which opens a
@@ -487,7 +490,7 @@ def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: 
                 return
             progress.remaining -= 1
             dataset = dataset_for(item, accepted, raw=raw)
-            status = _sub_operation(store, dataset, number, gateway.settings.dimse.ae_title)
+            status = _sub_operation(store, dataset, number, ae_title, message_id)
             if status is None or not (status == 0x0000 or status & 0xF000 == 0xB000):
                 progress.failed += 1
                 progress.failed_uids.append(item.sop_instance_uid)
@@ -507,14 +510,14 @@ def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: 
     yield progress
 
 
-def _sub_operation(store: Any, dataset: Dataset, message_id: int, originator: str
-                   ) -> int | None:
+def _sub_operation(store: Any, dataset: Dataset, message_id: int, originator: str,
+                   originator_message_id: int) -> int | None:
     """Send one instance; its C-STORE-RSP status, or ``None`` when it could not be sent."""
     if isinstance(dataset, Unsendable):
         return None
     try:
         response = store.send_c_store(dataset, msg_id=message_id, originator_aet=originator,
-                                      originator_id=message_id)
+                                      originator_id=originator_message_id)
         return int(response.Status)
     except Exception as exc:  # noqa: BLE001 - any failure counts against this sub-operation
         logger.warning("C-STORE sub-operation of %s failed: %s", dataset.SOPInstanceUID, exc)

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from gateway.errors import Conflict, InvalidInstance, SOPClassMismatch
 from gateway.index import Index
-from gateway.metadata import ParsedInstance, parse_instance
+from gateway.metadata import ParsedInstance, dataset_digest, parse_instance
 from gateway.metrics import METRICS
 from gateway.models import Instance, Patient, Series, Study
 from gateway.storage import FileStorage, relative_path
@@ -132,11 +132,16 @@ class Ingestor:
         StorageFull
             No room left; nothing was kept.
         """
-        # The disk writes and flushes while the CPU parses (fsync releases the GIL).
-        spooling = self._spooler.submit(self.storage.spool, data)
+        # The bytes go to the page cache here; the disk flushes them (another thread, in fsync,
+        # which releases the GIL) while this thread hashes and parses. Handing the thread
+        # nothing else keeps it from waiting for the GIL held by the parse.
+        spooling = self._spooler.submit(self.storage.sync_spooled,
+                                        self.storage.spool_unsynced(data))
         try:
+            digest = dataset_digest(data)
             parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,
                                  expected_study_instance_uid)
+            parsed.digest = digest
         except BaseException:
             spooling.add_done_callback(_discard_spooled(self.storage))
             raise
@@ -148,7 +153,7 @@ class Ingestor:
     def _check(self, data: bytes, expected_sop_class_uid: str | None,
                expected_sop_instance_uid: str | None,
                expected_study_instance_uid: str | None) -> ParsedInstance:
-        parsed = parse_instance(data)
+        parsed = parse_instance(data, digest=False)
         if expected_sop_class_uid and parsed.sop_class_uid != expected_sop_class_uid:
             raise SOPClassMismatch(
                 f"the data set's SOPClassUID {parsed.sop_class_uid} differs from the "

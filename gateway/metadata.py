@@ -104,8 +104,16 @@ def dataset_offset(data: bytes | memoryview) -> int:
     return 0
 
 
-def parse_instance(data: bytes) -> ParsedInstance:
+def dataset_digest(data: bytes) -> str:
+    """SHA-256 of the data set, the file meta information excluded (it names the sender)."""
+    return hashlib.sha256(memoryview(data)[dataset_offset(data):]).hexdigest()
+
+
+def parse_instance(data: bytes, *, digest: bool = True) -> ParsedInstance:
     """Parse and check a Part 10 instance as received.
+
+    With ``digest=False`` the caller computes :func:`dataset_digest` itself (in another
+    thread: hashing releases the GIL) and sets ``ParsedInstance.digest``.
 
     Raises
     ------
@@ -141,8 +149,6 @@ def parse_instance(data: bytes) -> ParsedInstance:
             "MediaStorageSOPInstanceUID in the file meta differs from the SOPInstanceUID"
         )
     _check_pixel_data(ds, ts, uids["SOPClassUID"])
-    offset = dataset_offset(data)
-    digest = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
     parsed = ParsedInstance(
         dataset=ds,
         transfer_syntax_uid=ts,
@@ -150,7 +156,7 @@ def parse_instance(data: bytes) -> ParsedInstance:
         sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
-        digest=digest,
+        digest=dataset_digest(data) if digest else "",
         size=len(data),
     )
     parsed.fields = _index_fields(ds)

@@ -179,6 +179,38 @@ class FileStorage:
             raise _write_error(exc, "a received instance") from exc
         return temp
 
+    def spool_unsynced(self, data: bytes) -> tuple[Path, int]:
+        """:meth:`spool` in two steps: the bytes handed to the kernel now (cheap: they go to the
+        page cache), the flush to stable storage by :meth:`sync_spooled`, possibly in another
+        thread while this one parses. Returns the temporary file and its open descriptor."""
+        self.check_space(len(data))
+        temp = self.incoming / f"{secrets.token_hex(8)}.part"
+        fd = -1
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            _unlink(temp)
+            raise _write_error(exc, "a received instance") from exc
+        return temp, fd
+
+    def sync_spooled(self, spooled: tuple[Path, int]) -> Path:
+        """Second step of :meth:`spool_unsynced`: fsync, close; the file is removed on failure."""
+        temp, fd = spooled
+        try:
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            _unlink(temp)
+            raise _write_error(exc, "a received instance") from exc
+        os.close(fd)
+        return temp
+
     def place(self, spooled: Path, relpath: str) -> PendingWrite:
         """Second half: give a spooled file its final name; the journal keeps the intent."""
         journal = self.incoming / f"{relpath.replace('/', '+')}.{spooled.stem}"
