@@ -48,7 +48,8 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from dimse import command_set, upper_layer
 from dimse.command_set import C_CANCEL_RQ, CommandSetError
-from dimse.find import find_responses
+from dimse.find import as_dataset, find_responses
+from dimse.identifier import encode_identifier
 from dimse.peers import PeerPolicy
 from dimse.qr import move_progress
 from dimse.status import NOT_AUTHORIZED, SUCCESS
@@ -434,8 +435,14 @@ class Acceptor:
             self.gateway, self.policy, assoc.calling_ae_title, assoc.host, sop_class,
             lambda: _decoded(data_fragments, syntax),
             lambda: assoc.cancel_requested(message_id))
+        direct = syntax.is_little_endian and not syntax.is_deflated
         for status, identifier in responses:
-            encoded = _encoded(identifier, syntax) if identifier is not None else None
+            encoded = None
+            if identifier is not None:
+                encoded = encode_identifier(identifier, implicit_vr=syntax.is_implicit_VR) \
+                    if direct else None
+                if encoded is None:
+                    encoded = _encoded(as_dataset(identifier), syntax)
             assoc.send(context_id, command_set.response(
                 command_set.C_FIND_RSP, sop_class, message_id, status,
                 data_set=encoded is not None), encoded)

@@ -32,6 +32,7 @@ from pydicom.config import IGNORE
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
+from dimse.identifier import person_name
 from dimse.peers import PeerPolicy
 from dimse.qr import QUERY_EVENT, busy, record_access, wait_until_sent
 from gateway.access import Principal, PrincipalKind, Scope
@@ -64,8 +65,8 @@ PATIENT_KEYS = frozenset({
 })
 PATIENT_COUNTS = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
                   "NumberOfPatientRelatedInstances")
-QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE = 0x00080052, 0x00080054
-SPECIFIC_CHARACTER_SET, STUDY_INSTANCE_UID = 0x00080005, 0x0020000D
+QUERY_RETRIEVE_LEVEL_KEY, RETRIEVE_AE_TITLE_KEY = "00080052", "00080054"
+SPECIFIC_CHARACTER_SET_KEY, STUDY_INSTANCE_UID_KEY = "00080005", "0020000D"
 # Keys the SCP fills itself rather than the engine.
 OWN_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"})
 
@@ -128,13 +129,15 @@ def information_model(sop_class_uid: str) -> str:
         else "STUDY_ROOT"
 
 
-def _response_charset(query_charset: list[str], datasets: list[Dataset]) -> str | None:
+def _response_charset(query_charset: list[str], matches: list[dict[str, Any]]) -> str | None:
     """The Specific Character Set of the responses: the query's when every text value fits.
 
     Returns ``None`` when the default repertoire (ASCII) is enough and the query named none.
     """
-    texts = [str(element.value) for ds in datasets for element in ds
-             if element.VR in TEXT_VRS and element.value not in (None, "")]
+    texts = [person_name(value) if element["vr"] == "PN" else str(value)
+             for match in matches for element in match.values()
+             if element.get("vr") in TEXT_VRS
+             for value in element.get("Value") or () if value not in (None, "")]
     if query_charset and len(query_charset) == 1:
         codec = convert_encodings(query_charset)[0]
         try:
@@ -148,13 +151,7 @@ def _response_charset(query_charset: list[str], datasets: list[Dataset]) -> str 
     return UTF8
 
 
-def _person_name(value: dict[str, str]) -> str:
-    groups = [value.get("Alphabetic", ""), value.get("Ideographic", ""),
-              value.get("Phonetic", "")]
-    return "=".join(groups).rstrip("=")
-
-
-def _dataset(match: dict[str, Any]) -> Dataset:
+def as_dataset(match: dict[str, Any]) -> Dataset:
     """A DICOM JSON match (PS3.18 F.2) as a data set, without bulk data references.
 
     Plain values are set directly (about three times faster than ``Dataset.from_json``, which
@@ -172,7 +169,7 @@ def _dataset(match: dict[str, Any]) -> Dataset:
             continue
         values = element.get("Value")
         if values and vr == "PN":
-            values = [_person_name(v) if isinstance(v, dict) else v for v in values]
+            values = [person_name(v) if isinstance(v, dict) else v for v in values]
         value = None if not values else values[0] if len(values) == 1 else values
         number = int(tag, 16)
         # Values come from the index, checked when the instance was ingested.
@@ -215,14 +212,15 @@ def _patients(studies: list[dict[str, Any]], wanted: set[str]) -> list[dict[str,
 
 
 def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
-           ) -> tuple[str, list[Dataset], list[str]]:
+           ) -> tuple[str, list[dict[str, Any]], list[str]]:
     """Run a C-FIND identifier through the query engine.
 
     Returns
     -------
     tuple
-        The level, the response identifiers, and the Study Instance UIDs they come from (for
-        the access trail, whether or not the peer asked for them).
+        The level, the response identifiers as DICOM JSON (:func:`as_dataset` makes data sets
+        of them), and the Study Instance UIDs they come from (for the access trail, whether or
+        not the peer asked for them).
 
     Raises
     ------
@@ -265,31 +263,37 @@ def search(gateway: Gateway, identifier: Dataset, model: str, ae_title: str
         matches = result.matches
     for warning in result.warnings:
         logger.info("C-FIND from %s: %s", ae_title, warning)
-    datasets = []
+    responses = []
     asked_retrieve_ae = "RetrieveAETitle" in identifier
-    # Tags and VRs worked out once, not per match (keyword lookups cost ~0.1 ms a match).
-    asked = [(tag, dictionary_VR(tag)) for tag in
+    # Tags and VRs worked out once, not per match.
+    asked = [(f"{tag:08X}", dictionary_VR(tag)) for tag in
              (tag_for_keyword(k) for k in keys) if tag is not None]
     drop_study_uid = "StudyInstanceUID" not in keys
-    retrieve_ae = gateway.settings.dimse.ae_title
+    level_element = {"vr": "CS", "Value": [level]}
+    retrieve_element = {"vr": "AE", "Value": [gateway.settings.dimse.ae_title]}
     for match in matches:
-        ds = _dataset(match)
-        if drop_study_uid and STUDY_INSTANCE_UID in ds:
-            del ds[STUDY_INSTANCE_UID]
-        ds[QUERY_RETRIEVE_LEVEL] = DataElement(QUERY_RETRIEVE_LEVEL, "CS", level)
+        # Bulk data is never returned by C-FIND; an asked binary key is answered empty.
+        response = {tag: element for tag, element in match.items()
+                    if "BulkDataURI" not in element and "InlineBinary" not in element}
+        if drop_study_uid:
+            response.pop(STUDY_INSTANCE_UID_KEY, None)
+        response[QUERY_RETRIEVE_LEVEL_KEY] = level_element
         if asked_retrieve_ae:
-            ds[RETRIEVE_AE_TITLE] = DataElement(RETRIEVE_AE_TITLE, "AE", retrieve_ae)
+            response[RETRIEVE_AE_TITLE_KEY] = retrieve_element
         for tag, vr in asked:  # every asked key is answered, empty when unknown (C.4.1.1.3.2)
-            if tag not in ds:
-                ds[tag] = DataElement(tag, vr, [] if vr == "SQ" else None)
-        datasets.append(ds)
-    return level, datasets, study_uids
+            if tag not in response:
+                response[tag] = {"vr": vr}
+        responses.append(response)
+    return level, responses, study_uids
 
 
 def find_responses(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
                    sop_class_uid: str, decode_identifier: Callable[[], Dataset],
-                   is_cancelled: Callable[[], bool]) -> Iterator[tuple[int, Dataset | None]]:
+                   is_cancelled: Callable[[], bool]
+                   ) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """C-FIND SCP (PS3.4 C.4.1.2): ``(Pending, identifier)`` per match, then a final status.
+    Identifiers are DICOM JSON: :func:`dimse.identifier.encode_identifier` encodes them, or
+    :func:`as_dataset` makes data sets of them.
 
     Used by both ways an association is run (:func:`handle_find` for pynetdicom,
     :mod:`dimse.acceptor`). ``is_cancelled`` is asked before each Pending response.
@@ -306,7 +310,7 @@ def find_responses(gateway: Gateway, policy: PeerPolicy, ae_title: str, address:
         charset = identifier.get("SpecificCharacterSet") or []
         query_charset = [charset] if isinstance(charset, str) else [str(c) for c in charset]
         model = information_model(sop_class_uid)
-        level, datasets, study_uids = search(gateway, identifier, model, ae_title)
+        level, matches, study_uids = search(gateway, identifier, model, ae_title)
     except InvalidQuery as exc:
         logger.warning("C-FIND from %s at %s refused: %s", ae_title, address, exc)
         yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
@@ -316,17 +320,17 @@ def find_responses(gateway: Gateway, policy: PeerPolicy, ae_title: str, address:
         yield UNABLE_TO_PROCESS, None
         return
     record_access(gateway, QUERY_EVENT, ae_title, address, study_uids,
-                  f"C-FIND {model} {level} level, {len(datasets)} matches")
-    response_charset = _response_charset(query_charset, datasets)
-    for ds in datasets:
+                  f"C-FIND {model} {level} level, {len(matches)} matches")
+    response_charset = _response_charset(query_charset, matches)
+    charset_element = {"vr": "CS", "Value": [response_charset]}
+    for match in matches:
         if is_cancelled():
             logger.info("C-FIND from %s at %s cancelled by the peer", ae_title, address)
             yield CANCEL, None
             return
         if response_charset:
-            ds[SPECIFIC_CHARACTER_SET] = DataElement(SPECIFIC_CHARACTER_SET, "CS",
-                                                     response_charset)
-        yield PENDING, ds
+            match[SPECIFIC_CHARACTER_SET_KEY] = charset_element
+        yield PENDING, match
     yield SUCCESS, None
 
 
@@ -335,15 +339,16 @@ def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
     requestor = event.assoc.requestor
     ae_title, address = str(requestor.ae_title).strip(), str(requestor.address)
     with busy(event.assoc):
-        for status, ds in find_responses(gateway, policy, ae_title, address,
-                                         str(event.request.AffectedSOPClassUID),
-                                         lambda: event.identifier,
-                                         lambda: bool(event.is_cancelled)):
+        for status, match in find_responses(gateway, policy, ae_title, address,
+                                            str(event.request.AffectedSOPClassUID),
+                                            lambda: event.identifier,
+                                            lambda: bool(event.is_cancelled)):
             if status == SUCCESS:
                 return  # pynetdicom sends the final Success itself
-            yield status, ds
+            yield status, as_dataset(match) if match is not None else None
             if status == PENDING:
                 wait_until_sent(event.assoc)
 
 
-__all__ = ["find_responses", "handle_find", "identifier_items", "identifier_keys", "search"]
+__all__ = ["as_dataset", "find_responses", "handle_find", "identifier_items", "identifier_keys",
+           "search"]

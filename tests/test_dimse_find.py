@@ -16,10 +16,12 @@ import pytest
 from conftest import LiveServer
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
-from pynetdicom import AE
+from pynetdicom import AE, build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
 )
 from qr_helpers import identifier, load_sequence_studies, load_study, qr_settings
 
@@ -61,12 +63,22 @@ class Archive:
         return str(self.studies[index][0].StudyInstanceUID)
 
     def find(self, ds: Dataset, *, model: str = STUDY_ROOT, calling: str = "TESTSCU",
-             cancel_after: int | None = None) -> list[tuple[int, Dataset | None]]:
+             cancel_after: int | None = None, with_get: bool = False
+             ) -> list[tuple[int, Dataset | None]]:
         ae = AE(ae_title=calling)
         ae.add_requested_context(model)
-        assoc = ae.associate("127.0.0.1", self.live.dimse_port, ae_title="DICOMGW")
+        roles = []
+        if with_get:
+            # A C-GET context and SCP/SCU role selection: pynetdicom runs this association,
+            # not dimse.acceptor.
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+            ae.add_requested_context(CTImageStorage)
+            roles = [build_role(CTImageStorage, scp_role=True)]
+        assoc = ae.associate("127.0.0.1", self.live.dimse_port, ae_title="DICOMGW",
+                             ext_neg=roles)
         assert assoc.is_established
-        context_id = assoc.accepted_contexts[0].context_id
+        context_id = next(cx.context_id for cx in assoc.accepted_contexts
+                          if cx.abstract_syntax == model)
         out: list[tuple[int, Dataset | None]] = []
         if cancel_after == 0:
             # C-CANCEL while the SCP is still searching (PS3.7 9.3.2.3). pynetdicom drops a
@@ -115,6 +127,21 @@ def test_single_value_returns_only_the_requested_keys(archive: Archive) -> None:
                                            "StudyInstanceUID", "StudyDate",
                                            "SpecificCharacterSet"}
         assert ds.QueryRetrieveLevel == "STUDY"
+
+
+@pytest.mark.parametrize("query", [
+    identifier("STUDY", PatientName="", PatientID="", StudyDate="", AccessionNumber="",
+               ModalitiesInStudy="", NumberOfStudyRelatedInstances="", RetrieveAETitle=""),
+    identifier("SERIES", StudyInstanceUID="", SeriesInstanceUID="", Modality="",
+               SeriesDescription="", NumberOfSeriesRelatedInstances=""),
+    identifier("IMAGE", SOPInstanceUID="", InstanceNumber="", Rows=""),
+])
+def test_both_ways_of_running_an_association_answer_the_same(archive: Archive,
+                                                             query: Dataset) -> None:
+    ours = matches(archive.find(query))
+    theirs = matches(archive.find(query, with_get=True))
+    assert len(ours) > 1
+    assert [ds.to_json_dict() for ds in ours] == [ds.to_json_dict() for ds in theirs]
 
 
 def test_list_of_uids(archive: Archive) -> None:
