@@ -1,6 +1,10 @@
 """Query/Retrieve benchmark: C-FIND latency at 10,000 studies and C-MOVE throughput, gateway vs
 Orthanc in the same run.
 
+C-FIND is timed with two clients: pynetdicom (whose own per-response cost weighs in both
+servers' figures) and dcmtk's findscu (C++, one association repeating the query), where the
+server's share dominates.
+
 Both archives hold the same corpus (``sample_dicom.generate_corpus``: 10,000 studies of one small
 instance, two studies per patient) plus one study of CT 512 x 512 instances to move. The SCU is the
 same pynetdicom client for both; the move destination is dcmtk's ``storescp --ignore``.
@@ -151,6 +155,34 @@ def find_latency(port: int, ae_title: str, keys: dict[str, str], repeat: int, tu
     return times, matches
 
 
+def findscu_per_query(port: int, ae_title: str, keys: dict[str, str], repeat: int,
+                      tuned: bool) -> float:
+    """Seconds per query with dcmtk's findscu (C++, so the server's share dominates): one
+    association carrying ``repeat`` queries (``--repeat``) minus one carrying a single query,
+    divided by ``repeat - 1``; the median of three such pairs."""
+    args = ["findscu", "-S", "-aet", "BENCHSCU", "-aec", ae_title,
+            "-k", "QueryRetrieveLevel=STUDY"]
+    for keyword in RETURN_KEYS:
+        if keyword not in keys:
+            args += ["-k", keyword]
+    for keyword, value in keys.items():
+        args += ["-k", f"{keyword}={value}"]
+    env = {**os.environ}
+    if tuned:
+        env["TCP_NODELAY"] = "1"
+    else:
+        env.pop("TCP_NODELAY", None)
+
+    def wall(times: int) -> float:
+        start = time.perf_counter()
+        subprocess.run([*args, "--repeat", str(times), "127.0.0.1", str(port)], env=env,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    repeat = max(repeat, 2)
+    return statistics.median((wall(repeat) - wall(1)) / (repeat - 1) for _ in range(3))
+
+
 def move_seconds(server: Any, study_uid: str, tuned: bool, expected: int) -> tuple[float, float]:
     """Wall seconds of one C-MOVE of the study to STORESCP, and the server's CPU seconds."""
     identifier = Dataset()
@@ -273,6 +305,17 @@ def main() -> None:
                             o = (find_latency(orthanc.dimse_port, orthanc.ae_title, keys,
                                               repeat, tuned) if orthanc else None)
                             report_find(name, g, o)
+                        print("  findscu (dcmtk), per query on one association:", flush=True)
+                        for name, keys, repeat in queries(sample_patient, sample_accession):
+                            g_s = findscu_per_query(gateway.dimse_port, gateway.ae_title, keys,
+                                                    repeat // 2, tuned)
+                            line = f"  C-FIND {name:<22} gateway {g_s * 1e3:7.1f} ms"
+                            if orthanc:
+                                o_s = findscu_per_query(orthanc.dimse_port, orthanc.ae_title,
+                                                        keys, repeat // 2, tuned)
+                                line += (f" | Orthanc {o_s * 1e3:7.1f} ms | Orthanc/gateway "
+                                         f"{o_s / g_s:5.2f}x")
+                            print(line, flush=True)
                         n = len(big)
                         g_moves = [move_seconds(gateway, move_uid, tuned, n)
                                    for _ in range(args.moves)]
