@@ -126,6 +126,7 @@ class Association:
     """One association run here: its socket, peer and negotiated contexts."""
 
     sock: socket.socket
+    reader: upper_layer.PduReader
     host: str
     calling_ae_title: str
     # context ID -> (abstract syntax, transfer syntax)
@@ -142,10 +143,11 @@ class Association:
         """Whether the peer sent a C-CANCEL for this operation: reads, without waiting, what
         has arrived since the operation began (PS3.7 9.3.2.3, 9.3.4.3)."""
         while message_id not in self.cancelled:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            if not readable:
-                return False
-            pdu_type, body = upper_layer.read_pdu(self.sock, PDU_LENGTH_CEILING)
+            if not self.reader.buffered():
+                readable, _, _ = select.select([self.sock], [], [], 0)
+                if not readable:
+                    return False
+            pdu_type, body = self.reader.read_pdu(PDU_LENGTH_CEILING)
             if pdu_type == upper_layer.A_ABORT:
                 raise upper_layer.PeerClosed("the peer aborted the association")
             if pdu_type != upper_layer.P_DATA_TF:
@@ -326,7 +328,8 @@ class Acceptor:
         reply.user_information = [max_length, class_uid, version]
         pdu = AssociateAcPDU()
         pdu.from_primitive(reply)
-        return Association(sock, host, calling, accepted, peer_max), pdu.encode()
+        return (Association(sock, upper_layer.PduReader(sock), host, calling, accepted, peer_max),
+                pdu.encode())
 
     def _serve(self, assoc: Association) -> None:
         """Read PDUs until release or abort; answer each complete message."""
@@ -339,7 +342,7 @@ class Acceptor:
         sock = assoc.sock
         try:
             while True:
-                pdu_type, body = upper_layer.read_pdu(sock, ceiling)
+                pdu_type, body = assoc.reader.read_pdu(ceiling)
                 if pdu_type == upper_layer.P_DATA_TF:
                     for context_id, control, fragment in upper_layer.pdvs(body):
                         if context_id not in assoc.contexts:

@@ -98,6 +98,72 @@ def read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytearray]:
     return pdu_type, recv_exact(sock, length) if length else bytearray()
 
 
+class PduReader:
+    """Reads PDUs off a socket with as few system calls as the traffic allows.
+
+    Each ``recv_into`` asks for up to ``chunk`` bytes, which on a busy association brings
+    several PDUs at once (a 0.5 MB data set in 16 KB PDUs: ~4 reads instead of 64); a PDU body
+    larger than what arrived is completed by reading straight into its own buffer. Bodies are
+    returned as independent ``bytearray`` objects: fragments taken from them stay valid.
+    """
+
+    def __init__(self, sock: socket.socket, chunk: int = 256 * 1024) -> None:
+        self.sock = sock
+        self._buffer = bytearray(chunk)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self._quickack = TCP_QUICKACK
+
+    def buffered(self) -> int:
+        """Bytes already read and not yet returned."""
+        return self._end - self._start
+
+    def read_pdu(self, max_length: int) -> tuple[int, bytearray]:
+        """The next PDU's type and body (the bytes after its 6-byte header)."""
+        self._fill(6)
+        pdu_type, length = _PDU_HEADER.unpack_from(self._buffer, self._start)
+        if length > max_length:
+            raise ProtocolError(f"PDU of {length} bytes exceeds the {max_length}-byte limit")
+        self._start += 6
+        body = bytearray(length)
+        have = min(self.buffered(), length)
+        body[:have] = self._view[self._start:self._start + have]
+        self._start += have
+        if have < length:
+            self._recv_into(memoryview(body)[have:])
+        return pdu_type, body
+
+    def _fill(self, size: int) -> None:
+        if self.buffered() >= size:
+            return
+        if self._start:
+            remaining = self.buffered()
+            self._buffer[:remaining] = self._view[self._start:self._end]
+            self._start, self._end = 0, remaining
+        while self._end < size:
+            n = self.sock.recv_into(self._view[self._end:])
+            self._ack()
+            if not n:
+                raise PeerClosed("the peer closed the connection")
+            self._end += n
+
+    def _recv_into(self, target: memoryview) -> None:
+        while len(target):
+            n = self.sock.recv_into(target)
+            self._ack()
+            if not n:
+                raise PeerClosed("the peer closed the connection")
+            target = target[n:]
+
+    def _ack(self) -> None:
+        if self._quickack is not None:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, self._quickack, 1)
+            except OSError:
+                self._quickack = None
+
+
 def pdvs(body: bytearray) -> Iterator[tuple[int, int, memoryview]]:
     """The presentation data values of a P-DATA-TF body: ``(context ID, message control
     header, fragment)`` (PS3.8 Section 9.3.5.1)."""
