@@ -11,22 +11,38 @@ is run here).
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer, make_settings
+from conftest import LiveServer, ct_dataset, make_settings, part10
 from dimse_helpers import (
+    A_ABORT,
+    A_RELEASE_RP,
+    COMMAND,
+    LAST,
+    RELEASE_RQ,
+    RawAssociation,
+    abort_pdu,
     associate,
+    encode_command,
+    fragments,
+    p_data,
+    pdu,
     raw_associate,
     wait_until,
 )
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom import Dataset, dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, build_role
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 from sqlalchemy import func, select
 
@@ -153,6 +169,202 @@ def test_association_request_in_two_segments_is_run_by_the_acceptor(live: LiveSe
     try:
         assert raw.contexts == {1: (CTImageStorage, ExplicitVRLittleEndian)}
         assert (run_by_acceptor(live), run_by_pynetdicom(live)) == (1, 0)
+    finally:
+        raw.close()
+
+
+# -- raw Upper Layer protocol -------------------------------------------------------------------
+@pytest.fixture
+def raw(live: LiveServer) -> Iterator[RawAssociation]:
+    """A raw association: context 1 CT, 3 MR, 7 Verification (Explicit VR LE), 5 CT in a
+    syntax nobody supports (rejected)."""
+    assoc = raw_associate(live.dimse_port, [
+        (1, CTImageStorage, [ExplicitVRLittleEndian]),
+        (3, MRImageStorage, [ExplicitVRLittleEndian]),
+        (5, CTImageStorage, [UNSUPPORTED_SYNTAX]),
+        (7, Verification, [ExplicitVRLittleEndian]),
+    ])
+    assert assoc.contexts == {1: (CTImageStorage, ExplicitVRLittleEndian),
+                              3: (MRImageStorage, ExplicitVRLittleEndian),
+                              7: (Verification, ExplicitVRLittleEndian)}
+    assert run_by_acceptor(live) == 1
+    try:
+        yield assoc
+    finally:
+        assoc.close()
+
+
+def store_rq(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
+    return encode_command(AffectedSOPClassUID=sop_class, CommandField=0x0001,
+                          MessageID=message_id, Priority=0, CommandDataSetType=0x0000,
+                          AffectedSOPInstanceUID=sop_instance)
+
+
+def echo_rq(message_id: int = 1) -> bytes:
+    return encode_command(AffectedSOPClassUID=Verification, CommandField=0x0030,
+                          MessageID=message_id, CommandDataSetType=0x0101)
+
+
+def assert_aborted(raw: RawAssociation, reason: int | None = None) -> None:
+    """The gateway sent an A-ABORT (service-provider) and closed the connection."""
+    pdu_type, body = raw.read_pdu()
+    assert pdu_type == A_ABORT, f"PDU type 0x{pdu_type:02X}, body {body.hex()}"
+    assert len(body) == 4
+    assert body[2] == SERVICE_PROVIDER
+    if reason is not None:
+        assert body[3] == reason, f"reason 0x{body[3]:02X}"
+    assert raw.ends() == b""
+
+
+@pytest.mark.parametrize("context_id", [5, 9], ids=["rejected", "never-proposed"])
+def test_p_data_on_a_context_not_accepted_is_aborted(live: LiveServer, raw: RawAssociation,
+                                                     context_id: int) -> None:
+    raw.send(p_data((context_id, COMMAND | LAST, store_rq(CTImageStorage, "1.2.3.4"))))
+    assert_aborted(raw)
+    assert wait_until(lambda: run_by_acceptor(live) == 0)
+
+
+def test_unknown_pdu_type_is_aborted_as_unrecognized(raw: RawAssociation) -> None:
+    """PDU type 0x09 exists in no version of PS3.8: reason 1, unrecognized-PDU."""
+    raw.send(pdu(0x09, bytes(4)))
+    assert_aborted(raw, UNRECOGNIZED_PDU)
+
+
+@pytest.mark.parametrize("unexpected", [
+    pdu(A_RELEASE_RP, bytes(4)),
+    pdu(0x03, bytes([0, 1, 1, 1])),  # A-ASSOCIATE-RJ
+], ids=["A-RELEASE-RP", "A-ASSOCIATE-RJ"])
+def test_pdu_out_of_place_is_aborted_as_unexpected(raw: RawAssociation,
+                                                    unexpected: bytes) -> None:
+    """A PDU PS3.8 defines, in a state where it may not arrive: reason 2, unexpected-PDU."""
+    raw.send(unexpected)
+    assert_aborted(raw, UNEXPECTED_PDU)
+
+
+def test_release(raw: RawAssociation) -> None:
+    raw.send(p_data((7, COMMAND | LAST, echo_rq(3))))
+    _cx, rsp, _data = raw.read_message()
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (3, SUCCESS)
+    raw.send(RELEASE_RQ)
+    assert raw.read_pdu() == (A_RELEASE_RP, bytes(4))
+    assert raw.ends() == b""
+
+
+@pytest.mark.parametrize("ending", ["abort", "close"])
+def test_half_a_data_set_then_abort_or_close_stores_nothing(
+        live: LiveServer, raw: RawAssociation, ending: str) -> None:
+    ds = ct_dataset(0)
+    body = dataset_bytes(part10(ds))
+    half = fragments(body[:len(body) // 2], 1000)
+    raw.send(p_data((1, COMMAND | LAST, store_rq(CTImageStorage, ds.SOPInstanceUID))))
+    for fragment in half:
+        raw.send(p_data((1, 0, fragment)))
+    if ending == "abort":
+        raw.send(abort_pdu())
+    else:
+        raw.sock.shutdown(socket.SHUT_WR)  # the gateway reads the end of the stream
+    # The gateway closes its end once its loop for this association returned.
+    assert raw.ends() == b""
+    assert wait_until(lambda: run_by_acceptor(live) == 0)
+    assert_nothing_stored(live.gateway)
+
+
+def test_store_command_of_another_sop_class_than_its_context_is_0122(
+        live: LiveServer, raw: RawAssociation) -> None:
+    ds = ct_dataset(0)
+    body = dataset_bytes(part10(ds))
+    # Context 3 is MR Image Storage; the command says CT.
+    raw.send(p_data((3, COMMAND | LAST, store_rq(CTImageStorage, ds.SOPInstanceUID, 11))))
+    raw.send(p_data((3, LAST, body)))
+    context_id, rsp, data = raw.read_message()
+    assert (context_id, data) == (3, None)
+    assert rsp.CommandField == 0x8001
+    assert rsp.MessageIDBeingRespondedTo == 11
+    assert rsp.Status == SOP_CLASS_NOT_SUPPORTED
+    assert rsp.get("ErrorComment")
+    assert_nothing_stored(live.gateway)
+    # The association goes on: the same instance on its own context is stored.
+    raw.send(p_data((1, COMMAND | LAST, store_rq(CTImageStorage, ds.SOPInstanceUID, 12)),
+                    (1, LAST, body)))
+    _cx, rsp, _data = raw.read_message()
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (12, SUCCESS)
+    assert instance_count(live.gateway) == 1
+
+
+def test_fragmented_command_and_data_set_are_stored_byte_identical(
+        live: LiveServer, raw: RawAssociation) -> None:
+    ds = ct_dataset(3)
+    body = dataset_bytes(part10(ds))
+    command = store_rq(CTImageStorage, ds.SOPInstanceUID, 21)
+    a, b, c = command[:10], command[10:31], command[31:]
+    pieces = fragments(body, 97)  # odd sizes: fragments split elements anywhere
+    assert len(pieces) > 80
+    stream = (
+        # The command in three PDVs over two PDUs; its last fragment shares a PDU with the
+        # data set's first three.
+        p_data((1, COMMAND, a), (1, COMMAND, b))
+        + p_data((1, COMMAND | LAST, c), *((1, 0, p) for p in pieces[:3]))
+        + b"".join(p_data((1, 0, p)) for p in pieces[3:-1])
+        + p_data((1, LAST, pieces[-1]))
+    )
+    raw.send(stream)
+    _cx, rsp, _data = raw.read_message()
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (21, SUCCESS)
+    row = live.gateway.index.find_instance(ds.SOPInstanceUID)
+    assert row is not None
+    stored = live.gateway.storage.path(row.file_path).read_bytes()
+    assert dataset_bytes(stored) == body
+    assert dcmread(live.gateway.storage.path(row.file_path)).file_meta.TransferSyntaxUID \
+        == ExplicitVRLittleEndian
+
+
+def _n_get_rq() -> tuple[int, bytes, bytes | None]:
+    # PS3.7 Table 10.1-1: N-GET-RQ names its class in Requested SOP Class UID (0000,0003).
+    return 0x0110, encode_command(RequestedSOPClassUID=CTImageStorage, CommandField=0x0110,
+                                  MessageID=31, CommandDataSetType=0x0101,
+                                  RequestedSOPInstanceUID="1.2.3.4"), None
+
+
+def _c_get_rq() -> tuple[int, bytes, bytes | None]:
+    # A C-GET-RQ with its identifier, sent on a storage context.
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = "1.2.3"
+    encoded = encode(ident, False, True)
+    assert encoded is not None
+    return 0x0010, encode_command(AffectedSOPClassUID=CTImageStorage, CommandField=0x0010,
+                                  MessageID=31, Priority=0, CommandDataSetType=0x0000), encoded
+
+
+@pytest.mark.parametrize("request_of", [_n_get_rq, _c_get_rq], ids=["N-GET-RQ", "C-GET-RQ"])
+def test_unrecognised_operation_is_0211(live: LiveServer, raw: RawAssociation,
+                                        request_of: Any) -> None:
+    field, command, data_set = request_of()
+    values = [(1, COMMAND | LAST, command)]
+    if data_set is not None:
+        values.append((1, LAST, data_set))
+    raw.send(p_data(*values))
+    _cx, rsp, _data = raw.read_message()
+    assert rsp.CommandField == field | 0x8000
+    assert rsp.MessageIDBeingRespondedTo == 31
+    assert rsp.Status == UNRECOGNIZED_OPERATION, f"0x{rsp.Status:04X}"
+    # The association goes on.
+    raw.send(p_data((7, COMMAND | LAST, echo_rq(32))))
+    _cx, rsp, _data = raw.read_message()
+    assert (rsp.CommandField, rsp.Status) == (0x8030, SUCCESS)
+
+
+def test_responses_respect_the_peer_maximum_length(live: LiveServer) -> None:
+    raw = raw_associate(live.dimse_port, [(1, Verification, [ExplicitVRLittleEndian])],
+                        max_pdu=32)
+    try:
+        assert run_by_acceptor(live) == 1
+        raw.pdu_lengths.clear()
+        raw.send(p_data((1, COMMAND | LAST, echo_rq(41))))
+        _cx, rsp, _data = raw.read_message()
+        assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (41, SUCCESS)
+        assert len(raw.pdu_lengths) > 2  # the response was fragmented...
+        assert max(raw.pdu_lengths) <= 32  # ...to fit the Maximum Length announced
     finally:
         raw.close()
 
