@@ -6,7 +6,7 @@ PDUs byte by byte, including ones no well-behaved SCU would send.
 
 test_dimse_move.py's ``test_move_cancel_stops_the_suboperations`` already cancels a C-MOVE
 through this loop with a pynetdicom SCU (a MOVE-only association, which ``test_routing`` shows
-is run here).
+is run here); ``test_cancel_cancels_the_move`` adds a C-CANCEL-RQ sent whole and fragmented.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from qr_helpers import identifier, load_study, qr_settings, store_scp
 from sqlalchemy import func, select
 
 from dimse.acceptor import Acceptor
@@ -367,6 +368,118 @@ def test_responses_respect_the_peer_maximum_length(live: LiveServer) -> None:
         assert max(raw.pdu_lengths) <= 32  # ...to fit the Maximum Length announced
     finally:
         raw.close()
+
+
+# -- Error Comment of a refused C-STORE ---------------------------------------------------------
+@pytest.mark.parametrize("kind", ["storage-only", "get-with-role-selection"])
+def test_duplicate_refusal_carries_an_error_comment(live: LiveServer, kind: str) -> None:
+    assoc = ASSOCIATIONS[kind](live.dimse_port)
+    assert assoc.is_established
+    assert run_by_acceptor(live) == (1 if kind == "storage-only" else 0)
+    try:
+        assert assoc.send_c_store(ct_dataset(0)).Status == SUCCESS
+        changed = ct_dataset(0)
+        changed.PixelData = bytes(len(changed.PixelData))
+        result = assoc.send_c_store(changed)
+    finally:
+        assoc.release()
+    assert result.Status == DUPLICATE_DIFFERENT
+    comment = result.get("ErrorComment")
+    assert comment and len(comment) <= 64
+
+
+def test_data_set_of_another_sop_class_refusal_carries_an_error_comment(
+        live: LiveServer, raw: RawAssociation) -> None:
+    ds = ct_dataset(0)
+    # MR Image Storage context and command, a CT data set.
+    raw.send(p_data((3, COMMAND | LAST, store_rq(MRImageStorage, ds.SOPInstanceUID)),
+                    (3, LAST, dataset_bytes(part10(ds)))))
+    _cx, rsp, _data = raw.read_message()
+    assert rsp.Status == DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    comment = rsp.get("ErrorComment")
+    assert comment and len(comment) <= 64
+    assert_nothing_stored(live.gateway)
+
+
+# -- C-MOVE through the acceptor ----------------------------------------------------------------
+def test_move_sub_operations_name_the_move_originator(tmp_path: Path,
+                                                      database_url: str) -> None:
+    with store_scp() as scp:
+        settings = qr_settings(tmp_path, database_url, destinations={
+            "STORESCP": {"host": "127.0.0.1", "port": scp.port}})
+        with Gateway(settings) as gateway:
+            study = load_study(gateway)
+            with LiveServer(gateway) as live:
+                model = StudyRootQueryRetrieveInformationModelMove
+                ae = AE(ae_title="MOVESCU1")
+                ae.add_requested_context(model)
+                assoc = ae.associate("127.0.0.1", live.dimse_port, ae_title="DICOMGW")
+                assert assoc.is_established
+                assert run_by_acceptor(live) == 1
+                try:
+                    responses = [status for status, _ident in assoc.send_c_move(
+                        identifier("STUDY", StudyInstanceUID=study[0].StudyInstanceUID),
+                        "STORESCP", model, msg_id=42)]
+                finally:
+                    assoc.release()
+    assert [int(r.Status) for r in responses] == [PENDING] * 5 + [SUCCESS]
+    remaining = [int(r.NumberOfRemainingSuboperations) for r in responses[:-1]]
+    assert remaining == [4, 3, 2, 1, 0]
+    last = responses[-1]
+    assert "NumberOfRemainingSuboperations" not in last
+    assert (last.NumberOfCompletedSuboperations, last.NumberOfFailedSuboperations,
+            last.NumberOfWarningSuboperations) == (5, 0, 0)
+    assert set(scp.received) == {d.SOPInstanceUID for d in study}
+    # PS3.7 Table 9.3-1: the AE that invoked the C-MOVE, and that C-MOVE-RQ's Message ID.
+    originators = {(r.move_originator, r.move_originator_message_id)
+                   for r in scp.received.values()}
+    assert originators == {("MOVESCU1", 42)}, sorted(originators)
+
+
+def move_rq(message_id: int, destination: str) -> bytes:
+    return encode_command(AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelMove,
+                          CommandField=0x0021, MessageID=message_id, Priority=0,
+                          CommandDataSetType=0x0000, MoveDestination=destination)
+
+
+@pytest.mark.parametrize("split", [0, 20], ids=["one-pdv", "two-pdus"])
+def test_cancel_cancels_the_move(tmp_path: Path, database_url: str, split: int) -> None:
+    """A C-CANCEL-RQ in one PDV, or fragmented over two PDUs: PS3.8 9.3.5 lets any command
+    be sent as several fragments, a C-CANCEL-RQ too."""
+    with store_scp(delay=0.2) as scp:
+        settings = qr_settings(tmp_path, database_url, destinations={
+            "STORESCP": {"host": "127.0.0.1", "port": scp.port}})
+        with Gateway(settings) as gateway:
+            study = load_study(gateway)
+            with LiveServer(gateway) as live:
+                raw = raw_associate(live.dimse_port, [
+                    (1, StudyRootQueryRetrieveInformationModelMove, [ExplicitVRLittleEndian])])
+                try:
+                    ident = encode(identifier("STUDY",
+                                              StudyInstanceUID=study[0].StudyInstanceUID),
+                                   False, True)
+                    assert ident is not None
+                    raw.send(p_data((1, COMMAND | LAST, move_rq(7, "STORESCP")),
+                                    (1, LAST, ident)))
+                    _cx, first, _data = raw.read_message()
+                    assert first.Status == PENDING
+                    cancel = encode_command(
+                        AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelMove,
+                        CommandField=0x0FFF, MessageIDBeingRespondedTo=7,
+                        CommandDataSetType=0x0101)
+                    if split:
+                        raw.send(p_data((1, COMMAND, cancel[:split])))
+                    raw.send(p_data((1, COMMAND | LAST, cancel[split:])))
+                    responses = [first]
+                    while responses[-1].Status == PENDING:
+                        responses.append(raw.read_message()[1])
+                    raw.send(RELEASE_RQ)
+                    assert raw.read_pdu() == (A_RELEASE_RP, bytes(4))
+                finally:
+                    raw.close()
+    final = responses[-1]
+    assert final.Status == CANCEL
+    assert final.NumberOfCompletedSuboperations == len(scp.received) < len(study)
 
 
 # -- the association limit, shared by both paths ------------------------------------------------
