@@ -100,6 +100,7 @@ class Received:
     dataset: Dataset
     calling_ae: str
     move_originator: str | None
+    move_originator_message_id: int | None = None
 
 
 @dataclass
@@ -120,11 +121,13 @@ class StoreSCP:
         ds = event.dataset
         ds.file_meta = event.file_meta
         originator = event.request.MoveOriginatorApplicationEntityTitle
+        originator_id = event.request.MoveOriginatorMessageID
         with self._lock:
             self.received[str(ds.SOPInstanceUID)] = Received(
                 str(event.context.transfer_syntax), ds,
                 str(event.assoc.requestor.ae_title).strip(),
                 originator.strip() if isinstance(originator, str) else None,
+                int(originator_id) if originator_id is not None else None,
             )
         return 0x0000
 
