@@ -27,6 +27,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,9 @@ VERIFICATION = "1.2.840.10008.1.1"
 # PS3.7 Annex C general statuses.
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 UNRECOGNIZED_OPERATION = 0x0211  # Refused: Unrecognized operation
+INVALID_ARGUMENT_VALUE = 0x0115  # Failure: Invalid argument value
+KNOWN_REQUESTS = frozenset({command_set.C_ECHO_RQ, command_set.C_STORE_RQ,
+                            command_set.C_FIND_RQ, command_set.C_MOVE_RQ})
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Section 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
@@ -74,6 +78,7 @@ PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotificatio
                     ImplementationVersionNameNotification, AsynchronousOperationsWindowNegotiation)
 # An A-ASSOCIATE-RQ larger than this is left to pynetdicom (128 contexts fit well within it).
 MAX_PEEKED_REQUEST = 1 << 20
+PEEK_INTERVAL = 0.001
 # No PDU the peer sends may exceed this, whatever Maximum Length it was told.
 PDU_LENGTH_CEILING = 64 << 20
 
@@ -105,20 +110,34 @@ def contexts_in_requestor_order(requested: list[PresentationContext],
     return contexts
 
 
-def peek_associate_request(sock: socket.socket) -> bytes | None:
+def peek_associate_request(sock: socket.socket, timeout: float) -> bytes | None:
     """The A-ASSOCIATE-RQ PDU waiting on a new connection, read without consuming it; ``None``
-    when what waits is not one (pynetdicom then reads and answers it)."""
+    when what waits is not one, or not whole within ``timeout`` (pynetdicom then reads and
+    answers it).
+
+    A socket with a timeout is non-blocking underneath, so ``MSG_WAITALL`` does not wait: a
+    request split over several TCP segments is peeked again, a millisecond apart, until whole.
+    """
+    deadline = time.monotonic() + timeout
+    wanted = 6
     try:
-        header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
-        if len(header) < 6 or header[0] != upper_layer.A_ASSOCIATE_RQ:
-            return None
-        length = struct.unpack(">I", header[2:6])[0]
-        if length > MAX_PEEKED_REQUEST:
-            return None
-        data = sock.recv(6 + length, socket.MSG_PEEK | socket.MSG_WAITALL)
+        while True:
+            data = sock.recv(wanted, socket.MSG_PEEK)
+            if not data or data[0] != upper_layer.A_ASSOCIATE_RQ:
+                return None
+            if wanted == 6 and len(data) >= 6:
+                length = struct.unpack(">I", data[2:6])[0]
+                if length > MAX_PEEKED_REQUEST:
+                    return None
+                wanted = 6 + length
+                continue
+            if len(data) >= wanted:
+                return data
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(PEEK_INTERVAL)
     except (OSError, ValueError):
         return None
-    return data if len(data) == 6 + length else None
 
 
 @dataclass
@@ -134,6 +153,8 @@ class Association:
     peer_max_pdu: int
     # A C-CANCEL-RQ read while an operation was running, by Message ID Being Responded To.
     cancelled: set[int] = field(default_factory=set)
+    # The fragments of a command set still arriving while an operation runs.
+    pending_command: list[bytes] = field(default_factory=list)
 
     def send(self, context_id: int, command: bytes,
              data_set: bytes | bytearray | memoryview | None = None) -> None:
@@ -155,9 +176,15 @@ class Association:
                     f"PDU type 0x{pdu_type:02X} while an operation is running",
                     upper_layer.UNEXPECTED_PDU)
             for _context_id, control, fragment in upper_layer.pdvs(body):
-                command = command_set.decode(fragment) \
-                    if control & upper_layer.COMMAND and control & upper_layer.LAST_FRAGMENT \
-                    else {}
+                if not control & upper_layer.COMMAND:
+                    raise upper_layer.ProtocolError(
+                        "a data set arrived while an operation is running",
+                        upper_layer.UNEXPECTED_PDU)
+                self.pending_command.append(bytes(fragment))
+                if not control & upper_layer.LAST_FRAGMENT:
+                    continue
+                command = command_set.decode(b"".join(self.pending_command))
+                self.pending_command.clear()
                 if command_set.us(command, command_set.COMMAND_FIELD) != C_CANCEL_RQ:
                     raise upper_layer.ProtocolError(
                         "only a C-CANCEL may arrive while an operation is running "
@@ -190,6 +217,10 @@ class AssociationSlots:
     def release(self) -> None:
         with self._lock:
             self._ours -= 1
+
+    def ours(self) -> int:
+        """How many associations this module runs now."""
+        return self._ours
 
 
 class Acceptor:
@@ -238,7 +269,7 @@ class Acceptor:
             return False
         tune_socket(sock)
         sock.settimeout(self.settings.network_timeout)
-        peeked = peek_associate_request(sock)
+        peeked = peek_associate_request(sock, self.settings.network_timeout)
         if peeked is None:
             return False
         try:
@@ -335,7 +366,7 @@ class Acceptor:
         """Read PDUs until release or abort; answer each complete message."""
         max_pdu = self.settings.max_pdu_size
         ceiling = max(max_pdu, PDU_LENGTH_CEILING)
-        command_fragments: list[bytes] = []
+        command_fragments = assoc.pending_command  # shared with cancel_requested()
         command: dict[int, bytes] | None = None
         command_context = 0
         data_fragments: list[bytes | memoryview] = []
@@ -380,9 +411,12 @@ class Acceptor:
                     logger.info("association from %s at %s aborted by the peer",
                                 assoc.calling_ae_title, assoc.host)
                     return
-                else:
+                elif pdu_type in upper_layer.PDU_TYPES:
                     raise upper_layer.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}",
                                                     upper_layer.UNEXPECTED_PDU)
+                else:
+                    raise upper_layer.ProtocolError(f"unrecognised PDU type 0x{pdu_type:02X}",
+                                                    upper_layer.UNRECOGNIZED_PDU)
         except (upper_layer.ProtocolError, CommandSetError) as exc:
             reason = getattr(exc, "reason", upper_layer.INVALID_PDU_PARAMETER)
             logger.warning("aborting the association from %s at %s: %s",
@@ -403,6 +437,13 @@ class Acceptor:
             raise upper_layer.ProtocolError("command set without Command Field or Message ID")
         sop_class = command_set.text(command, command_set.AFFECTED_SOP_CLASS_UID) or ""
         abstract_syntax, transfer_syntax = assoc.contexts[context_id]
+        if field not in KNOWN_REQUESTS:
+            # N-GET and the other DIMSE-N requests name a Requested SOP Class (PS3.7 10.1).
+            sop_class = sop_class or command_set.text(
+                command, command_set.REQUESTED_SOP_CLASS_UID) or abstract_syntax
+            assoc.send(context_id, command_set.response(
+                (field | 0x8000) & 0xFFFF, sop_class, message_id, UNRECOGNIZED_OPERATION))
+            return
         if sop_class != abstract_syntax:
             assoc.send(context_id, command_set.response(
                 (field | 0x8000) & 0xFFFF, sop_class, message_id, SOP_CLASS_NOT_SUPPORTED,
@@ -426,9 +467,10 @@ class Acceptor:
             destination = command_set.text(command, command_set.MOVE_DESTINATION) or ""
             self._move(assoc, context_id, sop_class, message_id, transfer_syntax,
                        data_fragments, destination)
-        else:
+        else:  # a C-STORE, C-FIND or C-MOVE request without its data set
             assoc.send(context_id, command_set.response(
-                (field | 0x8000) & 0xFFFF, sop_class, message_id, UNRECOGNIZED_OPERATION))
+                (field | 0x8000) & 0xFFFF, sop_class, message_id, INVALID_ARGUMENT_VALUE,
+                error_comment="the request has no data set"))
 
     def _find(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
               transfer_syntax: str, data_fragments: list[bytes | memoryview]) -> None:

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -168,7 +169,22 @@ def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> Any:
 
 class GatewayAE(AE):
     """pynetdicom's AE, whose outgoing associations (C-MOVE sub-operations) are
-    :class:`dimse.storage_scu.StorageRequestor` when no TLS is asked for."""
+    :class:`dimse.storage_scu.StorageRequestor` when no TLS is asked for, and whose association
+    limit counts the associations :class:`dimse.acceptor.Acceptor` runs."""
+
+    # Set by start_server: how many associations dimse.acceptor runs now.
+    own_associations: Callable[[], int] | None = None
+
+    @property
+    def maximum_associations(self) -> int:
+        """What is left to pynetdicom of ``[dimse] max_associations``: its own check
+        (``acse``) sees only the associations it runs."""
+        own = self.own_associations() if self.own_associations is not None else 0
+        return max(self._shared_limit - own, 0)
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._shared_limit = int(value)
 
     def associate(self, addr: Any, port: int, contexts: Any = None, ae_title: str = "ANY-SCP",
                   max_pdu: int = 16382, ext_neg: Any = None, bind_address: Any = None,
@@ -289,6 +305,8 @@ def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociati
     if not isinstance(server, AssociationServer):
         raise TypeError(f"unexpected server class {type(server).__name__}")
     server.acceptor = Acceptor(gateway, policy, ae, ACCEPTOR_SYNTAXES)
+    if isinstance(ae, GatewayAE):
+        ae.own_associations = server.acceptor.slots.ours
     ae._servers.append(server)  # noqa: SLF001 - as AE.start_server does; shutdown() removes it
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
     thread.start()

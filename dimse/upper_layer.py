@@ -26,6 +26,7 @@ P_DATA_TF = 0x04
 A_RELEASE_RQ = 0x05
 A_RELEASE_RP = 0x06
 A_ABORT = 0x07
+PDU_TYPES = frozenset(range(0x01, 0x08))
 
 # Message Control Header bits of a presentation data value (PS3.8 Annex E.2).
 COMMAND = 0x01

@@ -13,6 +13,7 @@ import io
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,8 @@ class Ingestor:
                                  expected_study_instance_uid)
             parsed.digest = digest
         except BaseException:
-            spooling.add_done_callback(_discard_spooled(self.storage))
+            # Removed before the refusal is answered: a refused instance leaves nothing.
+            _discard_spooled(self.storage)(_settled(spooling))
             raise
         return self._store(parsed, spooling.result(), source)
 
@@ -242,6 +244,12 @@ class Ingestor:
             logger.warning("replaced instance %s (storage.overwrite is on)",
                            parsed.sop_instance_uid)
         return self._result(parsed, outcome)
+
+
+def _settled(future: Future[Path]) -> Future[Path]:
+    """The future, once it has a result or an exception."""
+    futures_wait([future])
+    return future
 
 
 def _discard_spooled(storage: FileStorage) -> Callable[[Future[Path]], None]:
