@@ -62,7 +62,6 @@ from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 # PS3.7 Annex C general statuses.
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 UNRECOGNIZED_OPERATION = 0x0211  # Refused: Unrecognized operation
@@ -73,7 +72,7 @@ KNOWN_REQUESTS = frozenset({command_set.C_ECHO_RQ, command_set.C_STORE_RQ,
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-# User Information items a storage-only association may carry and still be run here.
+# User Information items an association may carry and still be run here.
 PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
                     ImplementationVersionNameNotification, AsynchronousOperationsWindowNegotiation)
 # An A-ASSOCIATE-RQ larger than this is left to pynetdicom (128 contexts fit well within it).
@@ -429,48 +428,50 @@ class Acceptor:
 
     def _answer(self, assoc: Association, context_id: int, command: dict[int, bytes],
                 data_fragments: list[bytes | memoryview] | None) -> None:
-        field = command_set.us(command, command_set.COMMAND_FIELD)
+        command_field = command_set.us(command, command_set.COMMAND_FIELD)
         message_id = command_set.us(command, command_set.MESSAGE_ID)
-        if field == C_CANCEL_RQ:
+        if command_field == C_CANCEL_RQ:
             return  # nothing running to cancel
-        if field is None or message_id is None:
+        if command_field is None or message_id is None:
             raise upper_layer.ProtocolError("command set without Command Field or Message ID")
         sop_class = command_set.text(command, command_set.AFFECTED_SOP_CLASS_UID) or ""
         abstract_syntax, transfer_syntax = assoc.contexts[context_id]
-        if field not in KNOWN_REQUESTS:
+        if command_field not in KNOWN_REQUESTS:
             # N-GET and the other DIMSE-N requests name a Requested SOP Class (PS3.7 10.1).
             sop_class = sop_class or command_set.text(
                 command, command_set.REQUESTED_SOP_CLASS_UID) or abstract_syntax
             assoc.send(context_id, command_set.response(
-                (field | 0x8000) & 0xFFFF, sop_class, message_id, UNRECOGNIZED_OPERATION))
+                (command_field | 0x8000) & 0xFFFF, sop_class, message_id,
+                UNRECOGNIZED_OPERATION))
             return
         if sop_class != abstract_syntax:
             assoc.send(context_id, command_set.response(
-                (field | 0x8000) & 0xFFFF, sop_class, message_id, SOP_CLASS_NOT_SUPPORTED,
+                (command_field | 0x8000) & 0xFFFF, sop_class, message_id,
+                SOP_CLASS_NOT_SUPPORTED,
                 error_comment=f"context {context_id} was negotiated for another SOP class"))
             return
-        if field == command_set.C_ECHO_RQ:
+        if command_field == command_set.C_ECHO_RQ:
             allowed = self.policy.allows("echo", assoc.calling_ae_title, assoc.host)
             assoc.send(context_id, command_set.echo_response(
                 sop_class, message_id, SUCCESS if allowed else NOT_AUTHORIZED))
-        elif field == command_set.C_STORE_RQ and data_fragments is not None:
+        elif command_field == command_set.C_STORE_RQ and data_fragments is not None:
             sop_instance = command_set.text(command, command_set.AFFECTED_SOP_INSTANCE_UID) or ""
             status, comment = store_instance(
                 self.gateway, self.policy, assoc.calling_ae_title, assoc.host, sop_class,
                 sop_instance, transfer_syntax, data_fragments)
             assoc.send(context_id, command_set.store_response(
                 sop_class, sop_instance, message_id, status, comment))
-        elif field == command_set.C_FIND_RQ and data_fragments is not None:
+        elif command_field == command_set.C_FIND_RQ and data_fragments is not None:
             self._find(assoc, context_id, sop_class, message_id, transfer_syntax,
                        data_fragments)
-        elif field == command_set.C_MOVE_RQ and data_fragments is not None:
+        elif command_field == command_set.C_MOVE_RQ and data_fragments is not None:
             destination = command_set.text(command, command_set.MOVE_DESTINATION) or ""
             self._move(assoc, context_id, sop_class, message_id, transfer_syntax,
                        data_fragments, destination)
         else:  # a C-STORE, C-FIND or C-MOVE request without its data set
             assoc.send(context_id, command_set.response(
-                (field | 0x8000) & 0xFFFF, sop_class, message_id, INVALID_ARGUMENT_VALUE,
-                error_comment="the request has no data set"))
+                (command_field | 0x8000) & 0xFFFF, sop_class, message_id,
+                INVALID_ARGUMENT_VALUE, error_comment="the request has no data set"))
 
     def _find(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
               transfer_syntax: str, data_fragments: list[bytes | memoryview]) -> None:
