@@ -53,7 +53,7 @@ from dimse.find import as_dataset, find_responses
 from dimse.identifier import encode_identifier
 from dimse.peers import PeerPolicy
 from dimse.qr import move_progress
-from dimse.status import NOT_AUTHORIZED, SUCCESS
+from dimse.status import NOT_AUTHORIZED, OUT_OF_RESOURCES, SUCCESS
 from dimse.store import store_instance
 from dimse.transport import tune_socket
 from gateway.core import Gateway
@@ -369,6 +369,8 @@ class Acceptor:
         command: dict[int, bytes] | None = None
         command_context = 0
         data_fragments: list[bytes | memoryview] = []
+        data_size = 0  # bytes of the data set arriving; past the limit they are dropped
+        limit = self.settings.max_data_set_bytes
         sock = assoc.sock
         try:
             while True:
@@ -396,11 +398,21 @@ class Acceptor:
                             if command is None or context_id != command_context:
                                 raise upper_layer.ProtocolError(
                                     "a data set fragment arrived without its command")
-                            data_fragments.append(fragment)
+                            data_size += len(fragment)
+                            if data_size <= limit:
+                                data_fragments.append(fragment)
+                            elif data_fragments:
+                                data_fragments = []  # drop what arrived; refused at the end
                             if control & upper_layer.LAST_FRAGMENT:
-                                self._answer(assoc, command_context, command, data_fragments)
+                                if data_size <= limit:
+                                    self._answer(assoc, command_context, command,
+                                                 data_fragments)
+                                else:
+                                    self._refuse_oversized(assoc, command_context, command,
+                                                           data_size)
                                 command = None
                                 data_fragments = []
+                                data_size = 0
                 elif pdu_type == upper_layer.A_RELEASE_RQ:
                     sock.sendall(upper_layer.RELEASE_RP_PDU)
                     logger.debug("association from %s at %s released", assoc.calling_ae_title,
@@ -472,6 +484,26 @@ class Acceptor:
             assoc.send(context_id, command_set.response(
                 (command_field | 0x8000) & 0xFFFF, sop_class, message_id,
                 INVALID_ARGUMENT_VALUE, error_comment="the request has no data set"))
+
+    def _refuse_oversized(self, assoc: Association, context_id: int,
+                          command: dict[int, bytes], size: int) -> None:
+        """Answer a request whose data set exceeded ``[dimse] max_data_set_bytes`` (and was
+        dropped as it arrived): 0xA700, out of resources (PS3.4 B.2.3)."""
+        command_field = command_set.us(command, command_set.COMMAND_FIELD) or 0
+        message_id = command_set.us(command, command_set.MESSAGE_ID) or 0
+        sop_class = command_set.text(command, command_set.AFFECTED_SOP_CLASS_UID) or ""
+        sop_instance = command_set.text(command, command_set.AFFECTED_SOP_INSTANCE_UID) or ""
+        comment = f"data set of {size} bytes exceeds the limit"
+        logger.warning("refused a data set of %d bytes from %s at %s (instance %s): over "
+                       "[dimse] max_data_set_bytes", size, assoc.calling_ae_title, assoc.host,
+                       sop_instance)
+        if command_field == command_set.C_STORE_RQ:
+            response = command_set.store_response(sop_class, sop_instance, message_id,
+                                                  OUT_OF_RESOURCES, comment)
+        else:
+            response = command_set.response((command_field | 0x8000) & 0xFFFF, sop_class,
+                                            message_id, OUT_OF_RESOURCES, error_comment=comment)
+        assoc.send(context_id, response)
 
     def _find(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
               transfer_syntax: str, data_fragments: list[bytes | memoryview]) -> None:

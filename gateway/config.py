@@ -61,6 +61,9 @@ class DimseSettings:
     max_pdu_size: int = 262144
     # Seconds without a PDU before an association is aborted.
     network_timeout: float = 60.0
+    # Largest data set accepted in one C-STORE (held in memory while it arrives); a larger one
+    # is read to its end, dropped, and refused 0xA700.
+    max_data_set_bytes: int = 2 * 1024**3
     peers: Mapping[str, Peer] = field(default_factory=dict)
     destinations: Mapping[str, Destination] = field(default_factory=dict)
     tls_certificate: Path | None = None
@@ -129,6 +132,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_DIMSE_MAX_ASSOCIATIONS": ("dimse", "max_associations"),
     "GATEWAY_DIMSE_MAX_PDU_SIZE": ("dimse", "max_pdu_size"),
     "GATEWAY_DIMSE_WORKERS": ("dimse", "workers"),
+    "GATEWAY_DIMSE_MAX_DATA_SET_BYTES": ("dimse", "max_data_set_bytes"),
     "GATEWAY_STORAGE_OVERWRITE": ("storage", "overwrite"),
     "GATEWAY_STORAGE_MIN_FREE_BYTES": ("storage", "min_free_bytes"),
 }

@@ -102,13 +102,11 @@ def instance_count(gateway: Gateway) -> int:
 
 def assert_nothing_stored(gateway: Gateway) -> None:
     """No index row, no stored file, and nothing left in ``.incoming``: a refused instance's
-    spooled copy is removed once its spooling finished, which may be just after the refusal
-    was sent (gateway.ingest), hence the wait."""
+    spooled copy is removed before the refusal is answered (gateway.ingest)."""
     assert instance_count(gateway) == 0
     root = gateway.storage.root
     assert [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts] == []
-    incoming = gateway.storage.incoming
-    assert wait_until(lambda: not any(incoming.iterdir())), list(incoming.iterdir())
+    assert list(gateway.storage.incoming.iterdir()) == []
 
 
 def dataset_bytes(data: bytes) -> bytes:
@@ -399,6 +397,30 @@ def test_data_set_of_another_sop_class_refusal_carries_an_error_comment(
     comment = rsp.get("ErrorComment")
     assert comment and len(comment) <= 64
     assert_nothing_stored(live.gateway)
+
+
+def test_data_set_over_the_limit_is_refused_and_the_association_goes_on(
+        tmp_path: Path, database_url: str) -> None:
+    small, large = ct_dataset(0, rows=16), ct_dataset(1, rows=64)
+    limit = len(dataset_bytes(part10(small))) + 100
+    assert len(dataset_bytes(part10(large))) > limit
+    gateway = Gateway(make_settings(tmp_path, database_url,
+                                    GATEWAY_DIMSE_MAX_DATA_SET_BYTES=str(limit))).open()
+    try:
+        with LiveServer(gateway) as live:
+            assoc = associate(live.dimse_port)
+            assert assoc.is_established
+            try:
+                refused = assoc.send_c_store(large)
+                stored = assoc.send_c_store(small)
+            finally:
+                assoc.release()
+            assert refused.Status == 0xA700
+            assert "exceeds the limit" in refused.ErrorComment
+            assert stored.Status == SUCCESS
+            assert instance_count(gateway) == 1
+    finally:
+        gateway.close()
 
 
 # -- C-MOVE through the acceptor ----------------------------------------------------------------
