@@ -287,6 +287,9 @@ class Acceptor:
             self._run(sock, host, request)
         except (upper_layer.PeerClosed, OSError) as exc:
             logger.debug("association from %s ended: %s", host, exc)
+        except Exception:  # a defect: logged, the peer told by an A-ABORT, the server goes on
+            logger.exception("association from %s aborted after an unexpected error", host)
+            _send_quietly(sock, upper_layer.abort_pdu())
         finally:
             with self._open_lock:
                 self._open.discard(sock)
