@@ -416,6 +416,10 @@ def handle_move(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
                   f"C-MOVE to {destination_ae}: {describe(identifier)}, {len(items)} instances")
     yield destination_request(destination, gateway.settings.dimse, items, holder)
     yield len(items)
+    # pynetdicom has now associated with the destination. It names the gateway as the Move
+    # Originator of each sub-operation; PS3.7 9.1.1.1 wants the C-MOVE's requestor.
+    if isinstance(holder.assoc, StorageRequestor):
+        holder.assoc.move_originator = ae_title
     with busy(event.assoc):
         yield from _pending(items, event, holder.accepted_contexts, "C-MOVE",
                             raw=isinstance(holder.assoc, StorageRequestor))

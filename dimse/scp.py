@@ -168,9 +168,9 @@ def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> Any:
 
 
 class GatewayAE(AE):
-    """pynetdicom's AE, whose outgoing associations (C-MOVE sub-operations) are
-    :class:`dimse.storage_scu.StorageRequestor` when no TLS is asked for, and whose association
-    limit counts the associations :class:`dimse.acceptor.Acceptor` runs."""
+    """pynetdicom's AE, whose outgoing associations (C-MOVE sub-operations, over TCP or TLS)
+    are :class:`dimse.storage_scu.StorageRequestor`, and whose association limit counts the
+    associations :class:`dimse.acceptor.Acceptor` runs."""
 
     # Set by start_server: how many associations dimse.acceptor runs now.
     own_associations: Callable[[], int] | None = None
@@ -189,13 +189,13 @@ class GatewayAE(AE):
     def associate(self, addr: Any, port: int, contexts: Any = None, ae_title: str = "ANY-SCP",
                   max_pdu: int = 16382, ext_neg: Any = None, bind_address: Any = None,
                   tls_args: Any = None, evt_handlers: Any = None) -> Any:
-        if tls_args is not None or ext_neg or bind_address is not None or not contexts:
+        if ext_neg or bind_address is not None or not contexts:
             return super().associate(addr, port, contexts, ae_title, max_pdu, ext_neg,
                                      bind_address, tls_args, evt_handlers)
         requestor = StorageRequestor.open(
             str(addr), port, calling_ae_title=str(self.ae_title),
             called_ae_title=str(ae_title), contexts=list(contexts), max_pdu=max_pdu,
-            timeout=float(self.network_timeout or 60.0))
+            timeout=float(self.network_timeout or 60.0), tls=tls_args)
         if requestor.is_established:
             # What pynetdicom would signal; the move handler learns the accepted contexts.
             for event, handler, *args in evt_handlers or ():

@@ -3,7 +3,7 @@
 pynetdicom's C-MOVE SCP opens the association to the move destination with
 ``AE.associate`` and sends each instance with ``send_c_store``; the gateway's AE
 (:class:`dimse.scp.GatewayAE`) answers ``associate`` with a :class:`StorageRequestor` instead
-of a pynetdicom ``Association`` when the destination is reached without TLS. It offers what
+of a pynetdicom ``Association``, over TCP or TLS. It offers what
 the C-MOVE SCP uses (``is_established``, ``accepted_contexts``, ``send_c_store``,
 ``release``) and sends a stored file's data set as it is on disk when the destination accepted
 its transfer syntax: no decoding, no re-encoding, one gathered write per message.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -75,13 +76,18 @@ class StorageRequestor:
         self.peer_max_pdu = peer_max_pdu
         self.timeout = timeout
         self.is_established = sock is not None
+        # The AE title that sub-operations name as their Move Originator when the caller's is
+        # not the requestor's (pynetdicom's C-MOVE SCP passes the gateway's own).
+        self.move_originator: str | None = None
         # pynetdicom's C-MOVE SCP closes ``dul.socket`` of an association that failed.
         self.dul = SimpleNamespace(socket=self)
 
     @classmethod
     def open(cls, host: str, port: int, *, calling_ae_title: str, called_ae_title: str,
-             contexts: list[PresentationContext], max_pdu: int, timeout: float
-             ) -> StorageRequestor:
+             contexts: list[PresentationContext], max_pdu: int, timeout: float,
+             tls: tuple[ssl.SSLContext, str] | None = None) -> StorageRequestor:
+        """Connect (with ``tls``: TLS, PS3.15 B.1, the peer's certificate checked for the
+        given host name), request the association, and return the requestor."""
         for number, context in enumerate(contexts):
             context.context_id = 2 * number + 1
         request = A_ASSOCIATE()
@@ -100,11 +106,14 @@ class StorageRequestor:
         pdu.from_primitive(request)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
+            tune_socket(sock)
+            if tls is not None:
+                tls_context, server_hostname = tls
+                sock = tls_context.wrap_socket(sock, server_hostname=server_hostname)
+        except (OSError, ssl.SSLError) as exc:
             logger.warning("cannot connect to %s at %s:%s: %s", called_ae_title, host, port, exc)
             return cls(None, [], 0, timeout)
         try:
-            tune_socket(sock)
             sock.sendall(pdu.encode())
             pdu_type, body = upper_layer.read_pdu(sock, MAX_RESPONSE_PDU)
             header = bytes([pdu_type, 0]) + len(body).to_bytes(4, "big")
@@ -144,8 +153,8 @@ class StorageRequestor:
         sop_class = str(dataset.SOPClassUID)
         sop_instance = str(dataset.SOPInstanceUID)
         context_id, payload = self._encoded(dataset, sop_class)
-        originator = originator_aet.decode() if isinstance(originator_aet, bytes) \
-            else originator_aet
+        originator = self.move_originator or (
+            originator_aet.decode() if isinstance(originator_aet, bytes) else originator_aet)
         command = command_set.store_request(
             sop_class, sop_instance, msg_id, move_originator_ae_title=(originator or "").strip(),
             move_originator_message_id=originator_id)

@@ -12,6 +12,7 @@ A-ASSOCIATE PDUs are still encoded and decoded by pynetdicom (:mod:`pynetdicom.p
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Iterator
 
@@ -214,7 +215,11 @@ def send_message(sock: socket.socket, context_id: int, command: bytes,
 
 
 def sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """Write every part, gathered (``sendmsg``) in batches the kernel accepts."""
+    """Write every part, gathered (``sendmsg``) in batches the kernel accepts; over TLS, which
+    has no ``sendmsg``, joined and written at once."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(b"".join(parts))
+        return
     batch = 512  # below IOV_MAX (1024 on Linux)
     for start in range(0, len(parts), batch):
         chunk = [memoryview(p) for p in parts[start:start + batch]]

@@ -102,6 +102,9 @@ def tls_receiver(certificates: dict[str, tuple[Path, Path]]) -> Iterator[tuple[i
     def handle_store(event: object) -> int:
         ds = event.dataset  # type: ignore[attr-defined]
         received[str(ds.SOPInstanceUID)] = bytes(ds.PixelData)
+        request = event.request  # type: ignore[attr-defined]
+        received[f"originator:{ds.SOPInstanceUID}"] = str(
+            request.MoveOriginatorApplicationEntityTitle).encode()
         return 0x0000
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -186,4 +189,7 @@ def test_move_to_a_tls_destination(tls_live: LiveServer, tls_receiver: tuple[int
     assert int(final.Status) == 0x0000
     assert final.NumberOfCompletedSuboperations == len(study)
     _port, received = tls_receiver
-    assert received == {str(d.SOPInstanceUID): bytes(d.PixelData) for d in study}
+    assert {k: v for k, v in received.items() if not k.startswith("originator:")} == {
+        str(d.SOPInstanceUID): bytes(d.PixelData) for d in study}
+    # The C-STORE sub-operations name the C-MOVE's requestor (PS3.7 9.1.1.1).
+    assert {received[f"originator:{d.SOPInstanceUID}"] for d in study} == {b"TLSSCU"}
