@@ -1,22 +1,24 @@
 """Associations the gateway runs itself, without pynetdicom's DUL (PS3.7, PS3.8; PS3.4 Annexes
-A, B and C.4.1, C.4.2).
+A, B and C.4).
 
 pynetdicom runs each association with a reactor thread polling its queues every millisecond and
 decodes every P-DATA-TF into objects passed between threads; per message that cost more CPU than
-storing an instance or answering a query match. The associations that use only Verification,
-Storage, and Query/Retrieve FIND and MOVE (modalities and PACS pushing studies, workstations
-querying and retrieving) are run here, in the connection's own thread, with blocking reads:
+storing an instance or answering a query match. Associations over plain TCP (modalities and
+PACS pushing studies, workstations querying and retrieving) are run here, in the connection's
+own thread, with blocking reads:
 
-- the A-ASSOCIATE-RQ is *peeked* (``MSG_PEEK``): an association proposing anything else (C-GET,
-  SCP/SCU role selection, user identity, extended negotiation) or arriving over TLS is left
-  untouched to pynetdicom (:mod:`dimse.scp`), which reads it as if nothing happened;
+- the A-ASSOCIATE-RQ is *peeked* (``MSG_PEEK``): an association proposing user identity or
+  SOP class extended negotiation, or arriving over TLS, is left untouched to pynetdicom
+  (:mod:`dimse.scp`), which reads it as if nothing happened;
 - A-ASSOCIATE PDUs are decoded and encoded by pynetdicom, presentation contexts negotiated by
   its :func:`~pynetdicom.presentation.negotiate_as_acceptor`, with the same supported contexts,
   peer rules, called-AE check and association limit as the pynetdicom path;
 - P-DATA-TF PDUs are read straight off the socket and each complete message is answered by the
   same service functions the pynetdicom path uses: :func:`dimse.store.store_instance`,
-  :func:`dimse.find.find_responses`, :func:`dimse.qr.move_progress`; a C-CANCEL is looked for
-  between two responses without blocking.
+  :func:`dimse.find.find_responses`, :func:`dimse.qr.move_progress` and
+  :func:`dimse.qr.get_progress` (C-GET sub-operations go back on the same association, over the
+  contexts where SCP/SCU role selection made the peer the Storage SCP); a C-CANCEL is looked
+  for between two responses without blocking.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +47,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
@@ -52,8 +56,9 @@ from dimse.command_set import C_CANCEL_RQ, CommandSetError
 from dimse.find import as_dataset, find_responses
 from dimse.identifier import encode_identifier
 from dimse.peers import PeerPolicy
-from dimse.qr import move_progress
+from dimse.qr import MoveProgress, get_progress, move_progress
 from dimse.status import NOT_AUTHORIZED, OUT_OF_RESOURCES, SUCCESS
+from dimse.storage_scu import encoded_for_peer
 from dimse.store import store_instance
 from dimse.transport import tune_socket
 from gateway.core import Gateway
@@ -66,15 +71,31 @@ logger = logging.getLogger(__name__)
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 UNRECOGNIZED_OPERATION = 0x0211  # Refused: Unrecognized operation
 INVALID_ARGUMENT_VALUE = 0x0115  # Failure: Invalid argument value
-KNOWN_REQUESTS = frozenset({command_set.C_ECHO_RQ, command_set.C_STORE_RQ,
-                            command_set.C_FIND_RQ, command_set.C_MOVE_RQ})
+# The SOP classes on whose contexts each request may come (PS3.4 C.6.1, C.6.2; A; B).
+QUERY_RETRIEVE = "1.2.840.10008.5.1.4.1.2."  # + 1 Patient Root / 2 Study Root, . FIND/MOVE/GET
+SERVICE_SOP_CLASSES = {
+    command_set.C_ECHO_RQ: frozenset({"1.2.840.10008.1.1"}),
+    command_set.C_FIND_RQ: frozenset({f"{QUERY_RETRIEVE}1.1", f"{QUERY_RETRIEVE}2.1"}),
+    command_set.C_MOVE_RQ: frozenset({f"{QUERY_RETRIEVE}1.2", f"{QUERY_RETRIEVE}2.2"}),
+    command_set.C_GET_RQ: frozenset({f"{QUERY_RETRIEVE}1.3", f"{QUERY_RETRIEVE}2.3"}),
+}
+NOT_STORAGE = frozenset().union(*SERVICE_SOP_CLASSES.values())
+KNOWN_REQUESTS = frozenset({*SERVICE_SOP_CLASSES, command_set.C_STORE_RQ})
+
+
+def serves(command_field: int, abstract_syntax: str) -> bool:
+    """Whether a request of this kind may come on a context of this SOP class."""
+    if command_field == command_set.C_STORE_RQ:
+        return abstract_syntax not in NOT_STORAGE
+    return abstract_syntax in SERVICE_SOP_CLASSES.get(command_field, frozenset())
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Section 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 # User Information items an association may carry and still be run here.
 PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
-                    ImplementationVersionNameNotification, AsynchronousOperationsWindowNegotiation)
+                    ImplementationVersionNameNotification, AsynchronousOperationsWindowNegotiation,
+                    SCP_SCU_RoleSelectionNegotiation)
 # An A-ASSOCIATE-RQ larger than this is left to pynetdicom (128 contexts fit well within it).
 MAX_PEEKED_REQUEST = 1 << 20
 PEEK_INTERVAL = 0.001
@@ -150,6 +171,8 @@ class Association:
     # context ID -> (abstract syntax, transfer syntax)
     contexts: dict[int, tuple[str, str]]
     peer_max_pdu: int
+    # The accepted contexts with the roles negotiated (C-GET sends where as_scu is true).
+    accepted: list[PresentationContext] = field(default_factory=list)
     # A C-CANCEL-RQ read while an operation was running, by Message ID Being Responded To.
     cancelled: set[int] = field(default_factory=set)
     # The fragments of a command set still arriving while an operation runs.
@@ -193,6 +216,60 @@ class Association:
                 if answered is not None:
                     self.cancelled.add(answered)
         return True
+
+
+class SameAssociationStore:
+    """The C-STORE sub-operations of a C-GET, sent back on the C-GET's own association
+    (PS3.4 C.4.3.3) over the contexts where the peer took the Storage SCP role; what
+    :func:`dimse.qr.sub_operations` calls ``send_c_store`` on."""
+
+    def __init__(self, assoc: Association, get_message_id: int) -> None:
+        self.assoc = assoc
+        self.get_message_id = get_message_id
+        self.contexts = [cx for cx in assoc.accepted if cx.as_scu]
+
+    def send_c_store(self, dataset: Dataset, msg_id: int = 1, **_: Any) -> Dataset:
+        sop_class = str(dataset.SOPClassUID)
+        context_id, payload = encoded_for_peer(dataset, sop_class, self.contexts)
+        self.assoc.send(context_id, command_set.store_request(
+            sop_class, str(dataset.SOPInstanceUID), msg_id), payload)
+        status = Dataset()
+        status.Status = self._response_status(msg_id)
+        return status
+
+    def _response_status(self, msg_id: int) -> int:
+        """Read until the C-STORE-RSP to ``msg_id``; a C-CANCEL of the C-GET arriving
+        meanwhile is noted for the next check."""
+        assoc = self.assoc
+        while True:
+            pdu_type, body = assoc.reader.read_pdu(PDU_LENGTH_CEILING)
+            if pdu_type == upper_layer.A_ABORT:
+                raise upper_layer.PeerClosed("the peer aborted the association")
+            if pdu_type != upper_layer.P_DATA_TF:
+                raise upper_layer.ProtocolError(
+                    f"PDU type 0x{pdu_type:02X} during a C-GET", upper_layer.UNEXPECTED_PDU)
+            for _context_id, control, fragment in upper_layer.pdvs(body):
+                if not control & upper_layer.COMMAND:
+                    raise upper_layer.ProtocolError("a data set arrived during a C-GET",
+                                                    upper_layer.UNEXPECTED_PDU)
+                assoc.pending_command.append(bytes(fragment))
+                if not control & upper_layer.LAST_FRAGMENT:
+                    continue
+                command = command_set.decode(b"".join(assoc.pending_command))
+                assoc.pending_command.clear()
+                command_field = command_set.us(command, command_set.COMMAND_FIELD)
+                answered = command_set.us(command, command_set.MESSAGE_ID_BEING_RESPONDED_TO)
+                if command_field == C_CANCEL_RQ and answered is not None:
+                    assoc.cancelled.add(answered)
+                elif command_field == command_set.C_STORE_RSP and answered == msg_id:
+                    return command_set.us(command, command_set.STATUS) or 0
+                else:
+                    raise upper_layer.ProtocolError(
+                        "only C-STORE responses and C-CANCEL may arrive during a C-GET",
+                        upper_layer.UNEXPECTED_PDU)
+
+    def release(self) -> None:
+        """Nothing to release: the association is the C-GET's own."""
 
 
 class AssociationSlots:
@@ -335,8 +412,12 @@ class Acceptor:
     def _negotiate(self, sock: socket.socket, host: str, request: A_ASSOCIATE, calling: str
                    ) -> tuple[Association, bytes]:
         proposed = request.presentation_context_definition_list
-        results, _roles = negotiate_as_acceptor(
-            proposed, contexts_in_requestor_order(proposed, self.supported), None)
+        roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
+                 for item in request.user_information
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+                 and item.sop_class_uid is not None}
+        results, role_replies = negotiate_as_acceptor(
+            proposed, contexts_in_requestor_order(proposed, self.supported), roles or None)
         accepted = {
             int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
             for cx in results if cx.result == 0x00 and cx.context_id is not None
@@ -358,11 +439,13 @@ class Acceptor:
         class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
         version = ImplementationVersionNameNotification()
         version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        reply.user_information = [max_length, class_uid, version]
+        reply.user_information = [max_length, class_uid, version, *role_replies]
         pdu = AssociateAcPDU()
         pdu.from_primitive(reply)
-        return (Association(sock, upper_layer.PduReader(sock), host, calling, accepted, peer_max),
-                pdu.encode())
+        association = Association(sock, upper_layer.PduReader(sock), host, calling, accepted,
+                                  peer_max)
+        association.accepted = [cx for cx in results if cx.result == 0x00]
+        return association, pdu.encode()
 
     def _serve(self, assoc: Association) -> None:
         """Read PDUs until release or abort; answer each complete message."""
@@ -451,7 +534,7 @@ class Acceptor:
             raise upper_layer.ProtocolError("command set without Command Field or Message ID")
         sop_class = command_set.text(command, command_set.AFFECTED_SOP_CLASS_UID) or ""
         abstract_syntax, transfer_syntax = assoc.contexts[context_id]
-        if command_field not in KNOWN_REQUESTS:
+        if command_field not in KNOWN_REQUESTS or not serves(command_field, abstract_syntax):
             # N-GET and the other DIMSE-N requests name a Requested SOP Class (PS3.7 10.1).
             sop_class = sop_class or command_set.text(
                 command, command_set.REQUESTED_SOP_CLASS_UID) or abstract_syntax
@@ -479,6 +562,9 @@ class Acceptor:
         elif command_field == command_set.C_FIND_RQ and data_fragments is not None:
             self._find(assoc, context_id, sop_class, message_id, transfer_syntax,
                        data_fragments)
+        elif command_field == command_set.C_GET_RQ and data_fragments is not None:
+            self._get(assoc, context_id, sop_class, message_id, transfer_syntax,
+                      data_fragments)
         elif command_field == command_set.C_MOVE_RQ and data_fragments is not None:
             destination = command_set.text(command, command_set.MOVE_DESTINATION) or ""
             self._move(assoc, context_id, sop_class, message_id, transfer_syntax,
@@ -532,20 +618,42 @@ class Acceptor:
     def _move(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
               transfer_syntax: str, data_fragments: list[bytes | memoryview],
               destination: str) -> None:
-        """C-MOVE: a C-MOVE-RSP per :func:`dimse.qr.move_progress` step; the final one lists
-        the failed SOP Instance UIDs (PS3.4 C.4.2.1.4.2)."""
+        """C-MOVE: a C-MOVE-RSP per :func:`dimse.qr.move_progress` step."""
         syntax = UID(transfer_syntax)
-        for progress in move_progress(
-                self.gateway, self.policy, assoc.calling_ae_title, assoc.host, destination,
-                sop_class, message_id, lambda: _decoded(data_fragments, syntax),
-                lambda: assoc.cancel_requested(message_id), self.ae.associate):
+        steps = move_progress(
+            self.gateway, self.policy, assoc.calling_ae_title, assoc.host, destination,
+            sop_class, message_id, lambda: _decoded(data_fragments, syntax),
+            lambda: assoc.cancel_requested(message_id), self.ae.associate)
+        self._retrieve_responses(assoc, context_id, sop_class, message_id, syntax, steps,
+                                 command_set.C_MOVE_RSP)
+
+    def _get(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
+             transfer_syntax: str, data_fragments: list[bytes | memoryview]) -> None:
+        """C-GET: the instances go back on this association, a C-GET-RSP per
+        :func:`dimse.qr.get_progress` step."""
+        syntax = UID(transfer_syntax)
+        store = SameAssociationStore(assoc, message_id)
+        steps = get_progress(
+            self.gateway, self.policy, assoc.calling_ae_title, assoc.host, sop_class,
+            lambda: _decoded(data_fragments, syntax),
+            lambda: assoc.cancel_requested(message_id), store, store.contexts)
+        self._retrieve_responses(assoc, context_id, sop_class, message_id, syntax, steps,
+                                 command_set.C_GET_RSP)
+
+    @staticmethod
+    def _retrieve_responses(assoc: Association, context_id: int, sop_class: str,
+                            message_id: int, syntax: UID, steps: Iterator[MoveProgress],
+                            response_field: int) -> None:
+        """A response per step; the final one lists the failed SOP Instance UIDs (PS3.4
+        C.4.2.1.4.2, C.4.3.1.3.2)."""
+        for progress in steps:
             encoded = None
             if progress.status != command_set.PENDING and progress.failed_uids:
                 failed = Dataset()
                 failed.FailedSOPInstanceUIDList = progress.failed_uids
                 encoded = _encoded(failed, syntax)
             assoc.send(context_id, command_set.response(
-                command_set.C_MOVE_RSP, sop_class, message_id, progress.status,
+                response_field, sop_class, message_id, progress.status,
                 data_set=encoded is not None, counts=progress.counts), encoded)
         assoc.cancelled.discard(message_id)
 

@@ -15,6 +15,8 @@ from gateway.errors import GatewayError
 # Command Field values (PS3.7 Section E.1).
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_GET_RQ = 0x0010
+C_GET_RSP = 0x8010
 C_FIND_RQ = 0x0020
 C_FIND_RSP = 0x8020
 C_MOVE_RQ = 0x0021

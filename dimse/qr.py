@@ -482,29 +482,39 @@ def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: 
                        address, destination_ae, host, port)
         yield MoveProgress(MOVE_DESTINATION_UNKNOWN)
         return
-    raw = isinstance(store, StorageRequestor)
-    accepted = list(store.accepted_contexts)
-    progress = MoveProgress(PENDING, remaining=len(items))
     try:
-        for number, item in enumerate(items, start=1):
-            if is_cancelled():
-                logger.info("C-MOVE from %s at %s cancelled by the peer", ae_title, address)
-                progress.status = CANCEL
-                yield progress
-                return
-            progress.remaining -= 1
-            dataset = dataset_for(item, accepted, raw=raw)
-            status = _sub_operation(store, dataset, number, ae_title, message_id)
-            if status is None or not (status == 0x0000 or status & 0xF000 == 0xB000):
-                progress.failed += 1
-                progress.failed_uids.append(item.sop_instance_uid)
-            elif status == 0x0000:
-                progress.completed += 1
-            else:
-                progress.warning += 1
-            yield progress
+        yield from sub_operations(items, store, list(store.accepted_contexts),
+                                  isinstance(store, StorageRequestor), is_cancelled,
+                                  f"C-MOVE from {ae_title} at {address}",
+                                  originator=(ae_title, message_id))
     finally:
         store.release()
+
+
+def sub_operations(items: list[StoredInstance], store: Any,
+                   accepted: list[PresentationContext], raw: bool,
+                   is_cancelled: Callable[[], bool], what: str, *,
+                   originator: tuple[str, int] | None = None) -> Iterator[MoveProgress]:
+    """The C-STORE sub-operations of a C-MOVE or C-GET (PS3.4 C.4.2.3, C.4.3.3): a Pending
+    progress after each, then the final status; Cancel as soon as the peer asked."""
+    progress = MoveProgress(PENDING, remaining=len(items))
+    for number, item in enumerate(items, start=1):
+        if is_cancelled():
+            logger.info("%s cancelled by the peer", what)
+            progress.status = CANCEL
+            yield progress
+            return
+        progress.remaining -= 1
+        dataset = dataset_for(item, accepted, raw=raw)
+        status = _sub_operation(store, dataset, number, *(originator or ("", None)))
+        if status is None or not (status == 0x0000 or status & 0xF000 == 0xB000):
+            progress.failed += 1
+            progress.failed_uids.append(item.sop_instance_uid)
+        elif status == 0x0000:
+            progress.completed += 1
+        else:
+            progress.warning += 1
+        yield progress
     if progress.failed and progress.failed == len(items):
         progress.status = SUB_OPERATIONS_FAILED
     elif progress.failed or progress.warning:
@@ -514,8 +524,32 @@ def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: 
     yield progress
 
 
+def get_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
+                 sop_class_uid: str, decode_identifier: Callable[[], Dataset],
+                 is_cancelled: Callable[[], bool], store: Any,
+                 accepted: list[PresentationContext]) -> Iterator[MoveProgress]:
+    """C-GET SCP (PS3.4 C.4.3) for :mod:`dimse.acceptor`: the same decisions as
+    :func:`handle_get`; ``store`` sends each instance back on the C-GET's own association,
+    over the ``accepted`` contexts in which the peer took the Storage SCP role."""
+    if _refused("get", gateway, policy, ae_title, address):
+        yield MoveProgress(NOT_AUTHORIZED)
+        return
+    try:
+        identifier = decode_identifier()
+        items = requested_instances(gateway, identifier, information_model(sop_class_uid))
+    except Exception as exc:  # noqa: BLE001 - InvalidQuery, or an undecodable identifier
+        logger.warning("C-GET from %s at %s refused: %s", ae_title, address, exc)
+        yield MoveProgress(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
+        return
+    record_access(gateway, INSTANCES_ACCESSED, ae_title, address,
+                  (i.study_instance_uid for i in items),
+                  f"C-GET: {describe(identifier)}, {len(items)} instances")
+    yield from sub_operations(items, store, accepted, True, is_cancelled,
+                              f"C-GET from {ae_title} at {address}")
+
+
 def _sub_operation(store: Any, dataset: Dataset, message_id: int, originator: str,
-                   originator_message_id: int) -> int | None:
+                   originator_message_id: int | None) -> int | None:
     """Send one instance; its C-STORE-RSP status, or ``None`` when it could not be sent."""
     if isinstance(dataset, Unsendable):
         return None

@@ -92,14 +92,11 @@ QUERY_TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRBigEndian,
 ]
 
-# What an association may propose and still be run by dimse.acceptor: everything but C-GET
-# (whose storage sub-operations need SCP/SCU role selection).
+# What an association may propose and still be run by dimse.acceptor: every SOP class the
+# gateway supports (associations over TLS or with extended negotiation go to pynetdicom).
 ACCEPTOR_SYNTAXES: set[str] = {
     str(context.abstract_syntax) for context in AllStoragePresentationContexts
-} | {str(Verification)} | {str(uid) for uid in QUERY_RETRIEVE_FIND} | {
-    str(PatientRootQueryRetrieveInformationModelMove),
-    str(StudyRootQueryRetrieveInformationModelMove),
-}
+} | {str(Verification)} | {str(uid) for uid in QUERY_RETRIEVE_FIND + QUERY_RETRIEVE_RETRIEVE}
 
 # A-ASSOCIATE-RJ: rejected-permanent, DUL service user, calling AE title not recognised.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)

@@ -199,39 +199,7 @@ class StorageRequestor:
 
     # -- internals -----------------------------------------------------------------------------
     def _encoded(self, dataset: Dataset, sop_class: str) -> tuple[int, bytes | memoryview]:
-        """The context to send on and the data set bytes in its transfer syntax."""
-        by_syntax = {str(cx.transfer_syntax[0]): int(cx.context_id or 0)
-                     for cx in self.accepted_contexts if cx.abstract_syntax == sop_class}
-        if not by_syntax:
-            raise ValueError(f"the peer accepted no presentation context for {sop_class}")
-        stored = getattr(dataset, "stored_path", None)
-        if isinstance(dataset, StoredFile) and stored is not None:
-            syntax = dataset.stored_transfer_syntax
-            if syntax in by_syntax:
-                with open(stored, "rb") as f:
-                    data = f.read()
-                offset = dataset_offset(data)
-                if not offset:
-                    raise ValueError(f"{os.fspath(stored)} is not a Part 10 file")
-                return by_syntax[syntax], memoryview(data)[offset:]
-            raise ValueError(f"the peer did not accept {syntax} for {sop_class}")
-        # A decoded data set (decompressed for this peer, or to convert between uncompressed
-        # little endian syntaxes): encoded in its own syntax if accepted, else uncompressed.
-        source = UID(str(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "")))
-        if source in by_syntax:
-            target = source
-        elif source.is_compressed:
-            raise ValueError(f"the peer did not accept {source} for {sop_class}")
-        else:
-            uncompressed = [UID(s) for s in by_syntax if not UID(s).is_compressed]
-            if not uncompressed:
-                raise ValueError(f"the peer accepted no uncompressed syntax for {sop_class}")
-            target = uncompressed[0]
-        encoded = encode(dataset, target.is_implicit_VR, target.is_little_endian,
-                         target.is_deflated)
-        if encoded is None:
-            raise ValueError(f"cannot encode {dataset.SOPInstanceUID} as {target.name}")
-        return by_syntax[str(target)], encoded
+        return encoded_for_peer(dataset, sop_class, self.accepted_contexts)
 
     def _read_response(self) -> dict[int, bytes]:
         """The next complete command set from the peer (its C-STORE-RSP)."""
@@ -252,6 +220,47 @@ class StorageRequestor:
                 raise upper_layer.PeerClosed("the destination ended the association")
             else:
                 raise upper_layer.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+
+
+def encoded_for_peer(dataset: Dataset, sop_class: str,
+                     accepted_contexts: list[PresentationContext]
+                     ) -> tuple[int, bytes | memoryview]:
+    """The context to send ``dataset`` on and its bytes in that context's transfer syntax.
+
+    A :class:`StoredFile` goes as it is on disk when the peer accepted its syntax; a decoded
+    data set (decompressed for this peer, or to convert between uncompressed little endian
+    syntaxes) is encoded in its own syntax if accepted, else in an uncompressed one.
+    """
+    by_syntax = {str(cx.transfer_syntax[0]): int(cx.context_id or 0)
+                 for cx in accepted_contexts if cx.abstract_syntax == sop_class}
+    if not by_syntax:
+        raise ValueError(f"the peer accepted no presentation context for {sop_class}")
+    stored = getattr(dataset, "stored_path", None)
+    if isinstance(dataset, StoredFile) and stored is not None:
+        syntax = dataset.stored_transfer_syntax
+        if syntax in by_syntax:
+            with open(stored, "rb") as f:
+                data = f.read()
+            offset = dataset_offset(data)
+            if not offset:
+                raise ValueError(f"{os.fspath(stored)} is not a Part 10 file")
+            return by_syntax[syntax], memoryview(data)[offset:]
+        raise ValueError(f"the peer did not accept {syntax} for {sop_class}")
+    source = UID(str(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "")))
+    if source in by_syntax:
+        target = source
+    elif source.is_compressed:
+        raise ValueError(f"the peer did not accept {source} for {sop_class}")
+    else:
+        uncompressed = [UID(s) for s in by_syntax if not UID(s).is_compressed]
+        if not uncompressed:
+            raise ValueError(f"the peer accepted no uncompressed syntax for {sop_class}")
+        target = uncompressed[0]
+    encoded = encode(dataset, target.is_implicit_VR, target.is_little_endian,
+                     target.is_deflated)
+    if encoded is None:
+        raise ValueError(f"cannot encode {dataset.SOPInstanceUID} as {target.name}")
+    return by_syntax[str(target)], encoded
 
 
 def _close(sock: socket.socket) -> None:

@@ -38,6 +38,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, build_role
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -115,13 +116,24 @@ def dataset_bytes(data: bytes) -> bytes:
 
 # -- pynetdicom SCUs ----------------------------------------------------------------------------
 def get_association(port: int, *, calling: str = "GETSCU") -> Any:
-    """An association proposing C-GET and CT storage with SCP/SCU role selection: one the
-    acceptor leaves to pynetdicom."""
+    """An association proposing C-GET and CT storage with SCP/SCU role selection."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     return ae.associate("127.0.0.1", port, ae_title="DICOMGW",
                         ext_neg=[build_role(CTImageStorage, scu_role=True, scp_role=True)])
+
+
+def user_identity_association(port: int, *, calling: str = "IDSCU") -> Any:
+    """A storage association with User Identity Negotiation (PS3.7 D.3.3.7): one the acceptor
+    leaves to pynetdicom."""
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 1
+    identity.primary_field = b"radiographer"
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title="DICOMGW", ext_neg=[identity])
 
 
 def storage_association(port: int, *, calling: str = "TESTSCU") -> Any:
@@ -139,11 +151,13 @@ ASSOCIATIONS = {
     "storage-only": storage_association,
     "find-and-move": find_move_association,
     "get-with-role-selection": get_association,
+    "user-identity": user_identity_association,
 }
 
 
 @pytest.mark.parametrize(("kind", "by_acceptor"), [
-    ("storage-only", True), ("find-and-move", True), ("get-with-role-selection", False),
+    ("storage-only", True), ("find-and-move", True), ("get-with-role-selection", True),
+    ("user-identity", False),
 ])
 def test_routing(live: LiveServer, kind: str, by_acceptor: bool) -> None:
     assert all_ended(live)
@@ -369,7 +383,7 @@ def test_responses_respect_the_peer_maximum_length(live: LiveServer) -> None:
 
 
 # -- Error Comment of a refused C-STORE ---------------------------------------------------------
-@pytest.mark.parametrize("kind", ["storage-only", "get-with-role-selection"])
+@pytest.mark.parametrize("kind", ["storage-only", "user-identity"])
 def test_duplicate_refusal_carries_an_error_comment(live: LiveServer, kind: str) -> None:
     assoc = ASSOCIATIONS[kind](live.dimse_port)
     assert assoc.is_established
@@ -505,8 +519,8 @@ def test_cancel_cancels_the_move(tmp_path: Path, database_url: str, split: int) 
 
 
 # -- the association limit, shared by both paths ------------------------------------------------
-@pytest.mark.parametrize("second", ["storage-only", "get-with-role-selection"])
-@pytest.mark.parametrize("held", ["storage-only", "get-with-role-selection"])
+@pytest.mark.parametrize("second", ["storage-only", "user-identity"])
+@pytest.mark.parametrize("held", ["storage-only", "user-identity"])
 def test_association_limit_is_shared(tmp_path: Path, database_url: str, held: str,
                                      second: str) -> None:
     settings = make_settings(tmp_path, database_url, GATEWAY_DIMSE_MAX_ASSOCIATIONS="1")

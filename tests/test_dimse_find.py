@@ -16,12 +16,11 @@ import pytest
 from conftest import LiveServer
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
-from pynetdicom import AE, build_role
+from pynetdicom import AE
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
 )
 from qr_helpers import identifier, load_sequence_studies, load_study, qr_settings
 
@@ -63,19 +62,19 @@ class Archive:
         return str(self.studies[index][0].StudyInstanceUID)
 
     def find(self, ds: Dataset, *, model: str = STUDY_ROOT, calling: str = "TESTSCU",
-             cancel_after: int | None = None, with_get: bool = False
+             cancel_after: int | None = None, by_pynetdicom: bool = False
              ) -> list[tuple[int, Dataset | None]]:
         ae = AE(ae_title=calling)
         ae.add_requested_context(model)
-        roles = []
-        if with_get:
-            # A C-GET context and SCP/SCU role selection: pynetdicom runs this association,
-            # not dimse.acceptor.
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-            ae.add_requested_context(CTImageStorage)
-            roles = [build_role(CTImageStorage, scp_role=True)]
+        negotiation = []
+        if by_pynetdicom:
+            # User Identity Negotiation: pynetdicom runs this association, not dimse.acceptor.
+            identity = UserIdentityNegotiation()
+            identity.user_identity_type = 1
+            identity.primary_field = b"radiologist"
+            negotiation = [identity]
         assoc = ae.associate("127.0.0.1", self.live.dimse_port, ae_title="DICOMGW",
-                             ext_neg=roles)
+                             ext_neg=negotiation)
         assert assoc.is_established
         context_id = next(cx.context_id for cx in assoc.accepted_contexts
                           if cx.abstract_syntax == model)
@@ -139,7 +138,7 @@ def test_single_value_returns_only_the_requested_keys(archive: Archive) -> None:
 def test_both_ways_of_running_an_association_answer_the_same(archive: Archive,
                                                              query: Dataset) -> None:
     ours = matches(archive.find(query))
-    theirs = matches(archive.find(query, with_get=True))
+    theirs = matches(archive.find(query, by_pynetdicom=True))
     assert len(ours) > 1
     assert [ds.to_json_dict() for ds in ours] == [ds.to_json_dict() for ds in theirs]
 
