@@ -7,7 +7,8 @@ server's share dominates.
 
 Both archives hold the same corpus (``sample_dicom.generate_corpus``: 10,000 studies of one small
 instance, two studies per patient) plus one study of CT 512 x 512 instances to move. The SCU is the
-same pynetdicom client for both; the move destination is dcmtk's ``storescp --ignore``.
+same pynetdicom client for both; the move destination is dcmtk's ``storescp --ignore``; C-GET is
+timed with dcmtk's ``getscu --ignore``.
 
 Two TCP settings (BENCHMARKING.md, "The TCP trap"): "packaged" (TCP_NODELAY unset for Orthanc and
 storescp, pynetdicom's client sockets as they come) and "tuned" (TCP_NODELAY=1 for Orthanc and
@@ -183,6 +184,22 @@ def findscu_per_query(port: int, ae_title: str, keys: dict[str, str], repeat: in
     return statistics.median((wall(repeat) - wall(1)) / (repeat - 1) for _ in range(3))
 
 
+def get_seconds(server: Any, study_uid: str, tuned: bool) -> float:
+    """Wall seconds of one C-GET of the study with dcmtk's getscu (``--ignore``: received and
+    acknowledged, not written), the instances coming back on the same association."""
+    env = {**os.environ}
+    if tuned:
+        env["TCP_NODELAY"] = "1"
+    else:
+        env.pop("TCP_NODELAY", None)
+    start = time.perf_counter()
+    subprocess.run(["getscu", "-S", "-aet", "BENCHSCU", "-aec", server.ae_title, "--ignore",
+                    "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                    "127.0.0.1", str(server.dimse_port)], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def move_seconds(server: Any, study_uid: str, tuned: bool, expected: int) -> tuple[float, float]:
     """Wall seconds of one C-MOVE of the study to STORESCP, and the server's CPU seconds."""
     identifier = Dataset()
@@ -331,6 +348,15 @@ def main() -> None:
                             line += (f" | Orthanc {n / o_wall:7.1f} inst/s ({o_cpu / n * 1e3:5.1f}"
                                      f" ms CPU/instance) | gateway/Orthanc "
                                      f"{o_wall / g_wall:5.2f}x")
+                        print(line, flush=True)
+                        g_get = statistics.median(get_seconds(gateway, move_uid, tuned)
+                                                  for _ in range(args.moves))
+                        line = f"  C-GET  {n} CT instances       gateway {n / g_get:7.1f} inst/s"
+                        if orthanc:
+                            o_get = statistics.median(get_seconds(orthanc, move_uid, tuned)
+                                                      for _ in range(args.moves))
+                            line += (f" | Orthanc {n / o_get:7.1f} inst/s | gateway/Orthanc "
+                                     f"{o_get / g_get:5.2f}x")
                         print(line, flush=True)
                     finally:
                         if orthanc_cm:

@@ -312,18 +312,14 @@ class Acceptor:
         The gateway's pynetdicom Application Entity (:class:`dimse.scp.GatewayAE`): its
         supported presentation contexts, its active associations (counted against the shared
         limit), and its ``associate`` for the sub-associations of C-MOVE.
-    syntaxes
-        The abstract syntaxes an association may propose and be run here.
     """
 
-    def __init__(self, gateway: Gateway, policy: PeerPolicy, ae: Any,
-                 syntaxes: set[str]) -> None:
+    def __init__(self, gateway: Gateway, policy: PeerPolicy, ae: Any) -> None:
         self.gateway = gateway
         self.policy = policy
         self.ae = ae
         self.settings = gateway.settings.dimse
         self.supported: list[PresentationContext] = list(ae.supported_contexts)
-        self.syntaxes = syntaxes
         self.slots = AssociationSlots(ae, self.settings.max_associations)
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
@@ -374,10 +370,11 @@ class Acceptor:
         return True
 
     def _runs_here(self, request: A_ASSOCIATE) -> bool:
-        contexts = request.presentation_context_definition_list
-        if not contexts:
-            return False
-        if any(str(cx.abstract_syntax) not in self.syntaxes for cx in contexts):
+        """Whether the association can be run here: it proposes contexts (those of SOP classes
+        the gateway does not support are rejected in the negotiation, as pynetdicom would) and
+        asks for no negotiation but the maximum length, implementation identification,
+        asynchronous operations window and SCP/SCU roles."""
+        if not request.presentation_context_definition_list:
             return False
         return all(isinstance(item, PLAIN_USER_ITEMS) for item in request.user_information)
 

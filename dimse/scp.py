@@ -92,12 +92,6 @@ QUERY_TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRBigEndian,
 ]
 
-# What an association may propose and still be run by dimse.acceptor: every SOP class the
-# gateway supports (associations over TLS or with extended negotiation go to pynetdicom).
-ACCEPTOR_SYNTAXES: set[str] = {
-    str(context.abstract_syntax) for context in AllStoragePresentationContexts
-} | {str(Verification)} | {str(uid) for uid in QUERY_RETRIEVE_FIND + QUERY_RETRIEVE_RETRIEVE}
-
 # A-ASSOCIATE-RJ: rejected-permanent, DUL service user, calling AE title not recognised.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
@@ -301,7 +295,7 @@ def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociati
     )
     if not isinstance(server, AssociationServer):
         raise TypeError(f"unexpected server class {type(server).__name__}")
-    server.acceptor = Acceptor(gateway, policy, ae, ACCEPTOR_SYNTAXES)
+    server.acceptor = Acceptor(gateway, policy, ae)
     if isinstance(ae, GatewayAE):
         ae.own_associations = server.acceptor.slots.ours
     ae._servers.append(server)  # noqa: SLF001 - as AE.start_server does; shutdown() removes it

@@ -174,6 +174,20 @@ def test_routing(live: LiveServer, kind: str, by_acceptor: bool) -> None:
     assert wait_until(lambda: all_ended(live))
 
 
+def test_unsupported_sop_class_is_rejected_in_negotiation_not_routed(live: LiveServer) -> None:
+    """A storage SCU proposing, among others, a SOP class the gateway does not support (dcmtk's
+    getscu and storescu propose dozens) is still run by the acceptor; only that context is
+    rejected."""
+    raw = raw_associate(live.dimse_port, [(1, CTImageStorage, [ExplicitVRLittleEndian]),
+                                          (3, "1.2.826.0.1.3680043.8.498.777",
+                                           [ExplicitVRLittleEndian])])
+    try:
+        assert raw.contexts == {1: (CTImageStorage, ExplicitVRLittleEndian)}
+        assert (run_by_acceptor(live), run_by_pynetdicom(live)) == (1, 0)
+    finally:
+        raw.close()
+
+
 def test_association_request_in_two_segments_is_run_by_the_acceptor(live: LiveServer) -> None:
     """An A-ASSOCIATE-RQ larger than a TCP segment (about 1.4 kB on Ethernet: a storage SCU
     proposing a few dozen SOP classes) reaches the gateway in several reads."""
