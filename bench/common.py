@@ -93,11 +93,7 @@ class OrthancServer:
 
     def __enter__(self) -> OrthancServer:
         assert ORTHANC is not None
-        env = {**os.environ}
-        if self.tuned:
-            env["TCP_NODELAY"] = "1"
-        else:
-            env.pop("TCP_NODELAY", None)
+        env = dcmtk_env(self.tuned)  # Orthanc's DICOM server is dcmtk's
         self.log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -155,3 +151,14 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[k]
+
+
+def dcmtk_env(tuned: bool) -> dict[str, str]:
+    """The environment of a dcmtk tool: ``TCP_NODELAY=1`` when tuned, unset as packaged
+    (BENCHMARKING.md, "The TCP trap")."""
+    env = {**os.environ}
+    if tuned:
+        env["TCP_NODELAY"] = "1"
+    else:
+        env.pop("TCP_NODELAY", None)
+    return env

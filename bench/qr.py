@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shutil
 import socket
 import statistics
@@ -41,6 +40,7 @@ from common import (  # noqa: E402
     ORTHANC,
     GatewayServer,
     OrthancServer,
+    dcmtk_env,
     free_port,
     percentile,
     process_cpu_seconds,
@@ -168,11 +168,7 @@ def findscu_per_query(port: int, ae_title: str, keys: dict[str, str], repeat: in
             args += ["-k", keyword]
     for keyword, value in keys.items():
         args += ["-k", f"{keyword}={value}"]
-    env = {**os.environ}
-    if tuned:
-        env["TCP_NODELAY"] = "1"
-    else:
-        env.pop("TCP_NODELAY", None)
+    env = dcmtk_env(tuned)
 
     def wall(times: int) -> float:
         start = time.perf_counter()
@@ -187,11 +183,7 @@ def findscu_per_query(port: int, ae_title: str, keys: dict[str, str], repeat: in
 def get_seconds(server: Any, study_uid: str, tuned: bool) -> float:
     """Wall seconds of one C-GET of the study with dcmtk's getscu (``--ignore``: received and
     acknowledged, not written), the instances coming back on the same association."""
-    env = {**os.environ}
-    if tuned:
-        env["TCP_NODELAY"] = "1"
-    else:
-        env.pop("TCP_NODELAY", None)
+    env = dcmtk_env(tuned)
     start = time.perf_counter()
     subprocess.run(["getscu", "-S", "-aet", "BENCHSCU", "-aec", server.ae_title, "--ignore",
                     "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
@@ -225,11 +217,7 @@ class StoreSCP:
 
     def __init__(self, tuned: bool) -> None:
         self.port = free_port()
-        self.env = {**os.environ}
-        if tuned:
-            self.env["TCP_NODELAY"] = "1"
-        else:
-            self.env.pop("TCP_NODELAY", None)
+        self.env = dcmtk_env(tuned)
 
     def __enter__(self) -> StoreSCP:
         self.proc = subprocess.Popen(["storescp", "--ignore", "-aet", "STORESCP",

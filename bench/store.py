@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ORTHANC, GatewayServer, OrthancServer, process_cpu_seconds  # noqa: E402
+from common import ORTHANC, GatewayServer, OrthancServer, dcmtk_env, process_cpu_seconds  # noqa: E402
 
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study  # noqa: E402
 
@@ -58,11 +58,7 @@ def measured_send(server: GatewayServer | OrthancServer, folders: list[Path],
 
 
 def send(port: int, ae_title: str, folders: list[Path], tuned: bool) -> float:
-    env = {**os.environ}
-    if tuned:
-        env["TCP_NODELAY"] = "1"
-    else:
-        env.pop("TCP_NODELAY", None)
+    env = dcmtk_env(tuned)
     start = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aec", ae_title, "+sd", "127.0.0.1", str(port),
                                str(folder)], env=env, stderr=subprocess.PIPE)

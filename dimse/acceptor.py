@@ -182,6 +182,27 @@ class Association:
              data_set: bytes | bytearray | memoryview | None = None) -> None:
         upper_layer.send_message(self.sock, context_id, command, data_set, self.peer_max_pdu)
 
+    def commands(self, during: str) -> list[dict[int, bytes]]:
+        """Read one PDU while an operation runs, when only command sets may come (responses,
+        C-CANCEL): the ones it completes."""
+        pdu_type, body = self.reader.read_pdu(PDU_LENGTH_CEILING)
+        if pdu_type == upper_layer.A_ABORT:
+            raise upper_layer.PeerClosed("the peer aborted the association")
+        if pdu_type != upper_layer.P_DATA_TF:
+            raise upper_layer.ProtocolError(f"PDU type 0x{pdu_type:02X} during {during}",
+                                            upper_layer.UNEXPECTED_PDU)
+        return [command_set.decode(encoded) for encoded
+                in upper_layer.command_sets(body, self.pending_command, during)]
+
+    def note_cancel(self, command: dict[int, bytes]) -> bool:
+        """Record a C-CANCEL-RQ (by the Message ID it cancels); ``False`` if it is not one."""
+        if command_set.us(command, command_set.COMMAND_FIELD) != C_CANCEL_RQ:
+            return False
+        answered = command_set.us(command, command_set.MESSAGE_ID_BEING_RESPONDED_TO)
+        if answered is not None:
+            self.cancelled.add(answered)
+        return True
+
     def cancel_requested(self, message_id: int) -> bool:
         """Whether the peer sent a C-CANCEL for this operation: reads, without waiting, what
         has arrived since the operation began (PS3.7 9.3.2.3, 9.3.4.3)."""
@@ -190,31 +211,12 @@ class Association:
                 readable, _, _ = select.select([self.sock], [], [], 0)
                 if not readable:
                     return False
-            pdu_type, body = self.reader.read_pdu(PDU_LENGTH_CEILING)
-            if pdu_type == upper_layer.A_ABORT:
-                raise upper_layer.PeerClosed("the peer aborted the association")
-            if pdu_type != upper_layer.P_DATA_TF:
-                raise upper_layer.ProtocolError(
-                    f"PDU type 0x{pdu_type:02X} while an operation is running",
-                    upper_layer.UNEXPECTED_PDU)
-            for _context_id, control, fragment in upper_layer.pdvs(body):
-                if not control & upper_layer.COMMAND:
-                    raise upper_layer.ProtocolError(
-                        "a data set arrived while an operation is running",
-                        upper_layer.UNEXPECTED_PDU)
-                self.pending_command.append(bytes(fragment))
-                if not control & upper_layer.LAST_FRAGMENT:
-                    continue
-                command = command_set.decode(b"".join(self.pending_command))
-                self.pending_command.clear()
-                if command_set.us(command, command_set.COMMAND_FIELD) != C_CANCEL_RQ:
+            for command in self.commands("an operation"):
+                if not self.note_cancel(command):
                     raise upper_layer.ProtocolError(
                         "only a C-CANCEL may arrive while an operation is running "
                         "(no asynchronous operations were negotiated)",
                         upper_layer.UNEXPECTED_PDU)
-                answered = command_set.us(command, command_set.MESSAGE_ID_BEING_RESPONDED_TO)
-                if answered is not None:
-                    self.cancelled.add(answered)
         return True
 
 
@@ -240,33 +242,20 @@ class SameAssociationStore:
     def _response_status(self, msg_id: int) -> int:
         """Read until the C-STORE-RSP to ``msg_id``; a C-CANCEL of the C-GET arriving
         meanwhile is noted for the next check."""
-        assoc = self.assoc
-        while True:
-            pdu_type, body = assoc.reader.read_pdu(PDU_LENGTH_CEILING)
-            if pdu_type == upper_layer.A_ABORT:
-                raise upper_layer.PeerClosed("the peer aborted the association")
-            if pdu_type != upper_layer.P_DATA_TF:
-                raise upper_layer.ProtocolError(
-                    f"PDU type 0x{pdu_type:02X} during a C-GET", upper_layer.UNEXPECTED_PDU)
-            for _context_id, control, fragment in upper_layer.pdvs(body):
-                if not control & upper_layer.COMMAND:
-                    raise upper_layer.ProtocolError("a data set arrived during a C-GET",
-                                                    upper_layer.UNEXPECTED_PDU)
-                assoc.pending_command.append(bytes(fragment))
-                if not control & upper_layer.LAST_FRAGMENT:
+        status = None
+        while status is None:
+            for command in self.assoc.commands("a C-GET"):
+                if self.assoc.note_cancel(command):
                     continue
-                command = command_set.decode(b"".join(assoc.pending_command))
-                assoc.pending_command.clear()
-                command_field = command_set.us(command, command_set.COMMAND_FIELD)
-                answered = command_set.us(command, command_set.MESSAGE_ID_BEING_RESPONDED_TO)
-                if command_field == C_CANCEL_RQ and answered is not None:
-                    assoc.cancelled.add(answered)
-                elif command_field == command_set.C_STORE_RSP and answered == msg_id:
-                    return command_set.us(command, command_set.STATUS) or 0
+                if command_set.us(command, command_set.COMMAND_FIELD) == \
+                        command_set.C_STORE_RSP and command_set.us(
+                            command, command_set.MESSAGE_ID_BEING_RESPONDED_TO) == msg_id:
+                    status = command_set.us(command, command_set.STATUS) or 0
                 else:
                     raise upper_layer.ProtocolError(
                         "only C-STORE responses and C-CANCEL may arrive during a C-GET",
                         upper_layer.UNEXPECTED_PDU)
+        return status
 
     def release(self) -> None:
         """Nothing to release: the association is the C-GET's own."""
@@ -356,17 +345,18 @@ class Acceptor:
         with self._open_lock:
             self._open.add(sock)
         try:
-            upper_layer.recv_exact(sock, len(peeked))  # now consume it
-            self._run(sock, host, request)
+            reader = upper_layer.PduReader(sock)
+            reader.read_pdu(MAX_PEEKED_REQUEST)  # the request peeked: now consume it
+            self._run(sock, reader, host, request)
         except (upper_layer.PeerClosed, OSError) as exc:
             logger.debug("association from %s ended: %s", host, exc)
         except Exception:  # a defect: logged, the peer told by an A-ABORT, the server goes on
             logger.exception("association from %s aborted after an unexpected error", host)
-            _send_quietly(sock, upper_layer.abort_pdu())
+            upper_layer.send_quietly(sock, upper_layer.abort_pdu())
         finally:
             with self._open_lock:
                 self._open.discard(sock)
-            _close(sock)
+            upper_layer.close(sock)
         return True
 
     def _runs_here(self, request: A_ASSOCIATE) -> bool:
@@ -378,7 +368,8 @@ class Acceptor:
             return False
         return all(isinstance(item, PLAIN_USER_ITEMS) for item in request.user_information)
 
-    def _run(self, sock: socket.socket, host: str, request: A_ASSOCIATE) -> None:
+    def _run(self, sock: socket.socket, reader: upper_layer.PduReader, host: str,
+             request: A_ASSOCIATE) -> None:
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         rejection = None
@@ -398,7 +389,7 @@ class Acceptor:
             sock.sendall(upper_layer.reject_pdu(*rejection))
             return
         try:
-            assoc, accept_pdu = self._negotiate(sock, host, request, calling)
+            assoc, accept_pdu = self._negotiate(sock, reader, host, request, calling)
             sock.sendall(accept_pdu)
             METRICS.inc("gateway_dimse_associations_total")
             logger.info("association from %s at %s accepted", calling, host)
@@ -406,8 +397,8 @@ class Acceptor:
         finally:
             self.slots.release()
 
-    def _negotiate(self, sock: socket.socket, host: str, request: A_ASSOCIATE, calling: str
-                   ) -> tuple[Association, bytes]:
+    def _negotiate(self, sock: socket.socket, reader: upper_layer.PduReader, host: str,
+                   request: A_ASSOCIATE, calling: str) -> tuple[Association, bytes]:
         proposed = request.presentation_context_definition_list
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
                  for item in request.user_information
@@ -439,7 +430,7 @@ class Acceptor:
         reply.user_information = [max_length, class_uid, version, *role_replies]
         pdu = AssociateAcPDU()
         pdu.from_primitive(reply)
-        association = Association(sock, upper_layer.PduReader(sock), host, calling, accepted,
+        association = Association(sock, reader, host, calling, accepted,
                                   peer_max)
         association.accepted = [cx for cx in results if cx.result == 0x00]
         return association, pdu.encode()
@@ -515,11 +506,12 @@ class Acceptor:
             reason = getattr(exc, "reason", upper_layer.INVALID_PDU_PARAMETER)
             logger.warning("aborting the association from %s at %s: %s",
                            assoc.calling_ae_title, assoc.host, exc)
-            _send_quietly(sock, upper_layer.abort_pdu(upper_layer.SERVICE_PROVIDER, reason))
+            upper_layer.send_quietly(
+                sock, upper_layer.abort_pdu(upper_layer.SERVICE_PROVIDER, reason))
         except TimeoutError:
             logger.warning("aborting the association from %s at %s: nothing received for %s s",
                            assoc.calling_ae_title, assoc.host, self.settings.network_timeout)
-            _send_quietly(sock, upper_layer.abort_pdu())
+            upper_layer.send_quietly(sock, upper_layer.abort_pdu())
 
     def _answer(self, assoc: Association, context_id: int, command: dict[int, bytes],
                 data_fragments: list[bytes | memoryview] | None) -> None:
@@ -669,18 +661,3 @@ def _encoded(identifier: Dataset, syntax: UID) -> bytes:
         raise upper_layer.ProtocolError("a response identifier could not be encoded",
                                         upper_layer.REASON_NOT_SPECIFIED)
     return encoded
-
-
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()

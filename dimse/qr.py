@@ -464,13 +464,12 @@ def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: 
                        destination_ae)
         yield MoveProgress(MOVE_DESTINATION_UNKNOWN)
         return
-    try:
-        identifier = decode_identifier()
-        items = requested_instances(gateway, identifier, information_model(sop_class_uid))
-    except Exception as exc:  # noqa: BLE001 - InvalidQuery, or an undecodable identifier
-        logger.warning("C-MOVE from %s at %s refused: %s", ae_title, address, exc)
+    requested = _requested(gateway, decode_identifier, sop_class_uid,
+                           f"C-MOVE from {ae_title} at {address}")
+    if requested is None:
         yield MoveProgress(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
         return
+    identifier, items = requested
     record_access(gateway, INSTANCES_TRANSFERRED, ae_title, address,
                   (i.study_instance_uid for i in items),
                   f"C-MOVE to {destination_ae}: {describe(identifier)}, {len(items)} instances")
@@ -489,6 +488,19 @@ def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: 
                                   originator=(ae_title, message_id))
     finally:
         store.release()
+
+
+def _requested(gateway: Gateway, decode_identifier: Callable[[], Dataset], sop_class_uid: str,
+               what: str) -> tuple[Dataset, list[StoredInstance]] | None:
+    """The identifier of a C-MOVE or C-GET and the instances it names; ``None`` (logged) when
+    it is invalid for the information model or cannot be decoded (0xA900)."""
+    try:
+        identifier = decode_identifier()
+        return identifier, requested_instances(gateway, identifier,
+                                               information_model(sop_class_uid))
+    except Exception as exc:  # noqa: BLE001 - InvalidQuery, or an undecodable identifier
+        logger.warning("%s refused: %s", what, exc)
+        return None
 
 
 def sub_operations(items: list[StoredInstance], store: Any,
@@ -534,13 +546,12 @@ def get_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: s
     if _refused("get", gateway, policy, ae_title, address):
         yield MoveProgress(NOT_AUTHORIZED)
         return
-    try:
-        identifier = decode_identifier()
-        items = requested_instances(gateway, identifier, information_model(sop_class_uid))
-    except Exception as exc:  # noqa: BLE001 - InvalidQuery, or an undecodable identifier
-        logger.warning("C-GET from %s at %s refused: %s", ae_title, address, exc)
+    requested = _requested(gateway, decode_identifier, sop_class_uid,
+                           f"C-GET from {ae_title} at {address}")
+    if requested is None:
         yield MoveProgress(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
         return
+    identifier, items = requested
     record_access(gateway, INSTANCES_ACCESSED, ae_title, address,
                   (i.study_instance_uid for i in items),
                   f"C-GET: {describe(identifier)}, {len(items)} instances")

@@ -69,8 +69,11 @@ class StorageRequestor:
     """
 
     def __init__(self, sock: socket.socket | None, contexts: list[PresentationContext],
-                 peer_max_pdu: int, timeout: float) -> None:
+                 peer_max_pdu: int, timeout: float,
+                 reader: upper_layer.PduReader | None = None) -> None:
         self._sock = sock
+        self._reader = reader
+        self._pending_command: list[bytes] = []
         self.accepted_contexts = [cx for cx in contexts if cx.result == 0x00]
         self.rejected_contexts = [cx for cx in contexts if cx.result != 0x00]
         self.peer_max_pdu = peer_max_pdu
@@ -113,16 +116,17 @@ class StorageRequestor:
         except (OSError, ssl.SSLError) as exc:
             logger.warning("cannot connect to %s at %s:%s: %s", called_ae_title, host, port, exc)
             return cls(None, [], 0, timeout)
+        reader = upper_layer.PduReader(sock, 64 * 1024)
         try:
             sock.sendall(pdu.encode())
-            pdu_type, body = upper_layer.read_pdu(sock, MAX_RESPONSE_PDU)
+            pdu_type, body = reader.read_pdu(MAX_RESPONSE_PDU)
             header = bytes([pdu_type, 0]) + len(body).to_bytes(4, "big")
             if pdu_type == upper_layer.A_ASSOCIATE_RJ:
                 rejection = AssociateRjPDU()
                 rejection.decode(header + body)
                 logger.warning("%s at %s:%s rejected the association: %s", called_ae_title, host,
                                port, rejection.reason_str)
-                _close(sock)
+                upper_layer.close(sock)
                 return cls(None, [], 0, timeout)
             if pdu_type != upper_layer.A_ASSOCIATE_AC:
                 raise upper_layer.ProtocolError(f"answered with PDU type 0x{pdu_type:02X}")
@@ -132,7 +136,7 @@ class StorageRequestor:
         except (OSError, upper_layer.PeerClosed, upper_layer.ProtocolError, ValueError) as exc:
             logger.warning("association with %s at %s:%s failed: %s", called_ae_title, host,
                            port, exc)
-            _close(sock)
+            upper_layer.close(sock)
             return cls(None, [], 0, timeout)
         results = negotiate_as_requestor(contexts,
                                          reply.presentation_context_definition_results_list)
@@ -140,7 +144,7 @@ class StorageRequestor:
         for item in reply.user_information:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = int(item.maximum_length_received or 0)
-        return cls(sock, results, peer_max, timeout)
+        return cls(sock, results, peer_max, timeout, reader)
 
     # -- what pynetdicom's C-MOVE SCP calls ----------------------------------------------------
     def send_c_store(self, dataset: Dataset, msg_id: int = 1,
@@ -152,7 +156,7 @@ class StorageRequestor:
             raise RuntimeError("the association is not established")
         sop_class = str(dataset.SOPClassUID)
         sop_instance = str(dataset.SOPInstanceUID)
-        context_id, payload = self._encoded(dataset, sop_class)
+        context_id, payload = encoded_for_peer(dataset, sop_class, self.accepted_contexts)
         originator = self.move_originator or (
             originator_aet.decode() if isinstance(originator_aet, bytes) else originator_aet)
         command = command_set.store_request(
@@ -171,50 +175,41 @@ class StorageRequestor:
         """A-RELEASE (PS3.8 7.2), then close."""
         sock, self._sock = self._sock, None
         self.is_established = False
-        if sock is None:
+        if sock is None or self._reader is None:
             return
         try:
             sock.sendall(upper_layer.RELEASE_RQ_PDU)
             while True:
-                pdu_type, _ = upper_layer.read_pdu(sock, MAX_RESPONSE_PDU)
+                pdu_type, _ = self._reader.read_pdu(MAX_RESPONSE_PDU)
                 if pdu_type in (upper_layer.A_RELEASE_RP, upper_layer.A_ABORT):
                     break
         except (OSError, upper_layer.PeerClosed, upper_layer.ProtocolError):
             pass
         finally:
-            _close(sock)
+            upper_layer.close(sock)
 
     def abort(self) -> None:
         sock, self._sock = self._sock, None
         self.is_established = False
         if sock is not None:
-            try:
-                sock.sendall(upper_layer.abort_pdu(upper_layer.SERVICE_USER))
-            except OSError:
-                pass
-            _close(sock)
+            upper_layer.send_quietly(sock, upper_layer.abort_pdu(upper_layer.SERVICE_USER))
+            upper_layer.close(sock)
 
     def close(self) -> None:
         self.abort()
 
     # -- internals -----------------------------------------------------------------------------
-    def _encoded(self, dataset: Dataset, sop_class: str) -> tuple[int, bytes | memoryview]:
-        return encoded_for_peer(dataset, sop_class, self.accepted_contexts)
-
     def _read_response(self) -> dict[int, bytes]:
         """The next complete command set from the peer (its C-STORE-RSP)."""
-        assert self._sock is not None
+        assert self._sock is not None and self._reader is not None
         self._sock.settimeout(self.timeout)
-        fragments: list[bytes] = []
         while True:
-            pdu_type, body = upper_layer.read_pdu(self._sock, MAX_RESPONSE_PDU)
+            pdu_type, body = self._reader.read_pdu(MAX_RESPONSE_PDU)
             if pdu_type == upper_layer.P_DATA_TF:
-                for _context_id, control, fragment in upper_layer.pdvs(body):
-                    if not control & upper_layer.COMMAND:
-                        continue  # a C-STORE-RSP has no data set
-                    fragments.append(bytes(fragment))
-                    if control & upper_layer.LAST_FRAGMENT:
-                        return command_set.decode(b"".join(fragments))
+                completed = upper_layer.command_sets(body, self._pending_command,
+                                                     "a C-STORE sub-operation")
+                if completed:
+                    return command_set.decode(completed[0])
             elif pdu_type in (upper_layer.A_ABORT, upper_layer.A_RELEASE_RQ):
                 self.is_established = False
                 raise upper_layer.PeerClosed("the destination ended the association")
@@ -261,11 +256,3 @@ def encoded_for_peer(dataset: Dataset, sop_class: str,
     if encoded is None:
         raise ValueError(f"cannot encode {dataset.SOPInstanceUID} as {target.name}")
     return by_syntax[str(target)], encoded
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()

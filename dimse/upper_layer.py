@@ -70,36 +70,6 @@ def reject_pdu(result: int, source: int, reason: int) -> bytes:
     return bytes([A_ASSOCIATE_RJ, 0]) + struct.pack(">I", 4) + bytes([0, result, source, reason])
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytearray:
-    """Exactly ``size`` bytes from the socket, re-arming ``TCP_QUICKACK`` after each read so a
-    Nagle-held sender is acknowledged at once (BENCHMARKING.md, "The TCP trap")."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    read = 0
-    quickack = TCP_QUICKACK
-    while read < size:
-        n = sock.recv_into(view[read:], size - read)
-        if quickack is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-            except OSError:
-                quickack = None
-        if not n:
-            raise PeerClosed("the peer closed the connection")
-        read += n
-    del view
-    return buffer
-
-
-def read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytearray]:
-    """The next PDU's type and body (the bytes after its 6-byte header)."""
-    header = recv_exact(sock, 6)
-    pdu_type, length = _PDU_HEADER.unpack(header)
-    if length > max_length:
-        raise ProtocolError(f"PDU of {length} bytes exceeds the {max_length}-byte limit")
-    return pdu_type, recv_exact(sock, length) if length else bytearray()
-
-
 class PduReader:
     """Reads PDUs off a socket with as few system calls as the traffic allows.
 
@@ -107,6 +77,8 @@ class PduReader:
     several PDUs at once (a 0.5 MB data set in 16 KB PDUs: ~4 reads instead of 64); a PDU body
     larger than what arrived is completed by reading straight into its own buffer. Bodies are
     returned as independent ``bytearray`` objects: fragments taken from them stay valid.
+    ``TCP_QUICKACK`` is re-armed after each read, so a Nagle-held sender is acknowledged at once
+    (BENCHMARKING.md, "The TCP trap").
     """
 
     def __init__(self, sock: socket.socket, chunk: int = 256 * 1024) -> None:
@@ -166,6 +138,20 @@ class PduReader:
                 self._quickack = None
 
 
+def command_sets(body: bytearray, pending: list[bytes], during: str) -> list[bytes]:
+    """The command sets a P-DATA-TF completes while an operation runs, when only commands may
+    come (responses, C-CANCEL); ``pending`` keeps the fragments of one still arriving."""
+    completed = []
+    for _context_id, control, fragment in pdvs(body):
+        if not control & COMMAND:
+            raise ProtocolError(f"a data set arrived during {during}", UNEXPECTED_PDU)
+        pending.append(bytes(fragment))
+        if control & LAST_FRAGMENT:
+            completed.append(b"".join(pending))
+            pending.clear()
+    return completed
+
+
 def pdvs(body: bytearray) -> Iterator[tuple[int, int, memoryview]]:
     """The presentation data values of a P-DATA-TF body: ``(context ID, message control
     header, fragment)`` (PS3.8 Section 9.3.5.1)."""
@@ -212,6 +198,23 @@ def send_message(sock: socket.socket, context_id: int, command: bytes,
     if data_set is not None:
         parts.extend(p_data_pdus(context_id, False, data_set, max_pdu_length))
     sendmsg_all(sock, parts)
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    """Write a last PDU (an A-ABORT) to a peer that may be gone."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def close(sock: socket.socket) -> None:
+    """Shut the connection down both ways and close it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
