@@ -8,21 +8,29 @@ longer than :data:`BULK_DATA_THRESHOLD` bytes, and the pixel data always, are re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import logging
+import math
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from gateway import dicom_json
 from gateway.errors import InvalidInstance
 from gateway.uids import is_valid_uid
+
+logger = logging.getLogger(__name__)
 
 BULK_DATA_THRESHOLD = 1024
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
@@ -51,11 +59,14 @@ SERIES_KEYWORDS = (
 )
 
 
+_PATIENT_STUDY_KEYS = sorted(f"{tag_for_keyword(k):08X}" for k in PATIENT_STUDY_KEYWORDS)
+_SERIES_KEYS = sorted(f"{tag_for_keyword(k):08X}" for k in SERIES_KEYWORDS)
+
+
 @dataclass
 class ParsedInstance:
     """What ingest needs to know about one received instance."""
 
-    dataset: Dataset
     transfer_syntax_uid: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -64,19 +75,21 @@ class ParsedInstance:
     digest: str
     size: int
     fields: dict[str, Any] = field(default_factory=dict)
+    # The DICOM JSON of the data set (PS3.18 F.2), bulk data as relative BulkDataURIs.
+    json_model: dict[str, Any] = field(default_factory=dict)
     metadata: str = ""
 
     def metadata_json(self) -> str:
         """The instance's DICOM JSON (PS3.18 F.2), bulk data as relative BulkDataURIs."""
         if not self.metadata:
-            self.metadata = to_json(self.dataset, self.bulk_prefix())
+            self.metadata = _dumps(self.json_model)
         return self.metadata
 
     def study_attributes_json(self) -> str:
-        return to_json(_subset(self.dataset, PATIENT_STUDY_KEYWORDS), self.bulk_prefix())
+        return _dumps(_subset(self.json_model, _PATIENT_STUDY_KEYS))
 
     def series_attributes_json(self) -> str:
-        return to_json(_subset(self.dataset, SERIES_KEYWORDS), self.bulk_prefix())
+        return _dumps(_subset(self.json_model, _SERIES_KEYS))
 
     def bulk_prefix(self) -> str:
         return (
@@ -112,6 +125,8 @@ def dataset_digest(data: bytes) -> str:
 def parse_instance(data: bytes, *, digest: bool = True) -> ParsedInstance:
     """Parse and check a Part 10 instance as received.
 
+    Little-endian data sets are read by :mod:`gateway.dicom_json` where it can; everything
+    else, and every instance it finds anything amiss with, by pydicom, which gives the verdict.
     With ``digest=False`` the caller computes :func:`dataset_digest` itself (in another
     thread: hashing releases the GIL) and sets ``ParsedInstance.digest``.
 
@@ -121,6 +136,102 @@ def parse_instance(data: bytes, *, digest: bool = True) -> ParsedInstance:
         When the bytes are not a complete DICOM Part 10 file with the four identifying UIDs
         (garbage, truncated values or pixel data, missing or malformed UIDs).
     """
+    parsed = read_little_endian(bytes(data)) or read_with_pydicom(data)
+    if digest:
+        parsed.digest = dataset_digest(data)
+    return parsed
+
+
+@functools.lru_cache(maxsize=64)
+def _explicit_little_endian(ts: str) -> bool | None:
+    """True for the explicit little-endian syntaxes read without pydicom, False for implicit."""
+    if ts == ImplicitVRLittleEndian:
+        return False
+    if ts == ExplicitVRLittleEndian:
+        return True
+    uid = UID(ts)
+    if (uid.is_transfer_syntax and uid.is_encapsulated and uid.is_little_endian
+            and not uid.is_implicit_VR and not uid.is_deflated):
+        return True
+    return None
+
+
+def read_little_endian(data: bytes) -> ParsedInstance | None:
+    """The instance read by :mod:`gateway.dicom_json`, or ``None`` to let pydicom read it."""
+    try:
+        meta, offset = dicom_json.read_file_meta(data)
+        ts = meta.get(0x00020010, "")
+        explicit = _explicit_little_endian(ts) if is_valid_uid(ts) else None
+        if explicit is None:
+            return None
+        read = dicom_json.read_dataset(data, offset, explicit=explicit)
+    except dicom_json.Unsupported as exc:
+        logger.debug("read with pydicom: %s", exc)
+        return None
+    values = read.values
+    uids = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = values.get(_TAGS[keyword])
+        if not value or len(value) != 1 or not is_valid_uid(value[0]):
+            return None
+        uids[keyword] = value[0]
+    meta_sop = meta.get(0x00020003, "")
+    if (meta_sop and meta_sop != uids["SOPInstanceUID"]) or not _pixel_data_plain(
+            read, ts, uids["SOPClassUID"]):
+        return None
+    parsed = ParsedInstance(
+        transfer_syntax_uid=ts,
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        digest="",
+        size=len(data),
+        json_model=read.model,
+    )
+    read.set_bulk_prefix(parsed.bulk_prefix())
+
+    def text(keyword: str, limit: int) -> str:
+        value = values.get(_TAGS[keyword])
+        return "\\".join(str(v) for v in value).strip()[:limit] if value else ""
+
+    def integer(keyword: str) -> int | None:
+        value = values.get(_TAGS[keyword])
+        return value[0] if value and len(value) == 1 and isinstance(value[0], int) else None
+
+    parsed.fields = _index_fields(text, integer)
+    return parsed
+
+
+def _pixel_data_plain(read: dicom_json.JsonDataset, ts: str, sop_class_uid: str) -> bool:
+    """No doubt about the pixel data: else pydicom reads the instance and judges it.
+
+    As strict as :func:`_check_pixel_data`, or stricter.
+    """
+    values = read.values
+    has_pixels = any(tag in values for tag in dicom_json.PIXEL_TAGS)
+    if not has_pixels:
+        return (not UID(sop_class_uid).name.endswith("Image Storage")
+                and _TAGS["Rows"] not in values and _TAGS["Columns"] not in values)
+    if 0x7FE00010 not in values or read.encapsulated:
+        return True
+    if UID(ts).is_encapsulated:
+        return False  # native pixel data in an encapsulated syntax: pydicom's call
+
+    def number(keyword: str, default: int | None = None) -> int | None:
+        value = values.get(_TAGS[keyword])
+        if not value:
+            return default
+        return value[0] if len(value) == 1 and isinstance(value[0], int) else None
+
+    factors = [number("Rows"), number("Columns"), number("SamplesPerPixel", 1),
+               number("NumberOfFrames", 1), number("BitsAllocated")]
+    if any(f is None for f in factors):
+        return False
+    return (read.pixel_data_length or 0) * 8 >= math.prod(f or 0 for f in factors)
+
+
+def read_with_pydicom(data: bytes) -> ParsedInstance:
     try:
         ds = dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, KeyError, NotImplementedError) as exc:
@@ -150,19 +261,18 @@ def parse_instance(data: bytes, *, digest: bool = True) -> ParsedInstance:
         )
     _check_pixel_data(ds, ts, uids["SOPClassUID"])
     parsed = ParsedInstance(
-        dataset=ds,
         transfer_syntax_uid=ts,
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
-        digest=dataset_digest(data) if digest else "",
+        digest="",
         size=len(data),
     )
-    parsed.fields = _index_fields(ds)
+    parsed.fields = _index_fields(functools.partial(_text, ds), functools.partial(_int, ds))
     try:
         # Decodes every element: a value pydicom cannot read makes the instance invalid.
-        parsed.metadata_json()
+        parsed.json_model = json_model(ds, parsed.bulk_prefix())
     except Exception as exc:
         raise InvalidInstance(f"the data set cannot be decoded: {exc}") from None
     return parsed
@@ -209,7 +319,7 @@ def _check_pixel_data(ds: Dataset, ts: str, sop_class_uid: str) -> None:
         )
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
     try:
         value = ds.get(keyword)
     except Exception:
@@ -229,50 +339,63 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _index_fields(ds: Dataset) -> dict[str, Any]:
-    patient_name = _text(ds, "PatientName", 324)
-    referring = _text(ds, "ReferringPhysicianName", 324)
+def _index_fields(text: Callable[[str, int], str],
+                  integer: Callable[[str], int | None]) -> dict[str, Any]:
+    """The indexed columns, from the element values as pydicom gives them (``str`` of the
+    value, several joined with backslashes; an ``int`` for integers, else ``None``)."""
+    patient_name = text("PatientName", 324)
+    referring = text("ReferringPhysicianName", 324)
     return {
-        "patient_id": _text(ds, "PatientID"),
-        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID"),
+        "patient_id": text("PatientID", 64),
+        "issuer_of_patient_id": text("IssuerOfPatientID", 64),
         "patient_name": patient_name,
         "patient_name_norm": normalize_name(patient_name),
-        "patient_birth_date": _text(ds, "PatientBirthDate", 8),
-        "patient_sex": _text(ds, "PatientSex", 16),
-        "study_date": _text(ds, "StudyDate", 8),
-        "study_time": _text(ds, "StudyTime", 16),
-        "accession_number": _text(ds, "AccessionNumber"),
-        "study_id": _text(ds, "StudyID", 16),
-        "study_description": _text(ds, "StudyDescription"),
+        "patient_birth_date": text("PatientBirthDate", 8),
+        "patient_sex": text("PatientSex", 16),
+        "study_date": text("StudyDate", 8),
+        "study_time": text("StudyTime", 16),
+        "accession_number": text("AccessionNumber", 64),
+        "study_id": text("StudyID", 16),
+        "study_description": text("StudyDescription", 64),
         "referring_physician_name": referring,
         "referring_physician_name_norm": normalize_name(referring),
-        "timezone_offset": _text(ds, "TimezoneOffsetFromUTC", 5),
-        "modality": _text(ds, "Modality", 16),
-        "series_number": _int(ds, "SeriesNumber"),
-        "series_description": _text(ds, "SeriesDescription"),
-        "body_part_examined": _text(ds, "BodyPartExamined", 16),
-        "performed_procedure_step_start_date": _text(ds, "PerformedProcedureStepStartDate", 8),
-        "performed_procedure_step_start_time": _text(ds, "PerformedProcedureStepStartTime", 16),
-        "series_date": _text(ds, "SeriesDate", 8),
-        "series_time": _text(ds, "SeriesTime", 16),
-        "instance_number": _int(ds, "InstanceNumber"),
-        "rows": _int(ds, "Rows"),
-        "columns": _int(ds, "Columns"),
-        "bits_allocated": _int(ds, "BitsAllocated"),
-        "number_of_frames": _int(ds, "NumberOfFrames"),
+        "timezone_offset": text("TimezoneOffsetFromUTC", 5),
+        "modality": text("Modality", 16),
+        "series_number": integer("SeriesNumber"),
+        "series_description": text("SeriesDescription", 64),
+        "body_part_examined": text("BodyPartExamined", 16),
+        "performed_procedure_step_start_date": text("PerformedProcedureStepStartDate", 8),
+        "performed_procedure_step_start_time": text("PerformedProcedureStepStartTime", 16),
+        "series_date": text("SeriesDate", 8),
+        "series_time": text("SeriesTime", 16),
+        "instance_number": integer("InstanceNumber"),
+        "rows": integer("Rows"),
+        "columns": integer("Columns"),
+        "bits_allocated": integer("BitsAllocated"),
+        "number_of_frames": integer("NumberOfFrames"),
     }
 
 
-def _subset(ds: Dataset, keywords: tuple[str, ...]) -> Dataset:
-    out = Dataset()
-    for keyword in keywords:
-        if keyword in ds:
-            out[keyword] = ds[keyword]
-    return out
+_TAGS: dict[str, int] = {keyword: int(tag_for_keyword(keyword) or 0) for keyword in (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns",
+    "SamplesPerPixel", "NumberOfFrames", "BitsAllocated", "PatientID", "IssuerOfPatientID",
+    "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
+    "TimezoneOffsetFromUTC", "Modality", "SeriesNumber", "SeriesDescription",
+    "BodyPartExamined", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "SeriesDate", "SeriesTime", "InstanceNumber")}
 
 
-def to_json(ds: Dataset, bulk_prefix: str) -> str:
-    """Serialise ``ds`` as DICOM JSON, binary values over the threshold as BulkDataURIs.
+def _subset(model: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    return {key: model[key] for key in keys if key in model}
+
+
+def _dumps(model: dict[str, Any]) -> str:
+    return json.dumps(model, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_model(ds: Dataset, bulk_prefix: str) -> dict[str, Any]:
+    """pydicom's DICOM JSON of ``ds``, binary values over the threshold as BulkDataURIs.
 
     The URI of a nested value carries its path: ``<tag>/<item>/<tag>...``, tags in hex.
     """
@@ -291,15 +414,11 @@ def to_json(ds: Dataset, bulk_prefix: str) -> str:
     def bulk(elem: DataElement) -> str:
         return bulk_prefix + paths.get(id(elem), f"{elem.tag:08X}")
 
-    def handler(elem: DataElement) -> str:
-        return bulk(elem)
-
     result = ds.to_json_dict(bulk_data_threshold=BULK_DATA_THRESHOLD,
-                             bulk_data_element_handler=handler)
+                             bulk_data_element_handler=bulk)
     # pydicom inlines short binary values; pixel data is always served as bulk data.
     for tag in PIXEL_TAGS:
         key = f"{tag:08X}"
         if key in result and "BulkDataURI" not in result[key]:
-            elem = ds[tag]
-            result[key] = {"vr": result[key]["vr"], "BulkDataURI": bulk(elem)}
-    return json.dumps(result, ensure_ascii=False, separators=(",", ":"))
+            result[key] = {"vr": result[key]["vr"], "BulkDataURI": bulk(ds[tag])}
+    return result
