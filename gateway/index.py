@@ -106,6 +106,42 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+# The columns of an instance row written by the C-STORE hot path, in order.
+_NEW_INSTANCE_COLUMNS = (
+    "series_pk", "sop_instance_uid", "sop_class_uid", "instance_number", "transfer_syntax_uid",
+    "rows", "columns", "bits_allocated", "number_of_frames", "file_path", "file_size", "digest",
+    "metadata_json", "source", "created_at",
+)
+
+
+class _DriverStatements:
+    """The statements of the C-STORE hot path, as the database driver's own SQL.
+
+    Executed on the driver's cursor of the writer's connection (inside the transaction and
+    savepoint SQLAlchemy opened): four statements in a few microseconds each, where building
+    and running them through SQLAlchemy costs ~0.1 ms of interpreter time each.
+    """
+
+    def __init__(self, dialect: Any) -> None:
+        mark = "?" if dialect.name == "sqlite" else "%s"
+        quote = dialect.identifier_preparer.quote
+        columns = ", ".join(quote(c) for c in _NEW_INSTANCE_COLUMNS)
+        marks = ", ".join([mark] * len(_NEW_INSTANCE_COLUMNS))
+        self.series_by_uid = (
+            f"SELECT pk, study_pk FROM series WHERE series_instance_uid = {mark}")
+        self.insert_instance = (
+            f"INSERT INTO instance ({columns}) VALUES ({marks}) "
+            "ON CONFLICT (sop_instance_uid) DO NOTHING")
+        self.count_series = (
+            f"UPDATE series SET number_of_instances = number_of_instances + 1 WHERE pk = {mark}")
+        self.count_study = (
+            "UPDATE study SET number_of_instances = number_of_instances + 1, "
+            f"updated_at = {mark} WHERE pk = {mark}")
+        # How SQLAlchemy stores a timestamp on this database (a string on SQLite).
+        processor = _instance.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+        self.stamp: Callable[[datetime], Any] = processor or (lambda value: value)
+
+
 class Index:
     """The SQL index of patients, studies, series and instances.
 
@@ -121,6 +157,7 @@ class Index:
         self.dialect = self.engine.dialect.name
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self.write_engine = make_engine(url, writer=True)
+        self._driver = _DriverStatements(self.write_engine.dialect)
         self.WriteSession = sessionmaker(self.write_engine, expire_on_commit=False)
         self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]] | None] = (
             queue.SimpleQueue()
@@ -237,6 +274,41 @@ class Index:
     def file_paths(self) -> set[str]:
         with self.Session() as session:
             return set(session.scalars(select(Instance.file_path)))
+
+    def add_new_instance(self, session: Session, parsed: ParsedInstance, relpath: str,
+                         source: str, metadata_json: str) -> bool:
+        """Insert an instance of a known series whose SOP Instance UID is not stored yet.
+
+        The common case of every C-STORE, in four driver statements (runs inside
+        :meth:`write`). Returns ``False``, having changed nothing, when the series is not
+        indexed yet or the SOP Instance UID is taken: :meth:`add_instance` and the caller's
+        checks take over.
+        """
+        sql = self._driver
+        driver_connection = session.connection().connection.driver_connection
+        assert driver_connection is not None  # a checked-out connection
+        cursor = driver_connection.cursor()
+        try:
+            cursor.execute(sql.series_by_uid, (parsed.series_instance_uid,))
+            known = cursor.fetchone()
+            if known is None:
+                return False
+            series_pk, study_pk = known
+            f = parsed.fields
+            stamp = sql.stamp(now())
+            cursor.execute(sql.insert_instance, (
+                series_pk, parsed.sop_instance_uid, parsed.sop_class_uid, f["instance_number"],
+                parsed.transfer_syntax_uid, f["rows"], f["columns"], f["bits_allocated"],
+                f["number_of_frames"], relpath, parsed.size, parsed.digest, metadata_json,
+                source[:200], stamp,
+            ))
+            if cursor.rowcount != 1:
+                return False
+            cursor.execute(sql.count_series, (series_pk,))
+            cursor.execute(sql.count_study, (stamp, study_pk))
+            return True
+        finally:
+            cursor.close()
 
     def add_instance(self, session: Session, parsed: ParsedInstance, relpath: str,
                      source: str, metadata_json: str) -> None:

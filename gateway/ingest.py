@@ -202,6 +202,8 @@ class Ingestor:
         replaced: list[str] = []
 
         def work(session: Session) -> Outcome:
+            if self.index.add_new_instance(session, parsed, relpath, source, metadata_json):
+                return Outcome.STORED
             old = session.connection().execute(
                 _INSTANCE_BY_UID, {"uid": parsed.sop_instance_uid}).first()
             if old is not None:
