@@ -1,10 +1,11 @@
 """The index: one Engine, one sessionmaker, and the queries the core needs.
 
 SQLite (WAL, foreign keys, full synchronous commits) by default, PostgreSQL by URL, the same code.
-Writes go through a group committer: each caller hands in a unit of work and waits; a single
-writer thread runs all the units waiting at that moment in one transaction (a savepoint each) and
-commits once, so many instances share one fsync of the log without any of them being acknowledged
-before its row is durable (DESIGN.md: "group commits are the way to speed").
+Writes go through a group committer: each caller queues a unit of work; the caller that finds no
+commit under way runs all the units waiting at that moment in one transaction (a savepoint each)
+and commits once, so many instances share one fsync of the log without any of them being
+acknowledged before its row is durable (DESIGN.md: "group commits are the way to speed"). A lone
+writer commits its own unit in its own thread, with no hand-over to another.
 """
 
 from __future__ import annotations
@@ -159,11 +160,12 @@ class Index:
         self.write_engine = make_engine(url, writer=True)
         self._driver = _DriverStatements(self.write_engine.dialect)
         self.WriteSession = sessionmaker(self.write_engine, expire_on_commit=False)
-        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]] | None] = (
+        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
-        self._writer: threading.Thread | None = None
-        self._writer_lock = threading.Lock()
+        # Held by the caller committing a batch; the others wait for it, then find their unit
+        # committed or lead the next batch.
+        self._committer = threading.Lock()
 
     # -- schema -------------------------------------------------------------------------------
     def upgrade(self) -> None:
@@ -179,11 +181,8 @@ class Index:
             command.upgrade(config, "head")
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join(timeout=10)
-            self._writer = None
-        self.engine.dispose()
+        with self._committer:  # a commit under way ends first
+            self.engine.dispose()
         self.write_engine.dispose()
 
     # -- group commit -------------------------------------------------------------------------
@@ -193,35 +192,34 @@ class Index:
         Returns only after the transaction holding ``work`` is committed; raises what ``work``
         raised (its savepoint rolled back, the others unaffected) or the commit's error.
         """
-        if self._writer is None:
-            with self._writer_lock:
-                if self._writer is None:
-                    self._writer = threading.Thread(
-                        target=self._write_loop, name="index-writer", daemon=True
-                    )
-                    self._writer.start()
         future: Future[T] = Future()
         self._queue.put((work, future))
+        with self._committer:
+            while not future.done():
+                batch = self._waiting_units()
+                if not batch:  # cannot happen: the unit was queued before the lock was taken
+                    raise RuntimeError("an index write left the queue uncommitted")
+                self._run_batch(batch)
         return future.result()
 
-    def _write_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            self._run_batch(batch)
+    def _waiting_units(self) -> list[tuple[Callable[[Session], Any], Future[Any]]]:
+        batch: list[tuple[Callable[[Session], Any], Future[Any]]] = []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     def _run_batch(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+        try:
+            self._commit_batch(batch)
+        finally:
+            for _work, future in batch:
+                if not future.done():  # interrupted (KeyboardInterrupt, SystemExit)
+                    future.set_exception(RuntimeError("the index write was interrupted"))
+
+    def _commit_batch(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []
         try:
             with self.WriteSession() as session:
