@@ -92,6 +92,9 @@ class StorageSettings:
     min_free_bytes: int = 512 * 1024**2
     # fsync each file and the index commit before acknowledging (never switch off in production).
     fsync: bool = True
+    # Write received instances of 64 KiB or more with O_DIRECT (around the page cache) where the
+    # file system allows it; off: every write goes through the page cache.
+    direct_io: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_DIMSE_MAX_DATA_SET_BYTES": ("dimse", "max_data_set_bytes"),
     "GATEWAY_STORAGE_OVERWRITE": ("storage", "overwrite"),
     "GATEWAY_STORAGE_MIN_FREE_BYTES": ("storage", "min_free_bytes"),
+    "GATEWAY_STORAGE_DIRECT_IO": ("storage", "direct_io"),
 }
 
 _SECTIONS: dict[str, type] = {

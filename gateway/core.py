@@ -25,6 +25,7 @@ class Gateway:
             settings.data_dir / "files",
             fsync=settings.storage.fsync,
             min_free_bytes=settings.storage.min_free_bytes,
+            direct_io=settings.storage.direct_io,
         )
         self.index = Index(settings.index_url)
         self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import enum
 import io
 import logging
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +96,6 @@ class Ingestor:
         self.storage = storage
         self.index = index
         self.overwrite = overwrite
-        self._spooler = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool")
 
     def ingest(
         self,
@@ -133,24 +130,22 @@ class Ingestor:
         StorageFull
             No room left; nothing was kept.
         """
-        # The bytes go to the page cache here; the disk flushes them (another thread, in fsync,
-        # which releases the GIL) while this thread hashes and parses. Handing the thread
-        # nothing else keeps it from waiting for the GIL held by the parse.
-        spooling = self._spooler.submit(self.storage.sync_spooled,
-                                        self.storage.spool_unsynced(data))
+        # The bytes go to the page cache at once; they are flushed once the instance is
+        # checked and named (FileStorage.place_unsynced), in this thread: handing the flush to
+        # another one costs more in thread switches than it saves now that the check is short.
+        spooled = self.storage.spool_unsynced(data)
         try:
-            digest = dataset_digest(data)
             parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,
                                  expected_study_instance_uid)
-            parsed.digest = digest
+            parsed.digest = dataset_digest(data)
         except BaseException:
             # Removed before the refusal is answered: a refused instance leaves nothing.
-            _discard_spooled(self.storage)(_settled(spooling))
+            self.storage.discard_unsynced(spooled)
             raise
-        return self._store(parsed, spooling.result(), source)
+        return self._store(parsed, spooled, source)
 
     def close(self) -> None:
-        self._spooler.shutdown(wait=True)
+        """Nothing to release: kept for the callers that close what they open."""
 
     def _check(self, data: bytes, expected_sop_class_uid: str | None,
                expected_sop_instance_uid: str | None,
@@ -194,11 +189,12 @@ class Ingestor:
             )
         return None
 
-    def _store(self, parsed: ParsedInstance, spooled: Path, source: str) -> IngestResult:
+    def _store(self, parsed: ParsedInstance, spooled: tuple[Path, int],
+               source: str) -> IngestResult:
         relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
                                 parsed.sop_instance_uid, parsed.digest)
         metadata_json = parsed.metadata_json()
-        pending = self.storage.place(spooled, relpath)
+        pending = self.storage.place_unsynced(spooled, relpath)
         replaced: list[str] = []
 
         def work(session: Session) -> Outcome:
@@ -246,20 +242,6 @@ class Ingestor:
             logger.warning("replaced instance %s (storage.overwrite is on)",
                            parsed.sop_instance_uid)
         return self._result(parsed, outcome)
-
-
-def _settled(future: Future[Path]) -> Future[Path]:
-    """The future, once it has a result or an exception."""
-    futures_wait([future])
-    return future
-
-
-def _discard_spooled(storage: FileStorage) -> Callable[[Future[Path]], None]:
-    def discard(spooling: Future[Path]) -> None:
-        if spooling.exception() is None:
-            storage.discard(spooling.result())
-
-    return discard
 
 
 def read_part10(path: Path) -> bytes:

@@ -107,7 +107,7 @@ def assert_nothing_stored(gateway: Gateway) -> None:
     assert instance_count(gateway) == 0
     root = gateway.storage.root
     assert [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts] == []
-    assert list(gateway.storage.incoming.iterdir()) == []
+    assert gateway.storage.unfinished() == []
 
 
 def dataset_bytes(data: bytes) -> bytes:

@@ -85,7 +85,7 @@ def test_store_is_durable_indexed_and_as_received(live: LiveServer) -> None:
         study = session.scalars(select(Study)).one()
         assert (study.number_of_series, study.number_of_instances) == (1, 1)
         assert study.modalities_in_study == "CT"
-    assert not list(gateway.storage.incoming.iterdir())
+    assert not gateway.storage.unfinished()
 
 
 def test_counts_and_modalities_follow_new_series(live: LiveServer) -> None:
@@ -206,7 +206,7 @@ def test_overwrite_setting_replaces(tmp_path: Path, database_url: str) -> None:
 def _assert_nothing_kept(gateway: Gateway) -> None:
     assert instance_count(gateway) == 0
     assert stored_files(gateway) == []
-    assert not list(gateway.storage.incoming.iterdir())
+    assert not gateway.storage.unfinished()
     with gateway.index.Session() as session:
         assert session.scalar(select(func.count()).select_from(Study)) == 0
 

@@ -6,6 +6,7 @@ may be storing: a write placed but not yet committed to the index must survive t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from conftest import ct_dataset, make_settings, part10
@@ -82,3 +83,34 @@ def test_delete_keeps_the_file_of_an_instance_stored_again_meanwhile(
         (relpath,) = paths
         assert gateway.storage.path(relpath).read_bytes() == data
         assert gateway.index.has_file(relpath)
+
+
+def test_spool_files_made_ahead_are_not_writes(tmp_path: Path, database_url: str) -> None:
+    """The empty spool files kept ready are neither unfinished writes nor left behind."""
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as gateway:
+        gateway.ingestor.ingest(part10(ct_dataset(0)))
+        deadline = time.monotonic() + 10
+        while not list(gateway.storage.incoming.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        made_ahead = list(gateway.storage.incoming.iterdir())
+        assert made_ahead and all(p.stat().st_size == 0 for p in made_ahead)
+        assert gateway.storage.unfinished() == []
+        assert gateway.storage.recover(lambda relpath: False) == (0, 0)  # not counted
+        incoming = gateway.storage.incoming
+    assert list(incoming.iterdir()) == []  # removed when the process leaves the folder
+
+
+def test_a_series_folder_removed_meanwhile_is_made_again(tmp_path: Path,
+                                                         database_url: str) -> None:
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as gateway:
+        first, second = ct_dataset(0), ct_dataset(1)
+        gateway.ingestor.ingest(part10(first))
+        row = gateway.index.find_instance(first.SOPInstanceUID)
+        assert row is not None
+        folder = gateway.storage.path(row.file_path).parent
+        gateway.storage.delete(row.file_path)  # as a delete does: empty folders pruned
+        assert not folder.exists()
+        gateway.ingestor.ingest(part10(second))
+        assert folder.is_dir() and len(list(folder.iterdir())) == 1
