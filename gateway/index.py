@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import (
     Engine,
@@ -107,6 +107,14 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+class _Unit(NamedTuple):
+    """A unit of work waiting for the group commit."""
+
+    work: Callable[[Session], Any]
+    future: Future[Any]
+    isolated: bool
+
+
 # The columns of an instance row written by the C-STORE hot path, in order.
 _NEW_INSTANCE_COLUMNS = (
     "series_pk", "sop_instance_uid", "sop_class_uid", "instance_number", "transfer_syntax_uid",
@@ -160,9 +168,7 @@ class Index:
         self.write_engine = make_engine(url, writer=True)
         self._driver = _DriverStatements(self.write_engine.dialect)
         self.WriteSession = sessionmaker(self.write_engine, expire_on_commit=False)
-        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]]] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[_Unit] = queue.SimpleQueue()
         # Held by the caller committing a batch; the others wait for it, then find their unit
         # committed or lead the next batch.
         self._committer = threading.Lock()
@@ -186,14 +192,19 @@ class Index:
         self.write_engine.dispose()
 
     # -- group commit -------------------------------------------------------------------------
-    def write(self, work: Callable[[Session], T]) -> T:
+    def write(self, work: Callable[[Session], T], *, isolated: bool = True) -> T:
         """Run ``work(session)`` in a committed transaction shared with concurrent writers.
 
         Returns only after the transaction holding ``work`` is committed; raises what ``work``
         raised (its savepoint rolled back, the others unaffected) or the commit's error.
+
+        ``isolated=False`` runs ``work`` without a savepoint of its own, for a unit that cannot
+        fail but with the transaction (the C-STORE hot path: a savepoint is two more statements
+        and as many waits for the interpreter lock in a busy process); if it raises all the same,
+        the whole batch fails with its error.
         """
         future: Future[T] = Future()
-        self._queue.put((work, future))
+        self._queue.put(_Unit(work, future, isolated))
         with self._committer:
             while not future.done():
                 batch = self._waiting_units()
@@ -202,8 +213,8 @@ class Index:
                 self._run_batch(batch)
         return future.result()
 
-    def _waiting_units(self) -> list[tuple[Callable[[Session], Any], Future[Any]]]:
-        batch: list[tuple[Callable[[Session], Any], Future[Any]]] = []
+    def _waiting_units(self) -> list[_Unit]:
+        batch: list[_Unit] = []
         while len(batch) < MAX_BATCH:
             try:
                 batch.append(self._queue.get_nowait())
@@ -211,36 +222,40 @@ class Index:
                 break
         return batch
 
-    def _run_batch(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+    def _run_batch(self, batch: list[_Unit]) -> None:
         try:
             self._commit_batch(batch)
         finally:
-            for _work, future in batch:
-                if not future.done():  # interrupted (KeyboardInterrupt, SystemExit)
-                    future.set_exception(RuntimeError("the index write was interrupted"))
+            for unit in batch:
+                if not unit.future.done():  # interrupted (KeyboardInterrupt, SystemExit)
+                    unit.future.set_exception(RuntimeError("the index write was interrupted"))
 
-    def _commit_batch(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+    def _commit_batch(self, batch: list[_Unit]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []
+        bare = [unit for unit in batch if not unit.isolated]
+        isolated = [unit for unit in batch if unit.isolated]
         try:
             with self.WriteSession() as session:
                 with session.begin():
-                    if len(batch) == 1:
+                    for unit in bare:
+                        results.append((unit.future, True, unit.work(session)))
+                    if len(isolated) == 1 and not bare:
                         # Alone: no savepoint needed; a failure rolls the transaction back.
-                        work, future = batch[0]
-                        results.append((future, True, work(session)))
+                        unit = isolated[0]
+                        results.append((unit.future, True, unit.work(session)))
                     else:
-                        for work, future in batch:
+                        for unit in isolated:
                             try:
                                 with session.begin_nested():
-                                    results.append((future, True, work(session)))
+                                    results.append((unit.future, True, unit.work(session)))
                             except Exception as exc:  # the unit's own failure
-                                results.append((future, False, exc))
+                                results.append((unit.future, False, exc))
         except Exception as exc:
             if len(batch) > 1 or results:  # the commit failed, not one unit's own work
                 logger.exception("index commit failed for %d writes", len(batch))
-            for _work, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for unit in batch:
+                if not unit.future.done():
+                    unit.future.set_exception(exc)
             return
         for future, ok, value in results:
             if ok:

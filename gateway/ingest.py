@@ -197,9 +197,10 @@ class Ingestor:
         pending = self.storage.place_unsynced(spooled, relpath)
         replaced: list[str] = []
 
+        def new_instance(session: Session) -> bool:
+            return self.index.add_new_instance(session, parsed, relpath, source, metadata_json)
+
         def work(session: Session) -> Outcome:
-            if self.index.add_new_instance(session, parsed, relpath, source, metadata_json):
-                return Outcome.STORED
             old = session.connection().execute(
                 _INSTANCE_BY_UID, {"uid": parsed.sop_instance_uid}).first()
             if old is not None:
@@ -217,7 +218,13 @@ class Ingestor:
             return Outcome.STORED
 
         try:
-            outcome = self.index.write(work)
+            # A new instance of a known series (nearly every one) in four statements without a
+            # savepoint; anything else (a new series, a SOP Instance UID taken) in a second
+            # transaction with every check.
+            if self.index.write(new_instance, isolated=False):
+                outcome = Outcome.STORED
+            else:
+                outcome = self.index.write(work)
         except IntegrityError:
             # A concurrent writer stored the same SOP Instance UID between our check and commit.
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))

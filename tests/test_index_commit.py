@@ -1,0 +1,112 @@
+"""The index's group commit, on the real database: units queued by concurrent callers are
+committed together by whichever caller holds the committer; a unit's own failure touches no
+other unit (a savepoint each), and a unit without a savepoint fails its whole batch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from gateway.index import Index
+from gateway.models import Patient
+
+
+@pytest.fixture
+def index(database_url: str) -> Iterator[Index]:
+    index = Index(database_url)
+    index.upgrade()
+    yield index
+    index.close()
+
+
+def add_patient(patient_id: str) -> Callable[[Session], str]:
+    def work(session: Session) -> str:
+        session.execute(insert(Patient).values(patient_id=patient_id))
+        return threading.current_thread().name
+
+    return work
+
+
+def patients(index: Index) -> set[str]:
+    with index.Session() as session:
+        return set(session.scalars(select(Patient.patient_id)))
+
+
+def wait_for_queued(index: Index, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while index._queue.qsize() < count:  # noqa: SLF001 - the units waiting for the committer
+        assert time.monotonic() < deadline, "the writers never queued their units"
+        time.sleep(0.001)
+
+
+def test_units_queued_meanwhile_are_committed_together_by_one_caller(index: Index) -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(session: Session) -> str:
+        session.execute(insert(Patient).values(patient_id="first"))
+        inside.set()
+        release.wait(10)
+        return threading.current_thread().name
+
+    with ThreadPoolExecutor(3, thread_name_prefix="writer") as pool:
+        first = pool.submit(index.write, slow)
+        assert inside.wait(10)  # the first caller holds the committer, inside its unit
+        second = pool.submit(index.write, add_patient("second"))
+        third = pool.submit(index.write, add_patient("third"))
+        wait_for_queued(index, 2)
+        release.set()
+        ran_in = {first.result(), second.result(), third.result()}
+    # The two queued units ran in one thread: the caller that led the next batch ran both.
+    assert len(ran_in) == 2
+    assert patients(index) == {"first", "second", "third"}
+
+
+def test_a_failing_unit_leaves_the_others_of_its_batch_committed(index: Index) -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(session: Session) -> None:
+        inside.set()
+        release.wait(10)
+
+    def failing(session: Session) -> None:
+        session.execute(insert(Patient).values(patient_id="never"))
+        raise ValueError("this unit's own failure")
+
+    with ThreadPoolExecutor(4) as pool:
+        holder = pool.submit(index.write, hold)
+        assert inside.wait(10)
+        ok = [pool.submit(index.write, add_patient(f"p{k}")) for k in range(2)]
+        bad = pool.submit(index.write, failing)
+        wait_for_queued(index, 3)
+        release.set()
+        holder.result()
+        for future in ok:
+            future.result()
+        with pytest.raises(ValueError, match="own failure"):
+            bad.result()
+    assert patients(index) == {"p0", "p1"}
+
+
+def test_a_unit_without_savepoint_that_fails_fails_its_batch(index: Index) -> None:
+    def failing(session: Session) -> None:
+        session.execute(insert(Patient).values(patient_id="never"))
+        raise RuntimeError("broken")
+
+    with pytest.raises(RuntimeError, match="broken"):
+        index.write(failing, isolated=False)
+    assert index.write(add_patient("after"), isolated=False)  # the committer is free again
+    assert patients(index) == {"after"}
+
+
+def test_many_concurrent_writers_all_committed(index: Index) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: index.write(add_patient(f"c{k}"), isolated=k % 2 == 0),
+                      range(200)))
+    with index.Session() as session:
+        assert session.scalar(select(func.count()).select_from(Patient)) == 200
