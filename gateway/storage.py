@@ -36,8 +36,8 @@ INCOMING = ".incoming"
 CHUNK = 1024 * 1024
 # Empty spool files kept created ahead of need (see FileStorage._new_spool_file).
 SPOOL_STOCK = 8
-# Writes from this size on go around the page cache (O_DIRECT), through an aligned buffer of
-# DIRECT_CHUNK bytes per thread.
+# Received instances from DIRECT_MIN bytes on go around the page cache (O_DIRECT), through an
+# aligned buffer of DIRECT_CHUNK bytes per thread; smaller ones are written sooner through it.
 DIRECT_MIN = 64 * 1024
 DIRECT_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096  # a multiple of every device's logical block size
@@ -93,7 +93,7 @@ class FileStorage:
         # Creating a file costs the kernel far more than writing a small one (about 0.5 ms of
         # system time on ext4, against 0.02 ms for a rename): a thread keeps a few empty spool
         # files ready, so that a C-STORE does not wait for one to be created.
-        self._stock: queue.SimpleQueue[tuple[Path, int]] = queue.SimpleQueue()
+        self._stock: queue.SimpleQueue[tuple[Path, int, bool]] = queue.SimpleQueue()
         self._stock_low = threading.Event()
         self._stocker: threading.Thread | None = None
         self._stocker_lock = threading.Lock()
@@ -192,7 +192,9 @@ class FileStorage:
         self.check_space(size)
         temp = None
         try:
-            temp, fd = self._new_spool_file()
+            temp, fd, direct = self._new_spool_file()
+            if direct:  # written through a buffered file object
+                fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # O_DIRECT off (no other flag was set)
             with open(fd, "wb") as f:
                 if isinstance(data, bytes):
                     f.write(data)
@@ -214,17 +216,19 @@ class FileStorage:
         Returns the temporary file and its open descriptor.
 
         With ``direct_io``, an instance of :data:`DIRECT_MIN` bytes or more goes to the device
-        without passing through the page cache (``O_DIRECT``; its last partial block through
-        it): copying it there and writing the pages back later cost the kernel more CPU than the
-        whole rest of a C-STORE of a CT image (docs/benchmarks.md).
+        without passing through the page cache (``O_DIRECT``): copying it there and writing
+        the pages back later cost the kernel more CPU than the whole rest of a C-STORE of a CT
+        image (docs/benchmarks.md). A small one is written sooner through the page cache.
         """
         self.check_space(len(data))
         temp, fd = None, -1
         try:
-            temp, fd = self._new_spool_file()
+            temp, fd, direct = self._new_spool_file()
             view = memoryview(data)
-            if self.direct_io and len(view) >= DIRECT_MIN:
+            if direct and len(view) >= DIRECT_MIN:
                 view = self._write_direct(fd, view)
+            elif direct:
+                fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # O_DIRECT off (no other flag was set)
             while view:
                 view = view[os.write(fd, view):]
         except OSError as exc:
@@ -236,38 +240,46 @@ class FileStorage:
         return temp, fd
 
     def _write_direct(self, fd: int, view: memoryview) -> memoryview:
-        """Write the whole blocks of ``view`` with ``O_DIRECT``; return what is left to write.
+        """Write ``view`` to ``fd``, open with ``O_DIRECT``; return what is left to write.
 
         ``O_DIRECT`` wants the memory, the length and the file offset aligned: the bytes are
-        copied, a chunk at a time, into this thread's page-aligned buffer. A file system that
-        refuses ``O_DIRECT`` turns it off for the process (everything then goes through the
-        page cache).
+        copied, a chunk at a time, into this thread's page-aligned buffer, the last block
+        padded with zeros and cut off again by ``ftruncate`` (two system calls for an instance
+        of up to :data:`DIRECT_CHUNK` bytes). Should the file system refuse, ``O_DIRECT`` is
+        turned off for the process and what is left goes through the page cache.
         """
         buffer = getattr(self._direct_buffers, "buffer", None)
         if buffer is None:
             buffer = self._direct_buffers.buffer = mmap.mmap(-1, DIRECT_CHUNK)
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        total = len(view)
         try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-            while len(view) >= DIRECT_ALIGN:
-                size = min(len(view), DIRECT_CHUNK) // DIRECT_ALIGN * DIRECT_ALIGN
+            while view:
+                size = min(len(view), DIRECT_CHUNK)
+                padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
                 buffer[:size] = view[:size]
-                written = os.write(fd, memoryview(buffer)[:size])
-                view = view[written:]
-                if written < size:
-                    break  # a short write: the rest goes through the page cache
+                buffer[size:padded] = bytes(padded - size)
+                written = os.write(fd, memoryview(buffer)[:padded])
+                if written < size:  # a short write: the rest through the page cache
+                    view = view[written:]
+                    break
+                view = view[size:]
+            else:
+                os.ftruncate(fd, total)
+                return view
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             logger.info("the data folder's file system refuses O_DIRECT writes: "
                         "writing through the page cache")
             self.direct_io = False
-        finally:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # O_DIRECT off (no other flag was set)
+        os.ftruncate(fd, total - len(view))  # drop a padded block written past the data
+        os.lseek(fd, total - len(view), os.SEEK_SET)
         return view
 
-    def _new_spool_file(self) -> tuple[Path, int]:
-        """An empty spool file, open for writing: one created ahead, else a new one."""
+    def _new_spool_file(self) -> tuple[Path, int, bool]:
+        """An empty spool file, open for writing (with ``O_DIRECT`` or not, as the last item
+        says): one created ahead, else a new one."""
         if self._stocker is None:
             self._start_stocking()
         try:
@@ -278,9 +290,20 @@ class FileStorage:
             self._stock_low.set()  # refilled by the half: one wake-up for several files
         return spool
 
-    def _create_spool_file(self) -> tuple[Path, int]:
+    def _create_spool_file(self) -> tuple[Path, int, bool]:
         temp = self.incoming / f"{secrets.token_hex(8)}.part"
-        return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        if self.direct_io:
+            try:
+                return temp, os.open(temp, flags | os.O_DIRECT, 0o644), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                logger.info("the data folder's file system refuses O_DIRECT: "
+                            "writing through the page cache")
+                self.direct_io = False
+                _unlink(temp)
+        return temp, os.open(temp, flags, 0o644), False
 
     def _start_stocking(self) -> None:
         with self._stocker_lock:
@@ -316,7 +339,7 @@ class FileStorage:
             stocker.join(timeout=10)
         while True:
             try:
-                temp, fd = self._stock.get_nowait()
+                temp, fd, _direct = self._stock.get_nowait()
             except queue.Empty:
                 return
             os.close(fd)

@@ -10,8 +10,8 @@ import pytest
 
 from gateway.storage import DIRECT_ALIGN, DIRECT_CHUNK, DIRECT_MIN, FileStorage, relative_path
 
-SIZES = [10, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, DIRECT_ALIGN * 129 + 17,
-         DIRECT_CHUNK * 2 + DIRECT_ALIGN + 3]
+SIZES = [0, 10, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, DIRECT_ALIGN * 129 + 17,
+         DIRECT_CHUNK, DIRECT_CHUNK * 2 + DIRECT_ALIGN + 3]
 
 
 @pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "page-cache"])
@@ -33,7 +33,7 @@ def test_a_spooled_and_placed_file_holds_exactly_the_bytes(tmp_path: Path, size:
 
 def test_a_refused_spool_leaves_nothing(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "files")
-    spooled = storage.spool_unsynced(os.urandom(DIRECT_MIN * 3))
+    spooled = storage.spool_unsynced(os.urandom(DIRECT_ALIGN * 3 + 5))
     storage.discard_unsynced(spooled)
     assert storage.unfinished() == []
     storage.detach()
