@@ -179,16 +179,8 @@ def read_little_endian(data: bytes) -> ParsedInstance | None:
     if (meta_sop and meta_sop != uids["SOPInstanceUID"]) or not _pixel_data_plain(
             read, ts, uids["SOPClassUID"]):
         return None
-    parsed = ParsedInstance(
-        transfer_syntax_uid=ts,
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
-        digest="",
-        size=len(data),
-        json_model=read.model,
-    )
+    parsed = _parsed(ts, uids, len(data))
+    parsed.json_model = read.model
     read.set_bulk_prefix(parsed.bulk_prefix())
 
     def text(keyword: str, limit: int) -> str:
@@ -201,6 +193,18 @@ def read_little_endian(data: bytes) -> ParsedInstance | None:
 
     parsed.fields = _index_fields(text, integer)
     return parsed
+
+
+def _parsed(ts: str, uids: dict[str, str], size: int) -> ParsedInstance:
+    return ParsedInstance(
+        transfer_syntax_uid=ts,
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        digest="",
+        size=size,
+    )
 
 
 def _pixel_data_plain(read: dicom_json.JsonDataset, ts: str, sop_class_uid: str) -> bool:
@@ -260,15 +264,7 @@ def read_with_pydicom(data: bytes) -> ParsedInstance:
             "MediaStorageSOPInstanceUID in the file meta differs from the SOPInstanceUID"
         )
     _check_pixel_data(ds, ts, uids["SOPClassUID"])
-    parsed = ParsedInstance(
-        transfer_syntax_uid=ts,
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
-        digest="",
-        size=len(data),
-    )
+    parsed = _parsed(ts, uids, len(data))
     parsed.fields = _index_fields(functools.partial(_text, ds), functools.partial(_int, ds))
     try:
         # Decodes every element: a value pydicom cannot read makes the instance invalid.

@@ -267,15 +267,19 @@ class FileStorage:
                 os.ftruncate(fd, total)
                 return view
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            logger.info("the data folder's file system refuses O_DIRECT writes: "
-                        "writing through the page cache")
-            self.direct_io = False
+            self._refused_direct_io(exc)
         fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # O_DIRECT off (no other flag was set)
         os.ftruncate(fd, total - len(view))  # drop a padded block written past the data
         os.lseek(fd, total - len(view), os.SEEK_SET)
         return view
+
+    def _refused_direct_io(self, exc: OSError) -> None:
+        """Turn ``O_DIRECT`` off if ``exc`` is the file system refusing it, else re-raise."""
+        if exc.errno != errno.EINVAL:
+            raise exc
+        logger.info("the data folder's file system refuses O_DIRECT: writing through the "
+                    "page cache")
+        self.direct_io = False
 
     def _new_spool_file(self) -> tuple[Path, int, bool]:
         """An empty spool file, open for writing (with ``O_DIRECT`` or not, as the last item
@@ -297,11 +301,7 @@ class FileStorage:
             try:
                 return temp, os.open(temp, flags | os.O_DIRECT, 0o644), True
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                logger.info("the data folder's file system refuses O_DIRECT: "
-                            "writing through the page cache")
-                self.direct_io = False
+                self._refused_direct_io(exc)
                 _unlink(temp)
         return temp, os.open(temp, flags, 0o644), False
 
