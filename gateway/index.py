@@ -52,8 +52,9 @@ def make_engine(url: str, *, writer: bool = False) -> Engine:
     transaction begins, so that another process's writer waits instead of failing mid-way.
     """
     if url.startswith("sqlite"):
+        # The writer: one connection for SQLAlchemy sessions, one kept for bare batches.
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=1 if writer else 8, max_overflow=0 if writer else 16)
+                               pool_size=2 if writer else 8, max_overflow=0 if writer else 16)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -71,7 +72,7 @@ def make_engine(url: str, *, writer: bool = False) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
         return engine
-    return create_engine(url, pool_size=2 if writer else 10, max_overflow=0 if writer else 20,
+    return create_engine(url, pool_size=3 if writer else 10, max_overflow=0 if writer else 20,
                          pool_pre_ping=True)
 
 
@@ -110,7 +111,7 @@ def now() -> datetime:
 class _Unit(NamedTuple):
     """A unit of work waiting for the group commit."""
 
-    work: Callable[[Session], Any]
+    work: Callable[[Any], Any]  # a Session, or a DBAPI connection for a bare unit
     future: Future[Any]
     isolated: bool
 
@@ -172,6 +173,7 @@ class Index:
         # Held by the caller committing a batch; the others wait for it, then find their unit
         # committed or lead the next batch.
         self._committer = threading.Lock()
+        self._bare_connection: Any = None  # the writer's DBAPI connection for bare batches
 
     # -- schema -------------------------------------------------------------------------------
     def upgrade(self) -> None:
@@ -188,23 +190,36 @@ class Index:
 
     def close(self) -> None:
         with self._committer:  # a commit under way ends first
+            if self._bare_connection is not None:
+                self._bare_connection.close()
+                self._bare_connection = None
             self.engine.dispose()
         self.write_engine.dispose()
 
     # -- group commit -------------------------------------------------------------------------
-    def write(self, work: Callable[[Session], T], *, isolated: bool = True) -> T:
+    def write(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)`` in a committed transaction shared with concurrent writers.
 
         Returns only after the transaction holding ``work`` is committed; raises what ``work``
         raised (its savepoint rolled back, the others unaffected) or the commit's error.
-
-        ``isolated=False`` runs ``work`` without a savepoint of its own, for a unit that cannot
-        fail but with the transaction (the C-STORE hot path: a savepoint is two more statements
-        and as many waits for the interpreter lock in a busy process); if it raises all the same,
-        the whole batch fails with its error.
         """
         future: Future[T] = Future()
-        self._queue.put(_Unit(work, future, isolated))
+        return self._write(_Unit(work, future, True), future)
+
+    def write_bare(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(driver_connection)`` in a committed transaction, without SQLAlchemy.
+
+        For a unit that cannot fail but with the transaction (the C-STORE hot path): no
+        savepoint of its own, and a batch made only of such units runs on a DBAPI connection
+        kept for them, with no session; in a busy process each statement and each layer
+        SQLAlchemy adds is one more wait for the interpreter lock inside the committer. If
+        ``work`` raises all the same, its whole batch fails with its error.
+        """
+        future: Future[T] = Future()
+        return self._write(_Unit(work, future, False), future)
+
+    def _write(self, unit: _Unit, future: Future[T]) -> T:
+        self._queue.put(unit)
         with self._committer:
             while not future.done():
                 batch = self._waiting_units()
@@ -234,11 +249,16 @@ class Index:
         results: list[tuple[Future[Any], bool, Any]] = []
         bare = [unit for unit in batch if not unit.isolated]
         isolated = [unit for unit in batch if unit.isolated]
+        if not isolated:
+            self._commit_bare(bare)
+            return
         try:
             with self.WriteSession() as session:
                 with session.begin():
-                    for unit in bare:
-                        results.append((unit.future, True, unit.work(session)))
+                    if bare:
+                        driver_connection = session.connection().connection.driver_connection
+                        for unit in bare:
+                            results.append((unit.future, True, unit.work(driver_connection)))
                     if len(isolated) == 1 and not bare:
                         # Alone: no savepoint needed; a failure rolls the transaction back.
                         unit = isolated[0]
@@ -262,6 +282,30 @@ class Index:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+    def _commit_bare(self, batch: list[_Unit]) -> None:
+        """Commit units that need no savepoint on the DBAPI connection kept for them."""
+        if self._bare_connection is None:
+            self._bare_connection = self.write_engine.raw_connection()
+        connection = self._bare_connection
+        driver_connection = connection.driver_connection
+        try:
+            if self.dialect == "sqlite":  # autocommit mode: SQLAlchemy's BEGIN, by hand
+                driver_connection.execute("BEGIN IMMEDIATE")
+            results = [unit.work(driver_connection) for unit in batch]
+            driver_connection.commit()
+        except Exception as exc:
+            logger.exception("index commit failed for %d writes", len(batch))
+            try:
+                driver_connection.rollback()
+            except Exception:  # the connection itself is gone: a new one next time
+                connection.invalidate()
+                self._bare_connection = None
+            for unit in batch:
+                unit.future.set_exception(exc)
+            return
+        for unit, result in zip(batch, results, strict=True):
+            unit.future.set_result(result)
 
     # -- instances ----------------------------------------------------------------------------
     def find_instance(self, sop_instance_uid: str) -> Instance | None:
@@ -288,18 +332,16 @@ class Index:
         with self.Session() as session:
             return set(session.scalars(select(Instance.file_path)))
 
-    def add_new_instance(self, session: Session, parsed: ParsedInstance, relpath: str,
+    def add_new_instance(self, driver_connection: Any, parsed: ParsedInstance, relpath: str,
                          source: str, metadata_json: str) -> bool:
         """Insert an instance of a known series whose SOP Instance UID is not stored yet.
 
         The common case of every C-STORE, in four driver statements (runs inside
-        :meth:`write`). Returns ``False``, having changed nothing, when the series is not
+        :meth:`write_bare`). Returns ``False``, having changed nothing, when the series is not
         indexed yet or the SOP Instance UID is taken: :meth:`add_instance` and the caller's
         checks take over.
         """
         sql = self._driver
-        driver_connection = session.connection().connection.driver_connection
-        assert driver_connection is not None  # a checked-out connection
         cursor = driver_connection.cursor()
         try:
             cursor.execute(sql.series_by_uid, (parsed.series_instance_uid,))

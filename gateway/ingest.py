@@ -197,8 +197,9 @@ class Ingestor:
         pending = self.storage.place_unsynced(spooled, relpath)
         replaced: list[str] = []
 
-        def new_instance(session: Session) -> bool:
-            return self.index.add_new_instance(session, parsed, relpath, source, metadata_json)
+        def new_instance(driver_connection: Any) -> bool:
+            return self.index.add_new_instance(driver_connection, parsed, relpath, source,
+                                               metadata_json)
 
         def work(session: Session) -> Outcome:
             old = session.connection().execute(
@@ -221,7 +222,7 @@ class Ingestor:
             # A new instance of a known series (nearly every one) in four statements without a
             # savepoint; anything else (a new series, a SOP Instance UID taken) in a second
             # transaction with every check.
-            if self.index.write(new_instance, isolated=False):
+            if self.index.write_bare(new_instance):
                 outcome = Outcome.STORED
             else:
                 outcome = self.index.write(work)

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select
@@ -93,20 +94,56 @@ def test_a_failing_unit_leaves_the_others_of_its_batch_committed(index: Index) -
     assert patients(index) == {"p0", "p1"}
 
 
-def test_a_unit_without_savepoint_that_fails_fails_its_batch(index: Index) -> None:
-    def failing(session: Session) -> None:
-        session.execute(insert(Patient).values(patient_id="never"))
+def add_patient_bare(index: Index, patient_id: str) -> Callable[[Any], str]:
+    """The same unit on the driver's connection (``Index.write_bare``)."""
+    mark = "?" if index.dialect == "sqlite" else "%s"
+
+    def work(driver_connection: Any) -> str:
+        cursor = driver_connection.cursor()
+        cursor.execute(f"INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, "
+                       f"patient_name_norm, patient_birth_date, patient_sex) "
+                       f"VALUES ({mark}, '', '', '', '', '')", (patient_id,))
+        cursor.close()
+        return threading.current_thread().name
+
+    return work
+
+
+def test_a_bare_unit_that_fails_fails_its_batch(index: Index) -> None:
+    add = add_patient_bare(index, "never")
+
+    def failing(driver_connection: Any) -> None:
+        add(driver_connection)
         raise RuntimeError("broken")
 
     with pytest.raises(RuntimeError, match="broken"):
-        index.write(failing, isolated=False)
-    assert index.write(add_patient("after"), isolated=False)  # the committer is free again
+        index.write_bare(failing)
+    assert index.write_bare(add_patient_bare(index, "after"))  # the committer is free again
     assert patients(index) == {"after"}
+
+
+def test_bare_and_isolated_units_in_one_batch(index: Index) -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(session: Session) -> None:
+        inside.set()
+        release.wait(10)
+
+    with ThreadPoolExecutor(4) as pool:
+        holder = pool.submit(index.write, hold)
+        assert inside.wait(10)
+        bare = pool.submit(index.write_bare, add_patient_bare(index, "bare"))
+        isolated = pool.submit(index.write, add_patient("isolated"))
+        wait_for_queued(index, 2)
+        release.set()
+        holder.result()
+        assert bare.result() == isolated.result()  # one caller ran both, in one batch
+    assert patients(index) == {"bare", "isolated"}
 
 
 def test_many_concurrent_writers_all_committed(index: Index) -> None:
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda k: index.write(add_patient(f"c{k}"), isolated=k % 2 == 0),
-                      range(200)))
+        list(pool.map(lambda k: index.write(add_patient(f"c{k}")) if k % 2
+                      else index.write_bare(add_patient_bare(index, f"c{k}")), range(200)))
     with index.Session() as session:
         assert session.scalar(select(func.count()).select_from(Patient)) == 200
