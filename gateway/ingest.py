@@ -219,7 +219,7 @@ class Ingestor:
             return Outcome.STORED
 
         try:
-            # A new instance of a known series (nearly every one) in four statements without a
+            # A new instance of a known series (nearly every one) in three statements without a
             # savepoint; anything else (a new series, a SOP Instance UID taken) in a second
             # transaction with every check.
             if self.index.write_bare(new_instance):
