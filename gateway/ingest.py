@@ -130,9 +130,10 @@ class Ingestor:
         StorageFull
             No room left; nothing was kept.
         """
-        # The bytes go to the page cache at once; they are flushed once the instance is
-        # checked and named (FileStorage.place_unsynced), in this thread: handing the flush to
-        # another one costs more in thread switches than it saves now that the check is short.
+        # The bytes go to a spool file at once (around the page cache when large); they are
+        # flushed once the instance is checked and named (FileStorage.place_unsynced), in this
+        # thread: handing the flush to another one costs more in thread switches than it saves
+        # now that the check is short.
         spooled = self.storage.spool_unsynced(data)
         try:
             parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,

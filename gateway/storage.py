@@ -3,13 +3,14 @@
 Layout under ``<data>/files``::
 
     <study>/<series>/<sop>.<digest12>.dcm     stored instances
+    .incoming/<random>.part                    spool files (empty ones are kept ready)
     .incoming/<study>+<series>+<sop>.<digest12>.dcm.<random>   writes in progress
 
 Every path is derived from validated UIDs and the content digest, never taken from input. A write
-is: temp file in ``.incoming`` -> fsync -> hard link to its final name -> fsync the folder. The
-temp name stays until the index row is committed (:meth:`FileStorage.finish`), so after a crash
-:meth:`FileStorage.recover` knows each write that may not have been indexed, and nothing else has
-to be scanned.
+is: the bytes into a spool file in ``.incoming`` -> renamed to its journal name -> hard link to its
+final name -> fsync of the file and of the folder. The journal name stays until the index row is
+committed (:meth:`FileStorage.finish`), so after a crash :meth:`FileStorage.recover` knows each
+write that may not have been indexed, and nothing else has to be scanned.
 """
 
 from __future__ import annotations
