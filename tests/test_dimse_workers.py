@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import threading
+import subprocess
 from pathlib import Path
 
 from conftest import ct_dataset
-from dimse_helpers import associate
 from gateway_process import GatewayProcess
 from sqlalchemy import create_engine, func, select
 
@@ -22,29 +21,32 @@ def test_workers_share_the_port_and_lose_nothing(tmp_path: Path, database_url: s
         "GATEWAY_STORAGE_MIN_FREE_BYTES": "0",
         "GATEWAY_DIMSE_WORKERS": "2",
     }
+    folders = []
+    for k in range(4):
+        folder = tmp_path / f"send{k}"
+        folder.mkdir()
+        for i in range(k, 40, 4):
+            ct_dataset(i).save_as(folder / f"{i}.dcm", enforce_file_format=True)
+        folders.append(folder)
     process = GatewayProcess(env, tmp_path / "gateway.log").start()
-    statuses: list[int] = []
-
-    def send(offset: int) -> None:
-        assoc = associate(process.dimse_port, calling=f"SCU{offset}")
-        assert assoc.is_established
-        for i in range(offset, 40, 4):
-            statuses.append(int(assoc.send_c_store(ct_dataset(i)).Status))
-        assoc.release()
-
     try:
-        threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        # Four senders at once, each a process of its own (dcmtk's storescu): a pynetdicom
+        # requestor per thread of one process can lose a fast response to its own reactor
+        # thread ("Received unexpected C-STORE service message") and wait out its timeout.
+        senders = [subprocess.Popen(
+            ["storescu", "-v", "-aet", f"SCU{k}", "-aec", "DICOMGW", "+sd", "127.0.0.1",
+             str(process.dimse_port), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for k, folder in enumerate(folders)]
+        outputs = [sender.communicate(timeout=120)[0] for sender in senders]
         # The worker process is serving too.
         assert process.proc is not None
         children = Path(f"/proc/{process.proc.pid}/task/{process.proc.pid}/children")
         assert children.read_text().split(), "no DIMSE worker process was started"
     finally:
         process.stop()
-    assert statuses == [0] * 40
+    for sender, output in zip(senders, outputs, strict=True):
+        assert sender.returncode == 0, output
+        assert output.count("Received Store Response (Success)") == 10, output
     engine = create_engine(database_url)
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(Instance)).scalar() == 40
