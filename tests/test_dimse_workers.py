@@ -35,7 +35,8 @@ def test_workers_share_the_port_and_lose_nothing(tmp_path: Path, database_url: s
         # thread ("Received unexpected C-STORE service message") and wait out its timeout.
         senders = [subprocess.Popen(
             ["storescu", "-v", "-aet", f"SCU{k}", "-aec", "DICOMGW", "+sd", "127.0.0.1",
-             str(process.dimse_port), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             str(process.dimse_port), str(folder)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for k, folder in enumerate(folders)]
         outputs = [sender.communicate(timeout=120)[0] for sender in senders]
         # The worker process is serving too.
