@@ -94,7 +94,7 @@ class FileStorage:
         # Creating a file costs the kernel far more than writing a small one (about 0.5 ms of
         # system time on ext4, against 0.02 ms for a rename): a thread keeps a few empty spool
         # files ready, so that a C-STORE does not wait for one to be created.
-        self._stock: queue.SimpleQueue[tuple[Path, int, bool]] = queue.SimpleQueue()
+        self._stock: queue.SimpleQueue[tuple[Path, int]] = queue.SimpleQueue()
         self._stock_low = threading.Event()
         self._stocker: threading.Thread | None = None
         self._stocker_lock = threading.Lock()
@@ -193,9 +193,7 @@ class FileStorage:
         self.check_space(size)
         temp = None
         try:
-            temp, fd, direct = self._new_spool_file()
-            if direct:  # written through a buffered file object
-                fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # O_DIRECT off (no other flag was set)
+            temp, fd = self._new_spool_file()
             with open(fd, "wb") as f:
                 if isinstance(data, bytes):
                     f.write(data)
@@ -224,12 +222,10 @@ class FileStorage:
         self.check_space(len(data))
         temp, fd = None, -1
         try:
-            temp, fd, direct = self._new_spool_file()
+            temp, fd = self._new_spool_file()
             view = memoryview(data)
-            if direct and len(view) >= DIRECT_MIN:
+            if self.direct_io and len(view) >= DIRECT_MIN:
                 view = self._write_direct(fd, view)
-            elif direct:
-                fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # O_DIRECT off (no other flag was set)
             while view:
                 view = view[os.write(fd, view):]
         except OSError as exc:
@@ -241,11 +237,13 @@ class FileStorage:
         return temp, fd
 
     def _write_direct(self, fd: int, view: memoryview) -> memoryview:
-        """Write ``view`` to ``fd``, open with ``O_DIRECT``; return what is left to write.
+        """Write ``view`` to ``fd`` with ``O_DIRECT`` (turned on here: spool files are opened
+        without it, so that a small instance needs no second system call); return what is left
+        to write.
 
         ``O_DIRECT`` wants the memory, the length and the file offset aligned: the bytes are
         copied, a chunk at a time, into this thread's page-aligned buffer, the last block
-        padded with zeros and cut off again by ``ftruncate`` (two system calls for an instance
+        padded with zeros and cut off again by ``ftruncate`` (three system calls for an instance
         of up to :data:`DIRECT_CHUNK` bytes). Should the file system refuse, ``O_DIRECT`` is
         turned off for the process and what is left goes through the page cache.
         """
@@ -253,6 +251,11 @@ class FileStorage:
         if buffer is None:
             buffer = self._direct_buffers.buffer = mmap.mmap(-1, DIRECT_CHUNK)
         total = len(view)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_DIRECT)  # the file was opened with no flag
+        except OSError as exc:
+            self._refused_direct_io(exc)
+            return view
         try:
             while view:
                 size = min(len(view), DIRECT_CHUNK)
@@ -282,9 +285,8 @@ class FileStorage:
                     "page cache")
         self.direct_io = False
 
-    def _new_spool_file(self) -> tuple[Path, int, bool]:
-        """An empty spool file, open for writing (with ``O_DIRECT`` or not, as the last item
-        says): one created ahead, else a new one."""
+    def _new_spool_file(self) -> tuple[Path, int]:
+        """An empty spool file, open for writing: one created ahead, else a new one."""
         if self._stocker is None:
             self._start_stocking()
         try:
@@ -295,16 +297,9 @@ class FileStorage:
             self._stock_low.set()  # refilled by the half: one wake-up for several files
         return spool
 
-    def _create_spool_file(self) -> tuple[Path, int, bool]:
+    def _create_spool_file(self) -> tuple[Path, int]:
         temp = self.incoming / f"{secrets.token_hex(8)}.part"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        if self.direct_io:
-            try:
-                return temp, os.open(temp, flags | os.O_DIRECT, 0o644), True
-            except OSError as exc:
-                self._refused_direct_io(exc)
-                _unlink(temp)
-        return temp, os.open(temp, flags, 0o644), False
+        return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
     def _start_stocking(self) -> None:
         with self._stocker_lock:
@@ -340,7 +335,7 @@ class FileStorage:
             stocker.join(timeout=10)
         while True:
             try:
-                temp, fd, _direct = self._stock.get_nowait()
+                temp, fd = self._stock.get_nowait()
             except queue.Empty:
                 return
             os.close(fd)
