@@ -101,6 +101,8 @@ class Server:
         self.dimse_port = int(dimse.server_address[1])
         self.workers = [spawn_dimse_worker(self.dimse_port)
                         for _ in range(settings.dimse.workers - 1)]
+        for worker in self.workers:  # "ready" means every process takes associations
+            await asyncio.to_thread(wait_until_listening, worker)
         self.runner = web.AppRunner(create_app(self.gateway), access_log=None)
         await self.runner.setup()
         freeze_startup_objects()
@@ -125,12 +127,27 @@ class Server:
             self.runner = None
 
 
+WORKER_LISTENING = b"dimse worker listening\n"
+
+
 def spawn_dimse_worker(port: int) -> subprocess.Popen[bytes]:
-    """Start a DIMSE-only worker process on the shared port; it stops when its stdin closes."""
+    """Start a DIMSE-only worker process on the shared port; it stops when its stdin closes.
+
+    It writes :data:`WORKER_LISTENING` on its stdout once it takes associations.
+    """
     return subprocess.Popen(
         [sys.executable, "-m", "gateway", "dimse-worker", "--port", str(port)],
-        stdin=subprocess.PIPE, env=os.environ.copy(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=os.environ.copy(),
     )
+
+
+def wait_until_listening(worker: subprocess.Popen[bytes]) -> None:
+    """Return once ``worker`` listens; raise :class:`GatewayError` if it ended instead."""
+    assert worker.stdout is not None
+    line = worker.stdout.readline()
+    worker.stdout.close()
+    if line != WORKER_LISTENING:
+        raise GatewayError(f"a DIMSE worker process did not start (exit status {worker.wait()})")
 
 
 def stop_dimse_worker(worker: subprocess.Popen[bytes]) -> None:
@@ -147,6 +164,8 @@ def run_dimse_worker(gateway: Gateway, port: int) -> None:
     """Serve DIMSE on ``port`` (bound by the main process too) until stdin closes."""
     server = start_dimse(gateway, port=port)
     freeze_startup_objects()
+    sys.stdout.buffer.write(WORKER_LISTENING)
+    sys.stdout.buffer.flush()
     try:
         sys.stdin.buffer.read()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -30,6 +31,12 @@ def test_workers_share_the_port_and_lose_nothing(tmp_path: Path, database_url: s
         folders.append(folder)
     process = GatewayProcess(env, tmp_path / "gateway.log").start()
     try:
+        # "gateway ready" is printed once the worker process listens too.
+        assert process.proc is not None
+        children = Path(f"/proc/{process.proc.pid}/task/{process.proc.pid}/children")
+        workers = [int(pid) for pid in children.read_text().split()]
+        assert len(workers) == 1, "no DIMSE worker process was started"
+        assert listens(workers[0], process.dimse_port)
         # Four senders at once, each a process of its own (dcmtk's storescu): a pynetdicom
         # requestor per thread of one process can lose a fast response to its own reactor
         # thread ("Received unexpected C-STORE service message") and wait out its timeout.
@@ -39,10 +46,6 @@ def test_workers_share_the_port_and_lose_nothing(tmp_path: Path, database_url: s
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for k, folder in enumerate(folders)]
         outputs = [sender.communicate(timeout=120)[0] for sender in senders]
-        # The worker process is serving too.
-        assert process.proc is not None
-        children = Path(f"/proc/{process.proc.pid}/task/{process.proc.pid}/children")
-        assert children.read_text().split(), "no DIMSE worker process was started"
     finally:
         process.stop()
     for sender, output in zip(senders, outputs, strict=True):
@@ -52,3 +55,19 @@ def test_workers_share_the_port_and_lose_nothing(tmp_path: Path, database_url: s
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(Instance)).scalar() == 40
     engine.dispose()
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on TCP ``port`` (Linux /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "0A" and fields[9] in inodes:
+                return True
+    return False
