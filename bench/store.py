@@ -6,6 +6,10 @@ both). The gateway sets TCP_NODELAY and re-arms TCP_QUICKACK on its own sockets 
 
     .venv/bin/python bench/store.py --count 500 --kind ct
     .venv/bin/python bench/store.py --count 500 --kind tiny --associations 1 4
+    .venv/bin/python bench/store.py --count 2000 --kind tiny --workers 2
+
+With ``--workers 2`` the kernel spreads the associations over the two processes by a hash of
+each connection's addresses (``SO_REUSEPORT``): four associations may land 2:2, 3:1 or 4:0.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["tuned", "packaged"],
                         choices=["tuned", "packaged"])
     parser.add_argument("--no-orthanc", action="store_true")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the gateway's [dimse] workers (processes sharing the port)")
     parser.add_argument("--settle", type=float, default=30.0,
                         help="seconds to wait before the first send (see below)")
     args = parser.parse_args()
@@ -106,7 +112,8 @@ def main() -> None:
                 run_root = root / f"{setting}-{n}"
                 run_root.mkdir()
                 folders = split(files, n, run_root)
-                with GatewayServer(run_root / "gw") as gateway:
+                with GatewayServer(run_root / "gw",
+                                   env={"GATEWAY_DIMSE_WORKERS": str(args.workers)}) as gateway:
                     seconds, cpu = measured_send(gateway, folders, tuned)
                 gw_rate = args.count / seconds
                 line = (f"{setting:9} {n:>5} {gw_rate:>15.1f} {mb / seconds:>7.1f} "
