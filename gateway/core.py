@@ -27,7 +27,7 @@ class Gateway:
             min_free_bytes=settings.storage.min_free_bytes,
             direct_io=settings.storage.direct_io,
         )
-        self.index = Index(settings.index_url)
+        self.index = Index(settings.index_url, shared_writer=settings.dimse.workers > 1)
         self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite)
 
     def open(self, *, recover: bool = True) -> Gateway:

@@ -10,10 +10,13 @@ writer commits its own unit in its own thread, with no hand-over to another.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +31,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    make_url,
     select,
     update,
 )
@@ -74,6 +78,15 @@ def make_engine(url: str, *, writer: bool = False) -> Engine:
         return engine
     return create_engine(url, pool_size=3 if writer else 10, max_overflow=0 if writer else 20,
                          pool_pre_ping=True)
+
+
+def _writer_lock_path(url: str) -> str | None:
+    """The file whose lock the writers of an SQLite database share; ``None`` for a database
+    that is not one file (PostgreSQL, SQLite in memory)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return f"{parsed.database}.writer"
 
 
 def _insert(dialect: str, table: Any) -> Any:
@@ -161,9 +174,15 @@ class Index:
     ----------
     url
         SQLAlchemy URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
+    shared_writer
+        Other processes write to the same SQLite file at the same time (``[dimse] workers``
+        above 1): each group commit first takes a lock on ``<database>.writer`` (``flock``), so
+        that the processes' writers take turns at once. Without it, a writer finding SQLite's
+        lock taken sleeps in SQLite's busy handler (1 ms, then 2, 5, 10...), and four worker
+        processes stored fewer instances per second than one (docs/benchmarks.md).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, shared_writer: bool = False) -> None:
         self.url = url
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
@@ -176,6 +195,8 @@ class Index:
         # committed or lead the next batch.
         self._committer = threading.Lock()
         self._bare_connection: Any = None  # the writer's DBAPI connection for bare batches
+        self._writer_lock_path = _writer_lock_path(url) if shared_writer else None
+        self._writer_lock_fd = -1
 
     # -- schema -------------------------------------------------------------------------------
     def upgrade(self) -> None:
@@ -196,6 +217,9 @@ class Index:
                 self._bare_connection.close()
                 self._bare_connection = None
             self.engine.dispose()
+            if self._writer_lock_fd >= 0:
+                os.close(self._writer_lock_fd)
+                self._writer_lock_fd = -1
         self.write_engine.dispose()
 
     # -- group commit -------------------------------------------------------------------------
@@ -241,11 +265,27 @@ class Index:
 
     def _run_batch(self, batch: list[_Unit]) -> None:
         try:
-            self._commit_batch(batch)
+            with self._across_processes():
+                self._commit_batch(batch)
         finally:
             for unit in batch:
                 if not unit.future.done():  # interrupted (KeyboardInterrupt, SystemExit)
                     unit.future.set_exception(RuntimeError("the index write was interrupted"))
+
+    @contextlib.contextmanager
+    def _across_processes(self) -> Iterator[None]:
+        """Hold the writer lock shared with other processes, if there is one."""
+        if self._writer_lock_path is None:
+            yield
+            return
+        if self._writer_lock_fd < 0:
+            self._writer_lock_fd = os.open(self._writer_lock_path,
+                                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._writer_lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._writer_lock_fd, fcntl.LOCK_UN)
 
     def _commit_batch(self, batch: list[_Unit]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []

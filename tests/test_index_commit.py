@@ -4,14 +4,17 @@ other unit (a savepoint each), and a unit without a savepoint fails its whole ba
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, make_url, select
 from sqlalchemy.orm import Session
 
 from gateway.index import Index
@@ -147,3 +150,52 @@ def test_many_concurrent_writers_all_committed(index: Index) -> None:
                       else index.write_bare(add_patient_bare(index, f"c{k}")), range(200)))
     with index.Session() as session:
         assert session.scalar(select(func.count()).select_from(Patient)) == 200
+
+
+LOCK_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_processes_sharing_an_sqlite_file_take_turns_at_the_writer_lock(
+        tmp_path: Path, shared: bool) -> None:
+    """With ``shared_writer`` a group commit waits while another process holds the writer
+    lock (and goes on once it is released); without it, the lock file is not used."""
+    database = tmp_path / "index.sqlite"
+    index = Index(f"sqlite:///{database}", shared_writer=shared)
+    index.upgrade()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, f"{database}.writer"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "locked\n"
+        with ThreadPoolExecutor(1) as pool:
+            write = pool.submit(index.write, add_patient("waiting"))
+            if shared:
+                time.sleep(0.5)
+                assert not write.done(), "the commit did not wait for the other process"
+                holder.stdin.write("\n")
+                holder.stdin.flush()
+            write.result(timeout=10)
+        assert patients(index) == {"waiting"}
+    finally:
+        holder.kill()
+        holder.communicate()  # closes its pipes
+        index.close()
+
+
+def test_a_writer_lock_file_only_for_a_database_that_is_one_file(database_url: str) -> None:
+    index = Index(database_url, shared_writer=True)
+    try:
+        lock_path = index._writer_lock_path  # noqa: SLF001 - no file to show it otherwise
+        if database_url.startswith("postgresql"):  # PostgreSQL has its own writers
+            assert lock_path is None
+        else:
+            assert lock_path == f"{make_url(database_url).database}.writer"
+    finally:
+        index.close()
