@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -128,6 +129,7 @@ class Server:
 
 
 WORKER_LISTENING = b"dimse worker listening\n"
+WORKER_START_TIMEOUT = 60.0  # seconds for a worker process to import, open and listen
 
 
 def spawn_dimse_worker(port: int) -> subprocess.Popen[bytes]:
@@ -141,13 +143,23 @@ def spawn_dimse_worker(port: int) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_until_listening(worker: subprocess.Popen[bytes]) -> None:
-    """Return once ``worker`` listens; raise :class:`GatewayError` if it ended instead."""
+def wait_until_listening(worker: subprocess.Popen[bytes],
+                         timeout: float = WORKER_START_TIMEOUT) -> None:
+    """Return once ``worker`` listens; raise :class:`GatewayError` if it ended instead, or is
+    still silent after ``timeout`` seconds (it is then killed)."""
     assert worker.stdout is not None
-    line = worker.stdout.readline()
+    with selectors.DefaultSelector() as selector:
+        selector.register(worker.stdout, selectors.EVENT_READ)
+        ready = selector.select(timeout)
+    line = worker.stdout.readline() if ready else b""
     worker.stdout.close()
-    if line != WORKER_LISTENING:
-        raise GatewayError(f"a DIMSE worker process did not start (exit status {worker.wait()})")
+    if line == WORKER_LISTENING:
+        return
+    if not ready:
+        worker.kill()
+        worker.wait()
+        raise GatewayError(f"a DIMSE worker process did not listen within {timeout:g} s")
+    raise GatewayError(f"a DIMSE worker process did not start (exit status {worker.wait()})")
 
 
 def stop_dimse_worker(worker: subprocess.Popen[bytes]) -> None:

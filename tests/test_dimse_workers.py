@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import ct_dataset
 from gateway_process import GatewayProcess
 from sqlalchemy import create_engine, func, select
 
+from gateway.errors import GatewayError
 from gateway.models import Instance
+from gateway.server import WORKER_LISTENING, stop_dimse_worker, wait_until_listening
 
 
 def test_workers_share_the_port_and_lose_nothing(tmp_path: Path, database_url: str) -> None:
@@ -71,3 +75,37 @@ def listens(pid: int, port: int) -> bool:
             if local_port == port and fields[3] == "0A" and fields[9] in inodes:
                 return True
     return False
+
+
+def spawn(code: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+
+
+def test_serve_waits_for_the_worker_line() -> None:
+    worker = spawn(f"import sys; sys.stdout.buffer.write({WORKER_LISTENING!r}); "
+                   "sys.stdout.flush(); sys.stdin.read()")
+    try:
+        wait_until_listening(worker, timeout=30)
+        assert worker.poll() is None  # still running, serving
+    finally:
+        stop_dimse_worker(worker)
+
+
+def test_a_worker_that_dies_before_listening_stops_serve() -> None:
+    worker = spawn("import sys; sys.exit(3)")
+    try:
+        with pytest.raises(GatewayError, match="did not start \\(exit status 3\\)"):
+            wait_until_listening(worker, timeout=30)
+    finally:
+        stop_dimse_worker(worker)
+
+
+def test_a_silent_worker_is_killed_after_the_timeout() -> None:
+    worker = spawn("import time; time.sleep(60)")
+    try:
+        with pytest.raises(GatewayError, match="did not listen within 0.5 s"):
+            wait_until_listening(worker, timeout=0.5)
+        assert worker.returncode is not None  # killed and reaped
+    finally:
+        stop_dimse_worker(worker)
