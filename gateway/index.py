@@ -52,7 +52,7 @@ MAX_BATCH = 64
 def make_engine(url: str, *, writer: bool = False) -> Engine:
     """Create an Engine, with SQLite's pragmas set on each new connection.
 
-    The ``writer`` engine (used by the one writer thread) takes SQLite's write lock when a
+    The ``writer`` engine (used by the group committer) takes SQLite's write lock when a
     transaction begins, so that another process's writer waits instead of failing mid-way.
     """
     if url.startswith("sqlite"):
@@ -196,7 +196,8 @@ class Index:
         self._committer = threading.Lock()
         self._bare_connection: Any = None  # the writer's DBAPI connection for bare batches
         self._writer_lock_path = _writer_lock_path(url) if shared_writer else None
-        self._writer_lock_fd = -1
+        self._writer_lock_fd = -1 if self._writer_lock_path is None else os.open(
+            self._writer_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     # -- schema -------------------------------------------------------------------------------
     def upgrade(self) -> None:
@@ -275,12 +276,9 @@ class Index:
     @contextlib.contextmanager
     def _across_processes(self) -> Iterator[None]:
         """Hold the writer lock shared with other processes, if there is one."""
-        if self._writer_lock_path is None:
+        if self._writer_lock_fd < 0:
             yield
             return
-        if self._writer_lock_fd < 0:
-            self._writer_lock_fd = os.open(self._writer_lock_path,
-                                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._writer_lock_fd, fcntl.LOCK_EX)
         try:
             yield

@@ -145,8 +145,8 @@ def spawn_dimse_worker(port: int) -> subprocess.Popen[bytes]:
 
 def wait_until_listening(worker: subprocess.Popen[bytes],
                          timeout: float = WORKER_START_TIMEOUT) -> None:
-    """Return once ``worker`` listens; raise :class:`GatewayError` if it ended instead, or is
-    still silent after ``timeout`` seconds (it is then killed)."""
+    """Return once ``worker`` listens; else kill it and raise :class:`GatewayError` (it ended,
+    wrote something else, or stayed silent for ``timeout`` seconds)."""
     assert worker.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(worker.stdout, selectors.EVENT_READ)
@@ -155,11 +155,11 @@ def wait_until_listening(worker: subprocess.Popen[bytes],
     worker.stdout.close()
     if line == WORKER_LISTENING:
         return
+    worker.kill()  # nothing to a process that has already ended: its exit status stays
+    status = worker.wait()
     if not ready:
-        worker.kill()
-        worker.wait()
         raise GatewayError(f"a DIMSE worker process did not listen within {timeout:g} s")
-    raise GatewayError(f"a DIMSE worker process did not start (exit status {worker.wait()})")
+    raise GatewayError(f"a DIMSE worker process did not start (exit status {status})")
 
 
 def stop_dimse_worker(worker: subprocess.Popen[bytes]) -> None:

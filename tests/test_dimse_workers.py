@@ -92,20 +92,18 @@ def test_serve_waits_for_the_worker_line() -> None:
         stop_dimse_worker(worker)
 
 
-def test_a_worker_that_dies_before_listening_stops_serve() -> None:
-    worker = spawn("import sys; sys.exit(3)")
+@pytest.mark.parametrize(("code", "timeout", "error"), [
+    ("import sys; sys.exit(3)", 30, "did not start \\(exit status 3\\)"),
+    ("import sys, time; print('something else', flush=True); time.sleep(60)", 30,
+     "did not start \\(exit status -9\\)"),
+    ("import time; time.sleep(60)", 0.5, "did not listen within 0.5 s"),
+], ids=["dies", "writes something else", "silent"])
+def test_a_worker_that_does_not_listen_stops_serve(code: str, timeout: float,
+                                                    error: str) -> None:
+    worker = spawn(code)
     try:
-        with pytest.raises(GatewayError, match="did not start \\(exit status 3\\)"):
-            wait_until_listening(worker, timeout=30)
-    finally:
-        stop_dimse_worker(worker)
-
-
-def test_a_silent_worker_is_killed_after_the_timeout() -> None:
-    worker = spawn("import time; time.sleep(60)")
-    try:
-        with pytest.raises(GatewayError, match="did not listen within 0.5 s"):
-            wait_until_listening(worker, timeout=0.5)
-        assert worker.returncode is not None  # killed and reaped
+        with pytest.raises(GatewayError, match=error):
+            wait_until_listening(worker, timeout=timeout)
+        assert worker.returncode is not None  # ended (killed if need be) and reaped
     finally:
         stop_dimse_worker(worker)
