@@ -127,11 +127,11 @@ class _Reader:
             tag = group << 16 | element
             if group == 0xFFFE:  # item and delimitation tags carry no VR
                 return tag, None, _U32.unpack_from(data, pos + 4)[0], pos + 8
-            if vr_bytes in _LONG_VRS:
-                return tag, vr_bytes.decode("ascii"), _U32.unpack_from(data, pos + 8)[0], pos + 12
-            vr = vr_bytes.decode("ascii")
-            if vr not in _CONVERTERS:
+            vr = _EXPLICIT_VRS.get(vr_bytes)
+            if vr is None:
                 raise Unsupported(f"VR {vr_bytes!r}")
+            if vr_bytes in _LONG_VRS:
+                return tag, vr, _U32.unpack_from(data, pos + 8)[0], pos + 12
             return tag, vr, short, pos + 8
         group, element, length = _IMPLICIT_HEADER.unpack_from(data, pos)
         tag = group << 16 | element
@@ -153,7 +153,7 @@ class _Reader:
             previous = tag
             if tag >> 16 == 0x0002 or tag == 0xFFFCFFFC:
                 raise Unsupported("file meta or padding element inside the data set")
-            key = f"{tag:08X}"
+            key = _KEYS.get(tag) or _key(tag)
             if vr == "SQ":
                 items: list[dict[str, Any]] = []
                 pos = self.read_sequence(items, pos, length, f"{path}{key}/")
@@ -268,8 +268,11 @@ class _Reader:
         if b"\x1b" in raw:
             raise Unsupported("code extension")
         self.text_read = True
-        values = [v.rstrip("\x00 ") for v in raw.decode(self.codec).split("\\")]
-        return _values(values)
+        text = raw.decode(self.codec)
+        if "\\" not in text:  # one value, as nearly always
+            text = text.rstrip("\x00 ")
+            return [text] if text else []
+        return _values([v.rstrip("\x00 ") for v in text.split("\\")])
 
     def single_text(self, raw: bytes) -> list[str]:  # LT, ST, UT
         if b"\x1b" in raw:
@@ -301,7 +304,10 @@ def _values(values: list[str]) -> list[str]:
 
 
 def _string(_reader: _Reader, raw: bytes) -> list[str]:  # AS, CS, DA, DT, TM, UI
-    return _values(raw.decode("latin_1").rstrip(" \x00").split("\\"))
+    value = raw.decode("latin_1").rstrip(" \x00")
+    if "\\" not in value:  # one value, as nearly always
+        return [value] if value else []
+    return _values(value.split("\\"))
 
 
 def _ae(_reader: _Reader, raw: bytes) -> list[str]:
@@ -359,6 +365,16 @@ _CONVERTERS: dict[str, Any] = {
     **{vr: _number(code, size) for vr, (code, size) in _NUMBERS.items()},
     **{vr: None for vr in _BINARY_VRS}, "UN": None, "SQ": None,
 }
+
+
+# The VRs read here, as they appear in an explicit VR header.
+_EXPLICIT_VRS = {vr.encode("ascii"): vr for vr in _CONVERTERS}
+# Each standard tag's JSON key ("0020000D"), made once; other tags' keys are made each time.
+_KEYS: dict[int, str] = {tag: f"{tag:08X}" for tag in DicomDictionary}
+
+
+def _key(tag: int) -> str:
+    return f"{tag:08X}"
 
 
 def _implicit_vr(tag: int) -> str:

@@ -95,6 +95,7 @@ def image(**extra: object) -> Dataset:
     ds.OtherPatientIDsSequence[0].IssuerOfPatientID = "ELSEWHERE"
     ds.OtherPatientIDsSequence[1].PatientID = "X2"
     ds.PatientComments = "Première visite\\ligne avec barre  "
+    ds.AdmittingDiagnosesDescription = ["Fièvre ", "Toux"]  # LO, several values
     ds.SliceThickness = "5.0"
     ds.KVP = " 120 "
     ds.StudyInstanceUID = generate_uid()
