@@ -93,9 +93,8 @@ class Series(Base):
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_pk: Mapped[int] = mapped_column(
-        ForeignKey("study.pk", ondelete="CASCADE"), index=True
-    )
+    # Indexed by ix_series_study_modality, which starts with it.
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.pk", ondelete="CASCADE"))
     series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     modality: Mapped[str] = mapped_column(String(16), default="", index=True)
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -119,9 +118,8 @@ class Instance(Base):
     __table_args__ = (Index("ix_instance_series_number", "series_pk", "instance_number"),)
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_pk: Mapped[int] = mapped_column(
-        ForeignKey("series.pk", ondelete="CASCADE"), index=True
-    )
+    # Indexed by ix_instance_series_number, which starts with it.
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.pk", ondelete="CASCADE"))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64), index=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
