@@ -7,6 +7,11 @@ both). The gateway sets TCP_NODELAY and re-arms TCP_QUICKACK on its own sockets 
     .venv/bin/python bench/store.py --count 500 --kind ct
     .venv/bin/python bench/store.py --count 500 --kind tiny --associations 1 4
     .venv/bin/python bench/store.py --count 2000 --kind tiny --workers 2
+    .venv/bin/python bench/store.py --count 2000 --kind tiny --settings tuned --repeat 5
+
+On a shared machine the rate of both servers moves by a quarter or more from one minute to the
+next: ``--repeat`` runs each cell several times, the gateway and Orthanc in turn, and prints the
+median of the ratios, the figure to compare.
 
 With ``--workers 2`` the kernel spreads the associations over the two processes by a hash of
 each connection's addresses (``SO_REUSEPORT``): four associations may land 2:2, 3:1 or 4:0.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +90,9 @@ def main() -> None:
     parser.add_argument("--no-orthanc", action="store_true")
     parser.add_argument("--workers", type=int, default=1,
                         help="the gateway's [dimse] workers (processes sharing the port)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per cell, gateway and Orthanc in turn; prints the median "
+                             "ratio")
     parser.add_argument("--settle", type=float, default=30.0,
                         help="seconds to wait before the first send (see below)")
     args = parser.parse_args()
@@ -97,8 +106,8 @@ def main() -> None:
         total_bytes = make_files(source, args.count, args.kind)
         files = sorted(source.glob("*.dcm"))
         mb = total_bytes / 1e6
-        print(f"{args.count} {args.kind} instances, {mb:.1f} MB; storescu; one run per cell "
-              "(repeat the command to see the spread); 'ms CPU' is the server's CPU time "
+        print(f"{args.count} {args.kind} instances, {mb:.1f} MB; storescu; {args.repeat} "
+              "run(s) per cell, the gateway then Orthanc; 'ms CPU' is the server's CPU time "
               "per instance")
         # ext4 without a journal skips inodes freed less than 30 s ago when it allocates new
         # ones, at a cost per file created: a run started right after another one's clean-up
@@ -107,27 +116,40 @@ def main() -> None:
         print(f"{'setting':9} {'assoc':>5} {'gateway inst/s':>15} {'MB/s':>7} {'ms CPU':>7} "
               f"{'orthanc inst/s':>15} {'MB/s':>7} {'ms CPU':>7} {'ratio':>6}")
         for setting in args.settings:
-            tuned = setting == "tuned"
             for n in args.associations:
-                run_root = root / f"{setting}-{n}"
-                run_root.mkdir()
-                folders = split(files, n, run_root)
-                with GatewayServer(run_root / "gw",
-                                   env={"GATEWAY_DIMSE_WORKERS": str(args.workers)}) as gateway:
-                    seconds, cpu = measured_send(gateway, folders, tuned)
-                gw_rate = args.count / seconds
-                line = (f"{setting:9} {n:>5} {gw_rate:>15.1f} {mb / seconds:>7.1f} "
-                        f"{cpu / args.count * 1000:>7.2f}")
-                if ORTHANC and not args.no_orthanc:
-                    with OrthancServer(run_root / "orthanc", tuned=tuned, dicomweb=False) as o:
-                        o_seconds, o_cpu = measured_send(o, folders, tuned)
-                    o_rate = args.count / o_seconds
-                    line += (f" {o_rate:>15.1f} {mb / o_seconds:>7.1f} "
-                             f"{o_cpu / args.count * 1000:>7.2f} {gw_rate / o_rate:>6.2f}")
-                else:
-                    line += f" {'(not installed)':>15}"
-                print(line, flush=True)
+                ratios = []
+                for run in range(args.repeat):
+                    run_root = root / f"{setting}-{n}-{run}"
+                    run_root.mkdir()
+                    line, ratio = run_cell(run_root, split(files, n, run_root), setting, n,
+                                           args, mb)
+                    print(line, flush=True)
+                    if ratio is not None:
+                        ratios.append(ratio)
+                if len(ratios) > 1:
+                    print(f"{'':9} {'':>5} ratio over {len(ratios)} runs: median "
+                          f"{statistics.median(ratios):.2f}, {min(ratios):.2f}-{max(ratios):.2f}",
+                          flush=True)
 
+
+def run_cell(run_root: Path, folders: list[Path], setting: str, n: int,
+             args: argparse.Namespace, mb: float) -> tuple[str, float | None]:
+    """One send to the gateway, then the same to Orthanc: the printed line and the ratio."""
+    tuned = setting == "tuned"
+    with GatewayServer(run_root / "gw",
+                       env={"GATEWAY_DIMSE_WORKERS": str(args.workers)}) as gateway:
+        seconds, cpu = measured_send(gateway, folders, tuned)
+    gw_rate = args.count / seconds
+    line = (f"{setting:9} {n:>5} {gw_rate:>15.1f} {mb / seconds:>7.1f} "
+            f"{cpu / args.count * 1000:>7.2f}")
+    if not ORTHANC or args.no_orthanc:
+        return line + f" {'(not installed)':>15}", None
+    with OrthancServer(run_root / "orthanc", tuned=tuned, dicomweb=False) as orthanc:
+        o_seconds, o_cpu = measured_send(orthanc, folders, tuned)
+    o_rate = args.count / o_seconds
+    line += (f" {o_rate:>15.1f} {mb / o_seconds:>7.1f} "
+             f"{o_cpu / args.count * 1000:>7.2f} {gw_rate / o_rate:>6.2f}")
+    return line, gw_rate / o_rate
 
 if __name__ == "__main__":
     main()
