@@ -8,7 +8,9 @@ Layout under ``<data>/files``::
 
 Every path is derived from validated UIDs and the content digest, never taken from input. A write
 is: the bytes into a spool file in ``.incoming`` -> renamed to its journal name -> hard link to its
-final name -> fsync of the file and of the folder. The journal name stays until the index row is
+final name -> fsync of the file and of the folder. A final name found taken is kept only if its
+file holds the same data set (a power failure can leave a name whose content never reached the
+disk); else this write's file replaces it. The journal name stays until the index row is
 committed (:meth:`FileStorage.finish`), so after a crash :meth:`FileStorage.recover` knows each
 write that may not have been indexed, and nothing else has to be scanned.
 """
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import GatewayError, StorageFull
+from gateway.metadata import dataset_offset
 from gateway.uids import validate_uid
 
 logger = logging.getLogger(__name__)
@@ -379,7 +382,8 @@ class FileStorage:
         final = self.path(relpath)
         try:
             os.rename(spooled, journal)
-            _link(journal, final)
+            if not _link(journal, final):
+                self._check_existing(journal, final)
             if self.fsync and sync_folder:
                 # The final name must survive power loss before the write is acknowledged.
                 # The journal name need not: it only serves to undo unacknowledged writes.
@@ -389,6 +393,25 @@ class FileStorage:
             _unlink(spooled)
             raise _write_error(exc, relpath) from exc
         return PendingWrite(relpath, journal)
+
+    def _check_existing(self, journal: Path, final: Path) -> None:
+        """The final name exists already: keep it if it holds this write's data set, else
+        give the name to this write's file.
+
+        The name carries the data set's digest, so an earlier or concurrent write of the same
+        data set made it, and it is flushed here too before anything is acknowledged on it.
+        But a name can reach the disk before its file's content: after a power failure it may
+        stand for an empty or cut-short file, which a re-send must repair, not confirm.
+        """
+        if _same_data_set(final, journal):
+            if self.fsync:
+                _fsync_file(final)
+            return
+        logger.warning("stored file %s did not hold its data set (cut short by a power "
+                       "failure?): replaced by the copy just received",
+                       final.relative_to(self.root))
+        os.rename(journal, final)  # atomic: a reader has the old file or the new one
+        os.link(final, journal)  # the journal entry back, until the index row is committed
 
     def discard(self, spooled: Path) -> None:
         """Remove a spooled file that will not be placed."""
@@ -497,21 +520,50 @@ def _write_error(exc: OSError, what: str) -> GatewayError:
     return GatewayError(f"cannot write {what}: {exc.strerror}")
 
 
-def _link(source: Path, name: Path) -> None:
-    """Give ``source`` the name ``name`` (kept if it exists), creating its folders if missing.
+def _link(source: Path, name: Path) -> bool:
+    """Give ``source`` the name ``name``, creating its folders if missing; ``False`` if the
+    name exists (it is left as it is).
 
     The link is tried first: the folders of a series exist for all but its first instance.
     """
     try:
         os.link(source, name)
     except FileExistsError:
-        pass
+        return False
     except FileNotFoundError:
         name.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(source, name)
         except FileExistsError:
-            pass
+            return False
+    return True
+
+
+def _same_data_set(a: Path, b: Path) -> bool:
+    """Whether two Part 10 files hold the same data set, byte for byte (their file meta
+    information, which names the sender, may differ); files without a Part 10 header are
+    compared whole. Read a chunk at a time: a multi-frame instance may not fit in memory."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        offsets = [dataset_offset(f.read(144)) for f in (fa, fb)]
+        sizes = [os.fstat(f.fileno()).st_size for f in (fa, fb)]
+        if sizes[0] - offsets[0] != sizes[1] - offsets[1]:
+            return False
+        fa.seek(offsets[0])
+        fb.seek(offsets[1])
+        while True:
+            chunk = fa.read(CHUNK)
+            if chunk != fb.read(CHUNK):
+                return False
+            if not chunk:
+                return True
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_empty(path: Path) -> bool:

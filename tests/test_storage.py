@@ -11,7 +11,12 @@ import pytest
 from conftest import make_settings
 
 from gateway.core import Gateway
+from gateway.ingest import Outcome, read_part10
+from gateway.metadata import parse_instance
+from gateway.part10 import file_meta_header
 from gateway.storage import DIRECT_ALIGN, DIRECT_CHUNK, DIRECT_MIN, FileStorage, relative_path
+
+SAMPLE = Path(__file__).parent.parent / "sample_dicom" / "files" / "ct_explicit_le.dcm"
 
 SIZES = [0, 10, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, DIRECT_ALIGN * 129 + 17,
          DIRECT_CHUNK, DIRECT_CHUNK * 2 + DIRECT_ALIGN + 3]
@@ -62,3 +67,55 @@ def test_direct_io_can_be_turned_off(tmp_path: Path, database_url: str) -> None:
         temp, fd = gateway.storage.spool_unsynced(os.urandom(DIRECT_MIN * 2))
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
         gateway.storage.discard_unsynced((temp, fd))
+
+
+def part10(data_set: bytes, source_ae_title: str) -> bytes:
+    return file_meta_header("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4.5",
+                            "1.2.840.10008.1.2.1", source_ae_title) + data_set
+
+
+def test_a_re_send_keeps_the_stored_file_of_the_same_data_set(tmp_path: Path) -> None:
+    """Sent again (here by another AE, so another file meta group): the first file stays."""
+    storage = FileStorage(tmp_path / "files")
+    relpath = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", "ab" * 32)
+    data_set = os.urandom(5000)
+    storage.finish(storage.write(relpath, part10(data_set, "FIRST")))
+    first = storage.path(relpath).stat().st_ino
+    storage.finish(storage.write(relpath, part10(data_set, "SECOND")))
+    assert storage.path(relpath).stat().st_ino == first
+    assert storage.path(relpath).read_bytes() == part10(data_set, "FIRST")
+    assert storage.unfinished() == []
+    storage.detach()
+
+
+@pytest.mark.parametrize("left", [b"", b"cut short", "zeros"], ids=["empty", "cut-short", "zeros"])
+def test_a_re_send_repairs_a_file_a_power_failure_left_incomplete(tmp_path: Path,
+                                                                  left: bytes | str) -> None:
+    """A name can reach the disk before its file's content: the next write of that data set
+    must not take the empty, cut-short or zero-filled file for its own."""
+    storage = FileStorage(tmp_path / "files")
+    relpath = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", "ab" * 32)
+    data = part10(os.urandom(5000), "MODALITY")
+    final = storage.path(relpath)
+    final.parent.mkdir(parents=True)
+    final.write_bytes(bytes(len(data)) if left == "zeros" else data[:len(data) // 2]
+                      if left else b"")
+    storage.finish(storage.write(relpath, data))
+    assert final.read_bytes() == data
+    assert storage.unfinished() == []
+    storage.detach()
+
+
+def test_an_instance_whose_file_a_power_failure_left_empty_is_stored_whole(
+        gateway: Gateway) -> None:
+    """Through ingest: the name of the file was on disk, its content and index row were not."""
+    data = read_part10(SAMPLE)
+    parsed = parse_instance(data)
+    relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
+                            parsed.sop_instance_uid, parsed.digest)
+    final = gateway.storage.path(relpath)
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"")
+    assert gateway.ingestor.ingest(data).outcome is Outcome.STORED
+    assert final.read_bytes() == data
+    assert gateway.storage.unfinished() == []
