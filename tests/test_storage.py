@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,37 @@ def test_large_instances_go_around_the_page_cache(tmp_path: Path, size: int,
     assert os.fstat(fd).st_size == size  # the padded last block cut back
     storage.discard_unsynced((temp, fd))
     storage.detach()
+
+
+REFUSED_DIRECT_IO = """
+import os, sys
+from pathlib import Path
+from gateway.storage import DIRECT_MIN, FileStorage, relative_path
+
+storage = FileStorage(Path(sys.argv[1]) / "files")
+for n, size in enumerate([DIRECT_MIN * 3 + 5, DIRECT_MIN]):
+    data = os.urandom(size)
+    relpath = relative_path("1.2", "1.2.3", f"1.2.3.{n}", "ab" * 32)
+    storage.finish(storage.place_unsynced(storage.spool_unsynced(data), relpath))
+    assert storage.path(relpath).read_bytes() == data, size
+print(storage.direct_io, storage.unfinished())
+storage.detach()
+"""
+
+
+def test_a_file_system_that_refuses_o_direct_gets_the_page_cache(tmp_path: Path) -> None:
+    """ramfs refuses O_DIRECT (EINVAL): large instances are then written through the page
+    cache, whole, and O_DIRECT stays off. Run in a mount namespace of its own, where the test
+    may mount it (unshare, util-linux)."""
+    mount = tmp_path / "ramfs"
+    mount.mkdir()
+    script = ('mount -t ramfs ramfs "$1" && shift && exec "$@"')
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
+         str(mount), sys.executable, "-c", REFUSED_DIRECT_IO, str(mount)],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "False []"
 
 
 def test_direct_io_can_be_turned_off(tmp_path: Path, database_url: str) -> None:
