@@ -368,7 +368,7 @@ class FileStorage:
         try:
             if self.fsync:
                 os.fsync(fd)
-                _fsync_dir(self.path(relpath).parent)
+                _fsync(self.path(relpath).parent)
         except OSError as exc:
             self.abandon(pending)
             raise _write_error(exc, relpath) from exc
@@ -387,7 +387,7 @@ class FileStorage:
             if self.fsync and sync_folder:
                 # The final name must survive power loss before the write is acknowledged.
                 # The journal name need not: it only serves to undo unacknowledged writes.
-                _fsync_dir(final.parent)
+                _fsync(final.parent)
         except OSError as exc:
             _unlink(journal)
             _unlink(spooled)
@@ -405,7 +405,7 @@ class FileStorage:
         """
         if _same_data_set(final, journal):
             if self.fsync:
-                _fsync_file(final)
+                _fsync(final)
             return
         logger.warning("stored file %s did not hold its data set (cut short by a power "
                        "failure?): replaced by the copy just received",
@@ -429,7 +429,7 @@ class FileStorage:
         if not final.exists():
             _link(pending.temp, final)
             if self.fsync:
-                _fsync_dir(final.parent)
+                _fsync(final.parent)
         _unlink(pending.temp)
 
     def abandon(self, pending: PendingWrite, *, keep_final: bool = False) -> None:
@@ -558,7 +558,9 @@ def _same_data_set(a: Path, b: Path) -> bool:
                 return True
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (opened read-only: Linux flushes either through such a
+    descriptor)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -571,14 +573,6 @@ def _is_empty(path: Path) -> bool:
         return path.stat().st_size == 0
     except FileNotFoundError:
         return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: Path) -> None:
