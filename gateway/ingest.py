@@ -190,7 +190,7 @@ class Ingestor:
             )
         return None
 
-    def _store(self, parsed: ParsedInstance, spooled: tuple[Path, int],
+    def _store(self, parsed: ParsedInstance, spooled: tuple[str, int],
                source: str) -> IngestResult:
         relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
                                 parsed.sop_instance_uid, parsed.digest)
