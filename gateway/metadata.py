@@ -207,6 +207,18 @@ def _parsed(ts: str, uids: dict[str, str], size: int) -> ParsedInstance:
     )
 
 
+# pydicom checks a UID against a regular expression each time one is made: what is asked of
+# the few transfer syntaxes and SOP classes seen is kept.
+@functools.lru_cache(maxsize=256)
+def _is_image_storage(sop_class_uid: str) -> bool:
+    return UID(sop_class_uid).name.endswith("Image Storage")
+
+
+@functools.lru_cache(maxsize=64)
+def _is_encapsulated(ts: str) -> bool:
+    return UID(ts).is_encapsulated
+
+
 def _pixel_data_plain(read: dicom_json.JsonDataset, ts: str, sop_class_uid: str) -> bool:
     """No doubt about the pixel data: else pydicom reads the instance and judges it.
 
@@ -215,11 +227,11 @@ def _pixel_data_plain(read: dicom_json.JsonDataset, ts: str, sop_class_uid: str)
     values = read.values
     has_pixels = any(tag in values for tag in dicom_json.PIXEL_TAGS)
     if not has_pixels:
-        return (not UID(sop_class_uid).name.endswith("Image Storage")
+        return (not _is_image_storage(sop_class_uid)
                 and _TAGS["Rows"] not in values and _TAGS["Columns"] not in values)
     if 0x7FE00010 not in values or read.encapsulated:
         return True
-    if UID(ts).is_encapsulated:
+    if _is_encapsulated(ts):
         return False  # native pixel data in an encapsulated syntax: pydicom's call
 
     def number(keyword: str, default: int | None = None) -> int | None:
