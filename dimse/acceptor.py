@@ -60,7 +60,7 @@ from dimse.qr import MoveProgress, get_progress, move_progress
 from dimse.status import NOT_AUTHORIZED, OUT_OF_RESOURCES, SUCCESS
 from dimse.storage_scu import encoded_for_peer
 from dimse.store import store_instance
-from dimse.transport import tune_socket
+from dimse.transport import tune_socket, use_kernel_timeouts
 from gateway.core import Gateway
 from gateway.metrics import METRICS
 from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -342,6 +342,7 @@ class Acceptor:
         if not self._runs_here(request):
             return False
         host = address[0] if isinstance(address, tuple) else str(address)
+        use_kernel_timeouts(sock, self.settings.network_timeout)
         with self._open_lock:
             self._open.add(sock)
         try:

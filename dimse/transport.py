@@ -9,6 +9,7 @@ acknowledged at once. Reads fill a preallocated buffer instead of pynetdicom's 4
 from __future__ import annotations
 
 import socket
+import struct
 import types
 from typing import Any
 
@@ -23,6 +24,26 @@ def tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
     except OSError:
         pass
+
+
+def use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking, its reads and writes timed out by the kernel after ``seconds``
+    (``SO_RCVTIMEO``, ``SO_SNDTIMEO``); a timed-out call raises :class:`BlockingIOError`.
+
+    A socket with a Python timeout polls before every read and every write: one more system
+    call, and one more hand-over of the interpreter lock, per PDU. Where the options cannot be
+    set, the Python timeout stays.
+    """
+    if not seconds > 0:
+        return  # no timeout asked for, or a non-blocking socket: left as it is
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    except OSError:
+        return
+    sock.settimeout(None)
 
 
 def install_fast_recv(association_socket: Any) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from dimse.transport import TCP_QUICKACK
 from gateway.errors import GatewayError
@@ -116,7 +117,7 @@ class PduReader:
             self._buffer[:remaining] = self._view[self._start:self._end]
             self._start, self._end = 0, remaining
         while self._end < size:
-            n = self.sock.recv_into(self._view[self._end:])
+            n = _timed(self.sock.recv_into, self._view[self._end:])
             self._ack()
             if not n:
                 raise PeerClosed("the peer closed the connection")
@@ -124,7 +125,7 @@ class PduReader:
 
     def _recv_into(self, target: memoryview) -> None:
         while len(target):
-            n = self.sock.recv_into(target)
+            n = _timed(self.sock.recv_into, target)
             self._ack()
             if not n:
                 raise PeerClosed("the peer closed the connection")
@@ -136,6 +137,15 @@ class PduReader:
                 self.sock.setsockopt(socket.IPPROTO_TCP, self._quickack, 1)
             except OSError:
                 self._quickack = None
+
+
+def _timed(call: Callable[[Any], int], argument: Any) -> int:
+    """``call(argument)``, a kernel timeout (:func:`dimse.transport.use_kernel_timeouts`)
+    raised as :class:`TimeoutError`, as a Python timeout would be."""
+    try:
+        return call(argument)
+    except BlockingIOError as exc:
+        raise TimeoutError("the network timeout passed") from exc
 
 
 def command_sets(body: bytearray, pending: list[bytes], during: str) -> list[bytes]:
@@ -228,7 +238,7 @@ def sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
         chunk = [memoryview(p) for p in parts[start:start + batch]]
         remaining = sum(len(c) for c in chunk)
         while remaining:
-            sent = sock.sendmsg(chunk)
+            sent = _timed(sock.sendmsg, chunk)
             remaining -= sent
             if not remaining:
                 break

@@ -11,7 +11,9 @@ is run here); ``test_cancel_cancels_the_move`` adds a C-CANCEL-RQ sent whole and
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -449,6 +451,32 @@ def test_data_set_over_the_limit_is_refused_and_the_association_goes_on(
             assert instance_count(gateway) == 1
     finally:
         gateway.close()
+
+
+def test_an_idle_association_is_aborted_after_the_network_timeout(
+        tmp_path: Path, database_url: str) -> None:
+    """The acceptor's sockets are timed out by the kernel (SO_RCVTIMEO), not by Python: an
+    association that sends nothing is aborted once ``[dimse] network_timeout`` has passed,
+    and one that keeps talking is not."""
+    settings = make_settings(tmp_path, database_url)
+    settings = dataclasses.replace(
+        settings, dimse=dataclasses.replace(settings.dimse, network_timeout=0.5))
+    with Gateway(settings) as gateway, LiveServer(gateway) as live:
+        talking = raw_associate(live.dimse_port, [(7, Verification, [ExplicitVRLittleEndian])])
+        idle = raw_associate(live.dimse_port, [(7, Verification, [ExplicitVRLittleEndian])])
+        try:
+            assert run_by_acceptor(live) == 2
+            for message_id in range(1, 5):  # 1.2 s in all, never 0.5 s without a request
+                time.sleep(0.3)
+                talking.send(p_data((7, COMMAND | LAST, echo_rq(message_id))))
+                _cx, rsp, _data = talking.read_message()
+                assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (message_id, SUCCESS)
+            assert_aborted(idle)
+            talking.send(RELEASE_RQ)
+            assert talking.read_pdu() == (A_RELEASE_RP, bytes(4))
+        finally:
+            talking.close()
+            idle.close()
 
 
 # -- C-MOVE through the acceptor ----------------------------------------------------------------
