@@ -17,10 +17,9 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from sqlalchemy import (
     Engine,
@@ -121,11 +120,40 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+class _Result(Generic[T]):
+    """What a unit's work returned or raised, set by the committing thread.
+
+    The threads waiting for a group commit wait on the committer's lock, never on this, so
+    it needs none of :class:`concurrent.futures.Future`'s locking.
+    """
+
+    __slots__ = ("_done", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: T) -> None:
+        self._value, self._done = value, True
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error, self._done = error, True
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
+
+
 class _Unit(NamedTuple):
     """A unit of work waiting for the group commit."""
 
     work: Callable[[Any], Any]  # a Session, or a DBAPI connection for a bare unit
-    future: Future[Any]
+    future: _Result[Any]
     isolated: bool
 
 
@@ -230,7 +258,7 @@ class Index:
         Returns only after the transaction holding ``work`` is committed; raises what ``work``
         raised (its savepoint rolled back, the others unaffected) or the commit's error.
         """
-        future: Future[T] = Future()
+        future: _Result[T] = _Result()
         return self._write(_Unit(work, future, True), future)
 
     def write_bare(self, work: Callable[[Any], T]) -> T:
@@ -242,10 +270,10 @@ class Index:
         SQLAlchemy adds is one more wait for the interpreter lock inside the committer. If
         ``work`` raises all the same, its whole batch fails with its error.
         """
-        future: Future[T] = Future()
+        future: _Result[T] = _Result()
         return self._write(_Unit(work, future, False), future)
 
-    def _write(self, unit: _Unit, future: Future[T]) -> T:
+    def _write(self, unit: _Unit, future: _Result[T]) -> T:
         self._queue.put(unit)
         with self._committer:
             while not future.done():
@@ -286,7 +314,7 @@ class Index:
             fcntl.flock(self._writer_lock_fd, fcntl.LOCK_UN)
 
     def _commit_batch(self, batch: list[_Unit]) -> None:
-        results: list[tuple[Future[Any], bool, Any]] = []
+        results: list[tuple[_Result[Any], bool, Any]] = []
         bare = [unit for unit in batch if not unit.isolated]
         isolated = [unit for unit in batch if unit.isolated]
         if not isolated:
