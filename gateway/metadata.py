@@ -398,8 +398,12 @@ def _subset(model: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     return {key: model[key] for key in keys if key in model}
 
 
+# Built once; a model is a tree of fresh dicts and lists, so no cycle needs looking for.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+
+
 def _dumps(model: dict[str, Any]) -> str:
-    return json.dumps(model, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(model)
 
 
 def json_model(ds: Dataset, bulk_prefix: str) -> dict[str, Any]:
