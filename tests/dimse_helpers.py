@@ -173,40 +173,47 @@ class RawAssociation:
         self.sock.close()
 
 
-def raw_associate(port: int, contexts: list[tuple[int, str, list[str]]], *,
-                  calling: str = "RAWSCU", called: str = "DICOMGW", max_pdu: int = 16382,
-                  timeout: float = 10.0, split: tuple[int, float] | None = None
-                  ) -> RawAssociation:
-    """Open an association over a plain socket: an A-ASSOCIATE-RQ encoded by pynetdicom
-    proposing ``(context ID, abstract syntax, transfer syntaxes)``, and the A-ASSOCIATE-AC
-    decoded by pynetdicom.
-
-    ``split=(n, pause)`` sends the request's first ``n`` bytes, waits ``pause`` seconds, then
-    sends the rest: the request reaches the peer in two TCP segments, as a large one does.
-    """
+def associate_request_pdu(contexts: list[tuple[int, str, list[str]]], *, calling: str,
+                          called: str, max_pdu: int = 16382,
+                          user_items: list[Any] | None = None) -> bytes:
+    """An A-ASSOCIATE-RQ PDU encoded by pynetdicom, proposing ``(context ID, abstract syntax,
+    transfer syntaxes)``, with ``user_items`` after the maximum length and implementation
+    class UID."""
     request = A_ASSOCIATE()
     request.application_context_name = UID("1.2.840.10008.3.1.1.1")
     request.calling_ae_title = calling
     request.called_ae_title = called
-    proposed = {}
     for context_id, abstract_syntax, transfer_syntaxes in contexts:
         context = PresentationContext()
         context.context_id = context_id
         context.abstract_syntax = UID(abstract_syntax)
         context.transfer_syntax = [UID(s) for s in transfer_syntaxes]
         request.presentation_context_definition_list.append(context)
-        proposed[context_id] = abstract_syntax
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = max_pdu
     class_uid = ImplementationClassUIDNotification()
     class_uid.implementation_class_uid = UID("1.2.826.0.1.3680043.8.498.99")
-    request.user_information = [max_length, class_uid]
+    request.user_information = [max_length, class_uid, *(user_items or [])]
     encoded = A_ASSOCIATE_RQ()
     encoded.from_primitive(request)
+    return bytes(encoded.encode())
+
+
+def raw_associate(port: int, contexts: list[tuple[int, str, list[str]]], *,
+                  calling: str = "RAWSCU", called: str = "DICOMGW", max_pdu: int = 16382,
+                  timeout: float = 10.0, split: tuple[int, float] | None = None
+                  ) -> RawAssociation:
+    """Open an association over a plain socket: the A-ASSOCIATE-RQ of
+    :func:`associate_request_pdu`, and the A-ASSOCIATE-AC decoded by pynetdicom.
+
+    ``split=(n, pause)`` sends the request's first ``n`` bytes, waits ``pause`` seconds, then
+    sends the rest: the request reaches the peer in two TCP segments, as a large one does.
+    """
+    proposed = {context_id: abstract_syntax for context_id, abstract_syntax, _ in contexts}
+    data = associate_request_pdu(contexts, calling=calling, called=called, max_pdu=max_pdu)
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     raw = RawAssociation(sock, {})
     try:
-        data = encoded.encode()
         if split is None:
             sock.sendall(data)
         else:
@@ -230,6 +237,38 @@ def raw_associate(port: int, contexts: list[tuple[int, str, list[str]]], *,
         sock.close()
         raise
     return raw
+
+
+def association_rejection(port: int, *, calling: str = "RAWSCU", called: str = "DICOMGW",
+                          user_items: list[Any] | None = None,
+                          timeout: float = 10.0) -> tuple[int, int, int] | None:
+    """Ask for a storage association over a plain socket and return the (result, source,
+    reason) of the A-ASSOCIATE-RJ that came back (PS3.8 9.3.4), or ``None`` if it was
+    accepted (then released).
+
+    pynetdicom's requestor cannot tell a fast rejection from an abort: if its reader thread
+    has received the A-ASSOCIATE-RJ and closed the socket before the requesting thread looks
+    at the connection, the association is reported aborted, not rejected. The PDU on the
+    wire is what a rejection test asserts.
+    """
+    contexts = [(1, str(Verification), [ExplicitVRLittleEndian]),
+                (3, str(CTImageStorage), [ExplicitVRLittleEndian])]
+    data = associate_request_pdu(contexts, calling=calling, called=called,
+                                 user_items=user_items)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    raw = RawAssociation(sock, {})
+    try:
+        sock.sendall(data)
+        pdu_type, body = raw.read_pdu()
+        if pdu_type == A_ASSOCIATE_AC:
+            raw.send(RELEASE_RQ)
+            raw.read_pdu()
+            return None
+        assert pdu_type == A_ASSOCIATE_RJ, f"PDU type 0x{pdu_type:02X}"
+        # PS3.8 Table 9-21: reserved, result, source, reason/diagnostic
+        return body[1], body[2], body[3]
+    finally:
+        sock.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

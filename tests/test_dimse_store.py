@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LiveServer, ct_dataset, make_settings, part10
-from dimse_helpers import associate, send_raw_store
+from dimse_helpers import associate, association_rejection, send_raw_store
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, MRImageStorage
 from pynetdicom import AE
@@ -271,9 +271,8 @@ def test_full_disk_is_out_of_resources(tmp_path: Path, database_url: str) -> Non
 
 
 def test_wrong_called_ae_title_is_rejected(live: LiveServer) -> None:
-    assoc = associate(live.dimse_port, called="NOTME")
-    assert assoc.is_rejected
-    assert not assoc.is_established
+    # rejected-permanent, by the service user: called AE title not recognized (PS3.8 9.3.4)
+    assert association_rejection(live.dimse_port, called="NOTME") == (0x01, 0x01, 0x07)
 
 
 def test_store_allow_list(tmp_path: Path, database_url: str) -> None:
@@ -296,9 +295,11 @@ def test_max_associations(tmp_path: Path, database_url: str) -> None:
     with Gateway(settings) as gateway, LiveServer(gateway) as live:
         first = associate(live.dimse_port)
         assert first.is_established
-        second = associate(live.dimse_port)
-        assert second.is_rejected
-        first.release()
+        try:
+            # rejected-transient, by the service provider: local limit exceeded
+            assert association_rejection(live.dimse_port) == (0x02, 0x03, 0x02)
+        finally:
+            first.release()
 
 
 @needs_dcmtk
