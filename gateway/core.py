@@ -6,7 +6,7 @@ import logging
 
 from gateway.config import Settings
 from gateway.index import Index
-from gateway.ingest import Ingestor
+from gateway.ingest import Ingestor, stored_relpath
 from gateway.storage import FileStorage
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,10 @@ class Gateway:
         if recover:
             self.index.upgrade()
         # Recovery only when no other process (serve, a worker, a CLI command) uses the folder.
-        self.storage.attach(self.index.has_file if recover else None)
+        if recover:
+            self.storage.attach(self.index.has_file, stored_relpath)
+        else:
+            self.storage.attach()
         return self
 
     def close(self) -> None:

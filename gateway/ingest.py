@@ -131,17 +131,17 @@ class Ingestor:
             No room left; nothing was kept.
         """
         # The bytes go to a spool file at once (around the page cache when large); they are
-        # flushed once the instance is checked and named (FileStorage.place_unsynced), in this
+        # flushed once the instance is checked, then named (FileStorage.place), in this
         # thread: handing the flush to another one costs more in thread switches than it saves
         # now that the check is short.
-        spooled = self.storage.spool_unsynced(data)
+        spooled = self.storage.spool(data)
         try:
             parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,
                                  expected_study_instance_uid)
             parsed.digest = dataset_digest(data)
         except BaseException:
             # Removed before the refusal is answered: a refused instance leaves nothing.
-            self.storage.discard_unsynced(spooled)
+            self.storage.discard(spooled)
             raise
         return self._store(parsed, spooled, source)
 
@@ -195,7 +195,7 @@ class Ingestor:
         relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
                                 parsed.sop_instance_uid, parsed.digest)
         metadata_json = parsed.metadata_json()
-        pending = self.storage.place_unsynced(spooled, relpath)
+        pending = self.storage.place(spooled, relpath)
         replaced: list[str] = []
 
         def new_instance(driver_connection: Any) -> bool:
@@ -251,6 +251,21 @@ class Ingestor:
             logger.warning("replaced instance %s (storage.overwrite is on)",
                            parsed.sop_instance_uid)
         return self._result(parsed, outcome)
+
+
+def stored_relpath(path: str) -> str | None:
+    """The relative path the instance in the file at ``path`` is stored under (from its UIDs
+    and data set digest, as :meth:`Ingestor.ingest` names it), or ``None`` if the file holds
+    no readable instance: crash recovery's way to know what a spool file held
+    (:meth:`FileStorage.recover`).
+    """
+    data = Path(path).read_bytes()
+    try:
+        parsed = parse_instance(data, digest=False)
+        return relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
+                             parsed.sop_instance_uid, dataset_digest(data))
+    except (InvalidInstance, ValueError):
+        return None
 
 
 def read_part10(path: Path) -> bytes:

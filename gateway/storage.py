@@ -3,16 +3,27 @@
 Layout under ``<data>/files``::
 
     <study>/<series>/<sop>.<digest12>.dcm     stored instances
-    .incoming/<random>.part                    spool files (empty ones are kept ready)
-    .incoming/<study>+<series>+<sop>.<digest12>.dcm.<random>   writes in progress
+    .incoming/<random>.part                    spool files: ready (empty) or holding a write
 
-Every path is derived from validated UIDs and the content digest, never taken from input. A write
-is: the bytes into a spool file in ``.incoming`` -> renamed to its journal name -> hard link to its
-final name -> fsync of the file and of the folder. A final name found taken is kept only if its
-file holds the same data set (a power failure can leave a name whose content never reached the
-disk); else this write's file replaces it. The journal name stays until the index row is
-committed (:meth:`FileStorage.finish`), so after a crash :meth:`FileStorage.recover` knows each
-write that may not have been indexed, and nothing else has to be scanned.
+Every path is derived from validated UIDs and the content digest, never taken from input.
+
+A write (PS3.4 B.2.3: success only once the instance is kept):
+
+1. the bytes go into a spool file whose *name* was flushed to disk before it was handed out
+   (a thread keeps a few ready, :meth:`FileStorage._stock_spool_files`);
+2. the content is flushed (``fsync``), then the file is linked to its final name;
+3. the caller commits the index row (a durable commit), then :meth:`FileStorage.finish` hands
+   the write to a flushing thread, and the caller acknowledges;
+4. that thread flushes the final folder (and the folders above it if they were made), in
+   batches, and only then drops the spool name.
+
+So at the acknowledgement the content and the index row are on stable storage, and the
+content has a name on stable storage: its spool name, until the final name is. Nothing waits
+for a folder flush. After a crash or a power failure, :meth:`FileStorage.recover` reads each
+file left in ``.incoming``: an instance whose row is committed gets its final name back (and
+flushed); any other is removed, with the final name it may have been given. No other part of
+the store has to be scanned. A final name found taken is kept only if its file holds the same
+data set; else this write's file replaces it.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import queue
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +50,7 @@ logger = logging.getLogger(__name__)
 INCOMING = ".incoming"
 CHUNK = 1024 * 1024
 # Empty spool files kept created ahead of need (see FileStorage._new_spool_file).
-SPOOL_STOCK = 8
+SPOOL_STOCK = 16
 # Received instances from DIRECT_MIN bytes on go around the page cache (O_DIRECT), through an
 # aligned buffer of DIRECT_CHUNK bytes per thread; smaller ones are written sooner through it.
 DIRECT_MIN = 64 * 1024
@@ -49,19 +60,21 @@ DIRECT_ALIGN = 4096  # a multiple of every device's logical block size
 
 @dataclass(frozen=True)
 class PendingWrite:
-    """A file written and linked to its final name, not yet confirmed by an index commit.
+    """A file flushed and linked to its final name, not yet confirmed by an index commit.
 
-    ``journal`` is the file's name in ``.incoming``, as a string: the write path joins and
+    ``spool`` is the file's name in ``.incoming``, as a string: the write path joins and
     passes strings, since a :class:`~pathlib.Path` built and converted per call cost a tenth
-    of a small C-STORE's time with the interpreter lock held.
+    of a small C-STORE's time with the interpreter lock held. ``made_folders`` tells that the
+    final name's folders were created by this write (their parents need a flush too).
     """
 
     relpath: str
-    journal: str
+    spool: str
+    made_folders: bool = False
 
     @property
     def temp(self) -> Path:
-        return Path(self.journal)
+        return Path(self.spool)
 
 
 def relative_path(study: str, series: str, sop: str, digest: str) -> str:
@@ -107,20 +120,27 @@ class FileStorage:
         self._lock: int | None = None
         # Creating a file costs the kernel far more than writing a small one (about 0.5 ms of
         # system time on ext4, against 0.02 ms for a rename): a thread keeps a few empty spool
-        # files ready, so that a C-STORE does not wait for one to be created.
+        # files ready, their names flushed, so that a C-STORE waits neither for a file to be
+        # created nor for its name to reach the disk.
         self._stock: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._stock_low = threading.Event()
         self._stocker: threading.Thread | None = None
-        self._stocker_lock = threading.Lock()
+        # Finished writes whose final folder a thread flushes before dropping their spool
+        # name; an Event in the queue is set once everything before it is done, None stops.
+        self._flushing: queue.SimpleQueue[PendingWrite | threading.Event | None] = (
+            queue.SimpleQueue())
+        self._flusher: threading.Thread | None = None
+        self._threads_lock = threading.Lock()
         self._closed = False
 
     # -- the processes sharing the folder -----------------------------------------------------
-    def attach(self, is_indexed: Callable[[str], bool] | None = None) -> bool:
+    def attach(self, is_indexed: Callable[[str], bool] | None = None,
+               identify: Callable[[str], str | None] | None = None) -> bool:
         """Join the processes using this folder; recover first if none other is attached.
 
         Parameters
         ----------
-        is_indexed
+        is_indexed, identify
             As for :meth:`recover`; ``None`` never recovers (a worker whose siblings write).
 
         Returns
@@ -133,13 +153,13 @@ class FileStorage:
         fd = os.open(self.root.with_name(self.root.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         recovered = False
         try:
-            if is_indexed is not None:
+            if is_indexed is not None and identify is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     logger.info("another process uses the data folder: no crash recovery now")
                 else:
-                    self.recover(is_indexed)
+                    self.recover(is_indexed, identify)
                     recovered = True
             # Shared from here on; waits while another process holds the exclusive lock
             # (it is recovering: nothing may be written before it is done).
@@ -153,9 +173,10 @@ class FileStorage:
     def detach(self) -> None:
         """Leave the processes using this folder (the shared lock is released).
 
-        The spool files created ahead and not used are removed first.
+        The folders of finished writes are flushed and their spool names dropped first, then
+        the spool files created ahead and not used are removed.
         """
-        self._stop_stocking()
+        self._stop_threads()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -187,11 +208,9 @@ class FileStorage:
                 "(storage.min_free_bytes); free space or add storage"
             )
 
-    def write(self, relpath: str, data: bytes | Path) -> PendingWrite:
-        """Write ``data`` durably under ``relpath``; return the pending write to finish.
-
-        ``data`` is the bytes, or a file to copy. If the final file already exists with this
-        name, it holds the same content (the name carries the digest) and is kept.
+    def write(self, relpath: str, data: bytes) -> PendingWrite:
+        """:meth:`spool` then :meth:`place`: ``data`` durably under ``relpath``; return the
+        pending write to :meth:`finish` once its index row is committed.
 
         Raises
         ------
@@ -200,37 +219,11 @@ class FileStorage:
         """
         return self.place(self.spool(data), relpath)
 
-    def spool(self, data: bytes | Path) -> str:
-        """First half of a write: the content, on stable storage under a temporary name.
-
-        Done before the content's final name is known (while the instance is parsed), so that
-        the disk works while the CPU does. A spooled file that is never placed is removed by
-        :meth:`discard` or, after a crash, by :meth:`recover`.
-        """
-        size = len(data) if isinstance(data, bytes) else data.stat().st_size
-        self.check_space(size)
-        temp = None
-        try:
-            temp, fd = self._new_spool_file()
-            with open(fd, "wb") as f:
-                if isinstance(data, bytes):
-                    f.write(data)
-                else:
-                    with open(data, "rb") as src:
-                        shutil.copyfileobj(src, f, CHUNK)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-        except OSError as exc:
-            if temp is not None:
-                _unlink(temp)
-            raise _write_error(exc, "a received instance") from exc
-        return temp
-
-    def spool_unsynced(self, data: bytes) -> tuple[str, int]:
-        """:meth:`spool` without the flush: the bytes are handed to the kernel before the
-        content's final name is known; :meth:`place_unsynced` gives the name and flushes.
-        Returns the temporary file and its open descriptor.
+    def spool(self, data: bytes) -> tuple[str, int]:
+        """First half of a write: the bytes handed to the kernel, in a spool file whose name is
+        on stable storage already, before the content's final name is known (while the
+        instance is checked). :meth:`place` flushes and names it, :meth:`discard` removes it.
+        Returns the spool file and its open descriptor.
 
         With ``direct_io``, an instance of :data:`DIRECT_MIN` bytes or more goes to the device
         without passing through the page cache (``O_DIRECT``): copying it there and writing
@@ -304,13 +297,20 @@ class FileStorage:
         self.direct_io = False
 
     def _new_spool_file(self) -> tuple[str, int]:
-        """An empty spool file, open for writing: one created ahead, else a new one."""
+        """An empty spool file, open for writing, its name on stable storage: one created
+        ahead, else a new one."""
         if self._stocker is None:
-            self._start_stocking()
+            self._start_threads()
         try:
             spool = self._stock.get_nowait()
         except queue.Empty:
             spool = self._create_spool_file()
+            if self.fsync:
+                try:
+                    _fsync(self._incoming)
+                except OSError:
+                    self.discard(spool)
+                    raise
         if self._stock.qsize() <= SPOOL_STOCK // 2:
             self._stock_low.set()  # refilled by the half: one wake-up for several files
         return spool
@@ -319,140 +319,191 @@ class FileStorage:
         temp = f"{self._incoming}/{secrets.token_hex(8)}.part"
         return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
-    def _start_stocking(self) -> None:
-        with self._stocker_lock:
+    def _start_threads(self) -> None:
+        """Start the spool-stocking and the folder-flushing threads (at the first write)."""
+        with self._threads_lock:
             if self._stocker is not None or self._closed:
                 return
             self._stock_low.set()
+            self._flusher = threading.Thread(target=self._flush_names, name="folder-flush",
+                                             daemon=True)
+            self._flusher.start()
             self._stocker = threading.Thread(target=self._stock_spool_files,
                                              name="spool-stock", daemon=True)
             self._stocker.start()
 
     def _stock_spool_files(self) -> None:
-        """Keep up to :data:`SPOOL_STOCK` empty spool files ready."""
+        """Keep up to :data:`SPOOL_STOCK` empty spool files ready, their names flushed (one
+        flush of ``.incoming`` for each batch made)."""
         while True:
             self._stock_low.wait()
             self._stock_low.clear()
-            while self._stock.qsize() < SPOOL_STOCK:
-                if self._closed:
-                    return
-                try:
-                    self._stock.put(self._create_spool_file())
-                except OSError as exc:  # full or failing disk: writes create their own
-                    logger.debug("no spool file created ahead: %s", exc)
-                    break
+            made: list[tuple[str, int]] = []
+            try:
+                while self._stock.qsize() + len(made) < SPOOL_STOCK and not self._closed:
+                    made.append(self._create_spool_file())
+            except OSError as exc:  # full or failing disk: writes create their own
+                logger.debug("no spool file created ahead: %s", exc)
+            try:
+                if made and self.fsync:
+                    _fsync(self._incoming)
+            except OSError as exc:
+                logger.debug("spool files created ahead not flushed: %s", exc)
+                for spool in made:
+                    self.discard(spool)
+                made = []
+            for spool in made:
+                self._stock.put(spool)
             if self._closed:
                 return
 
-    def _stop_stocking(self) -> None:
-        with self._stocker_lock:
+    def _stop_threads(self) -> None:
+        """Flush what is finished, then stop both threads and remove the unused spool
+        files."""
+        with self._threads_lock:
             self._closed = True
+            flusher, self._flusher = self._flusher, None
             stocker, self._stocker = self._stocker, None
+        if flusher is not None:
+            self._flushing.put(None)
+            flusher.join(timeout=60)
         if stocker is not None:
             self._stock_low.set()
             stocker.join(timeout=10)
         while True:
             try:
-                temp, fd = self._stock.get_nowait()
+                spool = self._stock.get_nowait()
             except queue.Empty:
                 return
-            os.close(fd)
-            _unlink(temp)
+            self.discard(spool)
 
-    def discard_unsynced(self, spooled: tuple[str, int]) -> None:
-        """Remove a file from :meth:`spool_unsynced` that will not be placed."""
+    def discard(self, spooled: tuple[str, int]) -> None:
+        """Remove a file from :meth:`spool` that will not be placed."""
         temp, fd = spooled
         os.close(fd)
         _unlink(temp)
 
-    def place_unsynced(self, spooled: tuple[str, int], relpath: str) -> PendingWrite:
-        """:meth:`place` for a file from :meth:`spool_unsynced`: named first, then flushed.
+    def place(self, spooled: tuple[str, int], relpath: str) -> PendingWrite:
+        """Second half of a write: the content flushed, then linked to its final name.
 
-        The content and its final name are flushed once the name is given, in the calling
-        thread (on a file system with one journal, such as ext4 or XFS, the file's fsync then
-        commits the new name too and the folder's fsync, which POSIX needs for it, has little
-        left to do). Nothing is acknowledged before both are done, and until the index row is
-        committed the journal name lets :meth:`recover` undo the write.
+        Flushed first, so that a final name never stands for content that may not have
+        reached the disk. The final folder is not flushed here: the spool name, on stable
+        storage already, keeps the content reachable until :meth:`finish` has it done.
         """
         temp, fd = spooled
         try:
-            pending = self.place(temp, relpath, sync_folder=False)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
             if self.fsync:
                 os.fsync(fd)
-                _fsync(os.path.dirname(self._final(relpath)))
         except OSError as exc:
-            self.abandon(pending)
+            _unlink(temp)
             raise _write_error(exc, relpath) from exc
         finally:
             os.close(fd)
-        return pending
-
-    def place(self, spooled: str, relpath: str, *, sync_folder: bool = True) -> PendingWrite:
-        """Second half: give a spooled file its final name; the journal keeps the intent."""
-        stem = os.path.basename(spooled).partition(".")[0]
-        journal = f"{self._incoming}/{relpath.replace('/', '+')}.{stem}"
         final = self._final(relpath)
         try:
-            os.rename(spooled, journal)
-            if not _link(journal, final):
-                self._check_existing(journal, final)
-            if self.fsync and sync_folder:
-                # The final name must survive power loss before the write is acknowledged.
-                # The journal name need not: it only serves to undo unacknowledged writes.
-                _fsync(os.path.dirname(final))
+            linked, made_folders = _link(temp, final)
+            if not linked:
+                self._check_existing(temp, final)
         except OSError as exc:
-            _unlink(journal)
-            _unlink(spooled)
+            _unlink(temp)
             raise _write_error(exc, relpath) from exc
-        return PendingWrite(relpath, journal)
+        return PendingWrite(relpath, temp, made_folders)
 
-    def _check_existing(self, journal: str, final: str) -> None:
+    def _check_existing(self, spool: str, final: str) -> None:
         """The final name exists already: keep it if it holds this write's data set, else
         give the name to this write's file.
 
         The name carries the data set's digest, so an earlier or concurrent write of the same
         data set made it, and it is flushed here too before anything is acknowledged on it.
-        But a name can reach the disk before its file's content: after a power failure it may
-        stand for an empty or cut-short file, which a re-send must repair, not confirm.
+        Writes are flushed before they are named, but a file stored by an earlier version of
+        the gateway (which named first) may stand, after a power failure, for an empty or
+        cut-short file, as may a file damaged since: a re-send must repair it, not confirm it.
         """
-        if _same_data_set(final, journal):
+        if _same_data_set(final, spool):
             if self.fsync:
                 _fsync(final)
             return
         logger.warning("stored file %s did not hold its data set (cut short by a power "
                        "failure?): replaced by the copy just received",
                        os.path.relpath(final, self._root))
-        os.rename(journal, final)  # atomic: a reader has the old file or the new one
-        os.link(final, journal)  # the journal entry back, until the index row is committed
-
-    def discard(self, spooled: str) -> None:
-        """Remove a spooled file that will not be placed."""
-        _unlink(spooled)
+        os.rename(spool, final)  # atomic: a reader has the old file or the new one
+        os.link(final, spool)  # the spool name back, until the final folder is flushed
 
     def finish(self, pending: PendingWrite) -> None:
-        """Drop the journal entry of a write whose index row is committed.
+        """Confirm a write whose index row is committed: its final folder is flushed, and its
+        spool name dropped, by the flushing thread, in a batch with other writes.
 
         If the final name is gone (a delete of the same instance, committed between
         :meth:`place` and this row's commit, removed the copy that was already there), the
-        journal entry, which holds the same content, is linked back first: a committed row
-        never points at nothing.
+        spool name, which holds the same content, is linked to it again first: a committed
+        row never points at nothing.
         """
         final = self._final(pending.relpath)
         if not os.path.exists(final):
-            _link(pending.journal, final)
-            if self.fsync:
-                _fsync(os.path.dirname(final))
-        _unlink(pending.journal)
+            _link(pending.spool, final)
+            pending = PendingWrite(pending.relpath, pending.spool, True)
+        if not self.fsync:
+            _unlink(pending.spool)
+            return
+        if self._flusher is None:
+            self._start_threads()
+        self._flushing.put(pending)
+
+    def sync(self, timeout: float = 60.0) -> None:
+        """Wait until the writes finished so far have their final folders flushed."""
+        if self._flusher is None:
+            return
+        done = threading.Event()
+        self._flushing.put(done)
+        done.wait(timeout)
+
+    def _flush_names(self) -> None:
+        """The flushing thread: takes every finished write queued, flushes their folders
+        (each once), then drops their spool names."""
+        while True:
+            batch = [self._flushing.get()]
+            while True:
+                try:
+                    batch.append(self._flushing.get_nowait())
+                except queue.Empty:
+                    break
+            writes = [item for item in batch if isinstance(item, PendingWrite)]
+            try:
+                if writes:
+                    self._flush_folders(writes)
+            except Exception:  # a defect: the spool names stay for recovery; go on
+                logger.exception("flushing the folders of %d stored instances failed",
+                                 len(writes))
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
+            if None in batch:
+                return
+
+    def _flush_folders(self, writes: list[PendingWrite]) -> None:
+        folders: dict[str, None] = {}  # ordered: a series folder, then the folders above it
+        for write in writes:
+            folder = os.path.dirname(self._final(write.relpath))
+            folders[folder] = None
+            if write.made_folders:  # the new folders' names are in their parents
+                folders[os.path.dirname(folder)] = None
+                folders[self._root] = None
+        try:
+            for folder in folders:
+                _fsync_if_exists(folder)  # a folder gone was deleted with what it held
+        except OSError as exc:
+            logger.error("cannot flush the folders of %d stored instances (%s): their spool "
+                         "names stay in %s and recovery finishes them at the next start",
+                         len(writes), exc.strerror, INCOMING)
+            return
+        for write in writes:
+            _unlink(write.spool)
 
     def abandon(self, pending: PendingWrite, *, keep_final: bool = False) -> None:
         """Undo a write whose index row could not be committed."""
         if not keep_final:
-            _unlink_if_same(self._final(pending.relpath), pending.journal)
-        _unlink(pending.journal)
+            _unlink_if_same(self._final(pending.relpath), pending.spool)
+        _unlink(pending.spool)
 
     def delete(self, relpath: str) -> None:
         """Remove a stored file and prune folders left empty."""
@@ -479,32 +530,28 @@ class FileStorage:
         return removed
 
     def unfinished(self) -> list[Path]:
-        """The files in ``.incoming`` that hold a write not finished or undone yet.
+        """The files in ``.incoming`` that hold a write not finished or undone yet, once the
+        writes finished so far have had their folders flushed.
 
         The empty spool files kept ready for the next writes are not counted.
         """
+        self.sync()
         return [path for path in self.incoming.iterdir()
                 if not (path.suffix == ".part" and _is_empty(path))]
 
     # -- recovery -----------------------------------------------------------------------------
-    def pending_writes(self) -> Iterator[PendingWrite]:
-        """The writes left in ``.incoming`` by a process that stopped before finishing them."""
-        for temp in sorted(self.incoming.iterdir()):
-            name = temp.name
-            stem, _, _suffix = name.rpartition(".")
-            relpath = stem.replace("+", "/")
-            if not stem.endswith(".dcm") or relpath.count("/") != 2:
-                yield PendingWrite("", str(temp))
-                continue
-            yield PendingWrite(relpath, str(temp))
-
-    def recover(self, is_indexed: Callable[[str], bool]) -> tuple[int, int]:
-        """Finish or undo the writes a crash left behind.
+    def recover(self, is_indexed: Callable[[str], bool],
+                identify: Callable[[str], str | None]) -> tuple[int, int]:
+        """Finish or undo the writes a crash or a power failure left in ``.incoming``.
 
         Parameters
         ----------
         is_indexed
             Tells whether the index holds a row for a relative path.
+        identify
+            The relative path of the instance a file holds (from its UIDs and digest), or
+            ``None`` if it holds none: a write whose content never reached the disk, which
+            was never linked to a final name either.
 
         Returns
         -------
@@ -512,18 +559,24 @@ class FileStorage:
             How many writes were confirmed (their row exists) and how many were undone.
         """
         kept = undone = 0
-        for pending in self.pending_writes():
-            if not pending.relpath and _is_empty(pending.journal):
-                _unlink(pending.journal)  # a spool file created ahead, never written
+        for name in sorted(os.listdir(self._incoming)):
+            spool = f"{self._incoming}/{name}"
+            if _is_empty(spool):
+                _unlink(spool)  # a spool file created ahead, never written
                 continue
-            if pending.relpath and is_indexed(pending.relpath):
-                self.finish(pending)
+            relpath = identify(spool)
+            if relpath is not None and is_indexed(relpath):
+                final = self._final(relpath)
+                made = False
+                if not os.path.exists(final):
+                    _, made = _link(spool, final)
+                self._flush_folders([PendingWrite(relpath, spool, made)])
                 kept += 1
-            else:
-                if pending.relpath:
-                    _unlink_if_same(self._final(pending.relpath), pending.journal)
-                _unlink(pending.journal)
-                undone += 1
+                continue
+            if relpath is not None and _unlink_if_same(self._final(relpath), spool):
+                _fsync_if_exists(os.path.dirname(self._final(relpath)))
+            _unlink(spool)
+            undone += 1
         if kept or undone:
             logger.warning("recovered storage: %d writes confirmed, %d unfinished writes removed",
                            kept, undone)
@@ -536,23 +589,25 @@ def _write_error(exc: OSError, what: str) -> GatewayError:
     return GatewayError(f"cannot write {what}: {exc.strerror}")
 
 
-def _link(source: str, name: str) -> bool:
-    """Give ``source`` the name ``name``, creating its folders if missing; ``False`` if the
-    name exists (it is left as it is).
+def _link(source: str, name: str) -> tuple[bool, bool]:
+    """Give ``source`` the name ``name``, creating its folders if missing. Returns whether it
+    was linked (``False``: the name exists, and is left as it is) and whether folders were
+    made.
 
     The link is tried first: the folders of a series exist for all but its first instance.
     """
     try:
         os.link(source, name)
     except FileExistsError:
-        return False
+        return False, False
     except FileNotFoundError:
         os.makedirs(os.path.dirname(name), exist_ok=True)
         try:
             os.link(source, name)
         except FileExistsError:
-            return False
-    return True
+            return False, True
+        return True, True
+    return True, False
 
 
 def _same_data_set(a: str, b: str) -> bool:
@@ -598,10 +653,20 @@ def _unlink(path: str | Path) -> None:
         pass
 
 
-def _unlink_if_same(final: str, temp: str) -> None:
-    """Remove ``final`` only if it is the very file ``temp`` links to (never another write's)."""
+def _fsync_if_exists(path: str) -> None:
+    try:
+        _fsync(path)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink_if_same(final: str, temp: str) -> bool:
+    """Remove ``final`` only if it is the very file ``temp`` links to (never another write's);
+    whether it was removed."""
     try:
         if os.path.samefile(final, temp):
             os.unlink(final)
+            return True
     except FileNotFoundError:
         pass
+    return False

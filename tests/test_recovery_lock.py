@@ -12,17 +12,25 @@ from pathlib import Path
 from conftest import ct_dataset, make_settings, part10
 
 from gateway.core import Gateway
+from gateway.ingest import stored_relpath
+from gateway.metadata import parse_instance
 from gateway.storage import relative_path
+
+
+def relpath_of(data: bytes) -> str:
+    """Where ingest stores ``data``: crash recovery finds the same name from the content."""
+    parsed = parse_instance(data)
+    return relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
+                         parsed.sop_instance_uid, parsed.digest)
 
 
 def test_a_second_process_does_not_undo_writes_in_flight(tmp_path: Path,
                                                          database_url: str) -> None:
     settings = make_settings(tmp_path, database_url)
     with Gateway(settings) as serving:
-        ds = ct_dataset(0)
-        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
-                                "ab" * 32)
-        pending = serving.storage.write(relpath, part10(ds))  # placed; its row not committed
+        data = part10(ct_dataset(0))
+        relpath = relpath_of(data)
+        pending = serving.storage.write(relpath, data)  # placed; its row not committed
         with Gateway(settings) as command:  # e.g. `dicom-gateway apikey list` meanwhile
             assert command.storage.exists(relpath)
         assert serving.storage.exists(relpath) and pending.temp.exists()
@@ -33,10 +41,9 @@ def test_recovery_runs_when_no_other_process_is_attached(tmp_path: Path,
                                                          database_url: str) -> None:
     settings = make_settings(tmp_path, database_url)
     with Gateway(settings) as first:
-        ds = ct_dataset(0)
-        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
-                                "cd" * 32)
-        first.storage.write(relpath, part10(ds))
+        data = part10(ct_dataset(0))
+        relpath = relpath_of(data)
+        first.storage.write(relpath, data)
         first.storage.detach()  # as if the process had died with the write unfinished
         with Gateway(settings) as restarted:
             assert not restarted.storage.exists(relpath)
@@ -53,14 +60,13 @@ def test_a_write_finished_after_a_racing_delete_keeps_its_file(tmp_path: Path,
     settings = make_settings(tmp_path, database_url)
     with Gateway(settings) as gateway:
         data = part10(ct_dataset(0))
-        ds = ct_dataset(0)
-        relpath = relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
-                                "ef" * 32)
+        relpath = relpath_of(data)
         gateway.storage.finish(gateway.storage.write(relpath, data))  # stored before
         pending = gateway.storage.write(relpath, data)  # the re-send: name taken, copy kept
         gateway.storage.delete(relpath)  # the racing delete, after its commit
         gateway.storage.finish(pending)  # the re-send's row is committed
         assert gateway.storage.path(relpath).read_bytes() == data
+        gateway.storage.sync()  # its folder flushed, its spool name dropped
         assert not pending.temp.exists()
 
 
@@ -90,13 +96,15 @@ def test_spool_files_made_ahead_are_not_writes(tmp_path: Path, database_url: str
     settings = make_settings(tmp_path, database_url)
     with Gateway(settings) as gateway:
         gateway.ingestor.ingest(part10(ct_dataset(0)))
+        gateway.storage.sync()  # the spool name of the write dropped once its folder is flushed
         deadline = time.monotonic() + 10
         while not list(gateway.storage.incoming.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.01)
         made_ahead = list(gateway.storage.incoming.iterdir())
         assert made_ahead and all(p.stat().st_size == 0 for p in made_ahead)
         assert gateway.storage.unfinished() == []
-        assert gateway.storage.recover(lambda relpath: False) == (0, 0)  # not counted
+        # not counted
+        assert gateway.storage.recover(lambda relpath: False, stored_relpath) == (0, 0)
         incoming = gateway.storage.incoming
     assert list(incoming.iterdir()) == []  # removed when the process leaves the folder
 

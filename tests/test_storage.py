@@ -31,7 +31,7 @@ def test_a_spooled_and_placed_file_holds_exactly_the_bytes(tmp_path: Path, size:
     storage = FileStorage(tmp_path / "files", direct_io=direct_io)
     data = os.urandom(size)
     relpath = relative_path("1.2.3", "1.2.3.4", f"1.2.3.4.{size}", "ab" * 32)
-    pending = storage.place_unsynced(storage.spool_unsynced(data), relpath)
+    pending = storage.place(storage.spool(data), relpath)
     storage.finish(pending)
     assert storage.path(relpath).read_bytes() == data
     assert storage.unfinished() == []
@@ -43,8 +43,8 @@ def test_a_spooled_and_placed_file_holds_exactly_the_bytes(tmp_path: Path, size:
 
 def test_a_refused_spool_leaves_nothing(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "files")
-    spooled = storage.spool_unsynced(os.urandom(DIRECT_ALIGN * 3 + 5))
-    storage.discard_unsynced(spooled)
+    spooled = storage.spool(os.urandom(DIRECT_ALIGN * 3 + 5))
+    storage.discard(spooled)
     assert storage.unfinished() == []
     storage.detach()
     assert list(storage.incoming.iterdir()) == []
@@ -56,10 +56,10 @@ def test_large_instances_go_around_the_page_cache(tmp_path: Path, size: int,
                                                   direct: bool) -> None:
     """From DIRECT_MIN bytes on the spool file is written with O_DIRECT; below, it is not."""
     storage = FileStorage(tmp_path / "files")
-    temp, fd = storage.spool_unsynced(os.urandom(size))
+    temp, fd = storage.spool(os.urandom(size))
     assert bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) is direct
     assert os.fstat(fd).st_size == size  # the padded last block cut back
-    storage.discard_unsynced((temp, fd))
+    storage.discard((temp, fd))
     storage.detach()
 
 
@@ -72,7 +72,7 @@ storage = FileStorage(Path(sys.argv[1]) / "files")
 for n, size in enumerate([DIRECT_MIN * 3 + 5, DIRECT_MIN]):
     data = os.urandom(size)
     relpath = relative_path("1.2", "1.2.3", f"1.2.3.{n}", "ab" * 32)
-    storage.finish(storage.place_unsynced(storage.spool_unsynced(data), relpath))
+    storage.finish(storage.place(storage.spool(data), relpath))
     assert storage.path(relpath).read_bytes() == data, size
 print(storage.direct_io, storage.unfinished())
 storage.detach()
@@ -97,9 +97,9 @@ def test_a_file_system_that_refuses_o_direct_gets_the_page_cache(tmp_path: Path)
 def test_direct_io_can_be_turned_off(tmp_path: Path, database_url: str) -> None:
     settings = make_settings(tmp_path, database_url, GATEWAY_STORAGE_DIRECT_IO="false")
     with Gateway(settings) as gateway:
-        temp, fd = gateway.storage.spool_unsynced(os.urandom(DIRECT_MIN * 2))
+        temp, fd = gateway.storage.spool(os.urandom(DIRECT_MIN * 2))
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
-        gateway.storage.discard_unsynced((temp, fd))
+        gateway.storage.discard((temp, fd))
 
 
 def part10(data_set: bytes, source_ae_title: str) -> bytes:
