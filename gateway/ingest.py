@@ -28,7 +28,7 @@ from gateway.index import Index
 from gateway.metadata import ParsedInstance, dataset_digest, parse_instance
 from gateway.metrics import METRICS
 from gateway.models import Instance, Patient, Series, Study
-from gateway.storage import FileStorage, relative_path
+from gateway.storage import FileStorage, Spooled, relative_path
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +130,10 @@ class Ingestor:
         StorageFull
             No room left; nothing was kept.
         """
-        # The bytes go to a spool file at once (around the page cache when large); they are
-        # flushed once the instance is checked, then named (FileStorage.place), in this
-        # thread: handing the flush to another one costs more in thread switches than it saves
-        # now that the check is short.
+        # A spool file is taken at once (a large instance written into it now, around the
+        # page cache); the bytes are flushed once the instance is checked, then named
+        # (FileStorage.place), in this thread: handing the flush to another one costs more in
+        # thread switches than it saves now that the check is short.
         spooled = self.storage.spool(data)
         try:
             parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,
@@ -190,7 +190,7 @@ class Ingestor:
             )
         return None
 
-    def _store(self, parsed: ParsedInstance, spooled: tuple[str, int],
+    def _store(self, parsed: ParsedInstance, spooled: Spooled,
                source: str) -> IngestResult:
         relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
                                 parsed.sop_instance_uid, parsed.digest)

@@ -56,6 +56,8 @@ SPOOL_STOCK = 16
 DIRECT_MIN = 64 * 1024
 DIRECT_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096  # a multiple of every device's logical block size
+# Write and flush in one system call (pwritev2, Linux 4.7); 0 where the platform has none.
+_RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,16 @@ class PendingWrite:
     @property
     def temp(self) -> Path:
         return Path(self.spool)
+
+
+@dataclass(slots=True)
+class Spooled:
+    """A spool file taken for a write (:meth:`FileStorage.spool`): its name, its open
+    descriptor, and the bytes still to write into it (``None`` once written)."""
+
+    temp: str
+    fd: int
+    unwritten: memoryview | None = None
 
 
 def relative_path(study: str, series: str, sop: str, digest: str) -> str:
@@ -122,7 +134,7 @@ class FileStorage:
         # system time on ext4, against 0.02 ms for a rename): a thread keeps a few empty spool
         # files ready, their names flushed, so that a C-STORE waits neither for a file to be
         # created nor for its name to reach the disk.
-        self._stock: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._stock: queue.SimpleQueue[Spooled] = queue.SimpleQueue()
         self._stock_low = threading.Event()
         self._stocker: threading.Thread | None = None
         # Finished writes whose final folder a thread flushes before dropping their spool
@@ -219,33 +231,35 @@ class FileStorage:
         """
         return self.place(self.spool(data), relpath)
 
-    def spool(self, data: bytes) -> tuple[str, int]:
-        """First half of a write: the bytes handed to the kernel, in a spool file whose name is
-        on stable storage already, before the content's final name is known (while the
-        instance is checked). :meth:`place` flushes and names it, :meth:`discard` removes it.
-        Returns the spool file and its open descriptor.
+    def spool(self, data: bytes) -> Spooled:
+        """First half of a write: a spool file, its name on stable storage already, for the
+        bytes, taken before the content's final name is known (while the instance is
+        checked). :meth:`place` flushes and names it, :meth:`discard` removes it.
 
-        With ``direct_io``, an instance of :data:`DIRECT_MIN` bytes or more goes to the device
-        without passing through the page cache (``O_DIRECT``): copying it there and writing
-        the pages back later cost the kernel more CPU than the whole rest of a C-STORE of a CT
-        image (docs/benchmarks.md). A small one is written sooner through the page cache.
+        With ``direct_io``, an instance of :data:`DIRECT_MIN` bytes or more is written now,
+        around the page cache (``O_DIRECT``): copying it there and writing the pages back
+        later cost the kernel more CPU than the whole rest of a C-STORE of a CT image
+        (docs/benchmarks.md). A smaller one is written by :meth:`place`, with its flush, in
+        one system call (``RWF_DSYNC``): each system call on this path lets another thread
+        take the interpreter lock, and getting it back is a wait of its own.
         """
         self.check_space(len(data))
-        temp, fd = None, -1
+        spooled = None
         try:
-            temp, fd = self._new_spool_file()
+            spooled = self._new_spool_file()
             view = memoryview(data)
+            if len(view) < DIRECT_MIN and self.fsync and _RWF_DSYNC:
+                spooled.unwritten = view
+                return spooled
             if self.direct_io and len(view) >= DIRECT_MIN:
-                view = self._write_direct(fd, view)
+                view = self._write_direct(spooled.fd, view)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(spooled.fd, view):]
         except OSError as exc:
-            if fd >= 0:
-                os.close(fd)
-            if temp is not None:
-                _unlink(temp)
+            if spooled is not None:
+                self.discard(spooled)
             raise _write_error(exc, "a received instance") from exc
-        return temp, fd
+        return spooled
 
     def _write_direct(self, fd: int, view: memoryview) -> memoryview:
         """Write ``view`` to ``fd`` with ``O_DIRECT`` (turned on here: spool files are opened
@@ -296,7 +310,7 @@ class FileStorage:
                     "page cache")
         self.direct_io = False
 
-    def _new_spool_file(self) -> tuple[str, int]:
+    def _new_spool_file(self) -> Spooled:
         """An empty spool file, open for writing, its name on stable storage: one created
         ahead, else a new one."""
         if self._stocker is None:
@@ -315,9 +329,10 @@ class FileStorage:
             self._stock_low.set()  # refilled by the half: one wake-up for several files
         return spool
 
-    def _create_spool_file(self) -> tuple[str, int]:
+    def _create_spool_file(self) -> Spooled:
         temp = f"{self._incoming}/{secrets.token_hex(8)}.part"
-        return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        return Spooled(temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                     0o644))
 
     def _start_threads(self) -> None:
         """Start the spool-stocking and the folder-flushing threads (at the first write)."""
@@ -338,7 +353,7 @@ class FileStorage:
         while True:
             self._stock_low.wait()
             self._stock_low.clear()
-            made: list[tuple[str, int]] = []
+            made: list[Spooled] = []
             try:
                 while self._stock.qsize() + len(made) < SPOOL_STOCK and not self._closed:
                     made.append(self._create_spool_file())
@@ -377,22 +392,25 @@ class FileStorage:
                 return
             self.discard(spool)
 
-    def discard(self, spooled: tuple[str, int]) -> None:
+    def discard(self, spooled: Spooled) -> None:
         """Remove a file from :meth:`spool` that will not be placed."""
-        temp, fd = spooled
-        os.close(fd)
-        _unlink(temp)
+        os.close(spooled.fd)
+        _unlink(spooled.temp)
 
-    def place(self, spooled: tuple[str, int], relpath: str) -> PendingWrite:
+    def place(self, spooled: Spooled, relpath: str) -> PendingWrite:
         """Second half of a write: the content flushed, then linked to its final name.
 
         Flushed first, so that a final name never stands for content that may not have
         reached the disk. The final folder is not flushed here: the spool name, on stable
         storage already, keeps the content reachable until :meth:`finish` has it done.
         """
-        temp, fd = spooled
+        temp, fd, view = spooled.temp, spooled.fd, spooled.unwritten
         try:
-            if self.fsync:
+            if view is not None:  # written and flushed at once (fdatasync's guarantee)
+                offset = 0
+                while offset < len(view):
+                    offset += os.pwritev(fd, [view[offset:]], offset, _RWF_DSYNC)
+            elif self.fsync:
                 os.fsync(fd)
         except OSError as exc:
             _unlink(temp)
