@@ -51,14 +51,15 @@ logger = logging.getLogger(__name__)
 INCOMING = ".incoming"
 CHUNK = 1024 * 1024
 # Empty spool files kept created ahead of need (see FileStorage._new_spool_file).
-SPOOL_STOCK = 16
+SPOOL_STOCK = 64
 # Received instances from DIRECT_MIN bytes on go around the page cache (O_DIRECT), through an
 # aligned buffer of DIRECT_CHUNK bytes per thread; smaller ones are written sooner through it.
 DIRECT_MIN = 64 * 1024
 DIRECT_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096  # a multiple of every device's logical block size
-# How long the folder-flushing thread gathers finished writes before flushing their folders.
+# How long the chores' thread gathers finished writes before flushing their folders.
 FLUSH_GATHER_SECONDS = 0.01
+STOCK_LOW = "stock low"  # the chore of refilling the stock of spool files
 # Write and flush in one system call (pwritev2, Linux 4.7); 0 where the platform has none.
 _RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
 
@@ -133,18 +134,18 @@ class FileStorage:
         self._root = str(root)
         self._incoming = str(self.incoming)
         self._lock: int | None = None
-        # Creating a file costs the kernel far more than writing a small one (about 0.5 ms of
-        # system time on ext4, against 0.02 ms for a rename): a thread keeps a few empty spool
-        # files ready, their names flushed, so that a C-STORE waits neither for a file to be
-        # created nor for its name to reach the disk.
+        # One thread does the write path's chores, off the acknowledgement's path and a batch
+        # at a time (each wake-up of a thread costs a context switch and a turn at the
+        # interpreter lock): it keeps empty spool files ready, their names flushed (creating
+        # a file costs the kernel far more than writing a small one: about 0.5 ms of system
+        # time on ext4), and it flushes the folders of finished writes, then drops their spool
+        # names. Its queue holds finished writes, STOCK_LOW when the stock is down to half,
+        # an Event to set once everything before it is done, and None to stop.
         self._stock: queue.SimpleQueue[Spooled] = queue.SimpleQueue()
-        self._stock_low = threading.Event()
-        self._stocker: threading.Thread | None = None
-        # Finished writes whose final folder a thread flushes before dropping their spool
-        # name; an Event in the queue is set once everything before it is done, None stops.
-        self._flushing: queue.SimpleQueue[PendingWrite | threading.Event | None] = (
+        self._stock_asked = False
+        self._chores: queue.SimpleQueue[PendingWrite | threading.Event | str | None] = (
             queue.SimpleQueue())
-        self._flusher: threading.Thread | None = None
+        self._housekeeper: threading.Thread | None = None
         self._threads_lock = threading.Lock()
         self._closed = False
 
@@ -191,7 +192,7 @@ class FileStorage:
         The folders of finished writes are flushed and their spool names dropped first, then
         the spool files created ahead and not used are removed.
         """
-        self._stop_threads()
+        self._stop_housekeeping()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -316,8 +317,8 @@ class FileStorage:
     def _new_spool_file(self) -> Spooled:
         """An empty spool file, open for writing, its name on stable storage: one created
         ahead, else a new one."""
-        if self._stocker is None:
-            self._start_threads()
+        if self._housekeeper is None:
+            self._start_housekeeping()
         try:
             spool = self._stock.get_nowait()
         except queue.Empty:
@@ -328,8 +329,9 @@ class FileStorage:
                 except OSError:
                     self.discard(spool)
                     raise
-        if self._stock.qsize() <= SPOOL_STOCK // 2:
-            self._stock_low.set()  # refilled by the half: one wake-up for several files
+        if not self._stock_asked and self._stock.qsize() <= SPOOL_STOCK // 2:
+            self._stock_asked = True  # refilled by the half: one chore for many files
+            self._chores.put(STOCK_LOW)
         return spool
 
     def _create_spool_file(self) -> Spooled:
@@ -337,57 +339,75 @@ class FileStorage:
         return Spooled(temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                      0o644))
 
-    def _start_threads(self) -> None:
-        """Start the spool-stocking and the folder-flushing threads (at the first write)."""
+    def _start_housekeeping(self) -> None:
+        """Start the thread of the write path's chores (at the first write)."""
         with self._threads_lock:
-            if self._stocker is not None or self._closed:
+            if self._housekeeper is not None or self._closed:
                 return
-            self._stock_low.set()
-            self._flusher = threading.Thread(target=self._flush_names, name="folder-flush",
-                                             daemon=True)
-            self._flusher.start()
-            self._stocker = threading.Thread(target=self._stock_spool_files,
-                                             name="spool-stock", daemon=True)
-            self._stocker.start()
+            self._stock_asked = True
+            self._chores.put(STOCK_LOW)
+            self._housekeeper = threading.Thread(target=self._housekeeping,
+                                                 name="storage-chores", daemon=True)
+            self._housekeeper.start()
+
+    def _housekeeping(self) -> None:
+        """The chores' thread: wakes at the first chore queued, lets a moment gather more
+        (nothing waits for them: the spool names of finished writes keep them reachable),
+        then does them all: the stock of spool files, the folders' flushes, then the spool
+        names dropped."""
+        while True:
+            chores = [self._chores.get()]
+            if isinstance(chores[0], PendingWrite):
+                time.sleep(FLUSH_GATHER_SECONDS)
+            while True:
+                try:
+                    chores.append(self._chores.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                if STOCK_LOW in chores:
+                    self._stock_spool_files()
+                writes = [chore for chore in chores if isinstance(chore, PendingWrite)]
+                if writes:
+                    self._flush_folders(writes)
+            except Exception:  # a defect: the spool names stay for recovery; go on
+                logger.exception("the storage chores failed")
+            for chore in chores:
+                if isinstance(chore, threading.Event):
+                    chore.set()
+            if None in chores:
+                return
 
     def _stock_spool_files(self) -> None:
-        """Keep up to :data:`SPOOL_STOCK` empty spool files ready, their names flushed (one
-        flush of ``.incoming`` for each batch made)."""
-        while True:
-            self._stock_low.wait()
-            self._stock_low.clear()
-            made: list[Spooled] = []
-            try:
-                while self._stock.qsize() + len(made) < SPOOL_STOCK and not self._closed:
-                    made.append(self._create_spool_file())
-            except OSError as exc:  # full or failing disk: writes create their own
-                logger.debug("no spool file created ahead: %s", exc)
-            try:
-                if made and self.fsync:
-                    _fsync(self._incoming)
-            except OSError as exc:
-                logger.debug("spool files created ahead not flushed: %s", exc)
-                for spool in made:
-                    self.discard(spool)
-                made = []
+        """Fill the stock up to :data:`SPOOL_STOCK` empty spool files, their names flushed
+        (one flush of ``.incoming`` for the batch made)."""
+        self._stock_asked = False
+        made: list[Spooled] = []
+        try:
+            while self._stock.qsize() + len(made) < SPOOL_STOCK and not self._closed:
+                made.append(self._create_spool_file())
+        except OSError as exc:  # full or failing disk: writes create their own
+            logger.debug("no spool file created ahead: %s", exc)
+        try:
+            if made and self.fsync:
+                _fsync(self._incoming)
+        except OSError as exc:
+            logger.debug("spool files created ahead not flushed: %s", exc)
             for spool in made:
-                self._stock.put(spool)
-            if self._closed:
-                return
+                self.discard(spool)
+            made = []
+        for spool in made:
+            self._stock.put(spool)
 
-    def _stop_threads(self) -> None:
-        """Flush what is finished, then stop both threads and remove the unused spool
-        files."""
+    def _stop_housekeeping(self) -> None:
+        """Do the chores queued (folders flushed), stop their thread, and remove the unused
+        spool files."""
         with self._threads_lock:
             self._closed = True
-            flusher, self._flusher = self._flusher, None
-            stocker, self._stocker = self._stocker, None
-        if flusher is not None:
-            self._flushing.put(None)
-            flusher.join(timeout=60)
-        if stocker is not None:
-            self._stock_low.set()
-            stocker.join(timeout=10)
+            housekeeper, self._housekeeper = self._housekeeper, None
+        if housekeeper is not None:
+            self._chores.put(None)
+            housekeeper.join(timeout=60)
         while True:
             try:
                 spool = self._stock.get_nowait()
@@ -466,44 +486,17 @@ class FileStorage:
         if not self.fsync:
             _unlink(pending.spool)
             return
-        if self._flusher is None:
-            self._start_threads()
-        self._flushing.put(pending)
+        if self._housekeeper is None:
+            self._start_housekeeping()
+        self._chores.put(pending)
 
     def sync(self, timeout: float = 60.0) -> None:
         """Wait until the writes finished so far have their final folders flushed."""
-        if self._flusher is None:
+        if self._housekeeper is None:
             return
         done = threading.Event()
-        self._flushing.put(done)
+        self._chores.put(done)
         done.wait(timeout)
-
-    def _flush_names(self) -> None:
-        """The flushing thread: takes every finished write queued, flushes their folders
-        (each once), then drops their spool names."""
-        while True:
-            batch = [self._flushing.get()]
-            if isinstance(batch[0], PendingWrite):
-                # Nothing waits for this flush: a moment more gathers the writes of the next
-                # instances into it (one flush of their folder instead of one each).
-                time.sleep(FLUSH_GATHER_SECONDS)
-            while True:
-                try:
-                    batch.append(self._flushing.get_nowait())
-                except queue.Empty:
-                    break
-            writes = [item for item in batch if isinstance(item, PendingWrite)]
-            try:
-                if writes:
-                    self._flush_folders(writes)
-            except Exception:  # a defect: the spool names stay for recovery; go on
-                logger.exception("flushing the folders of %d stored instances failed",
-                                 len(writes))
-            for item in batch:
-                if isinstance(item, threading.Event):
-                    item.set()
-            if None in batch:
-                return
 
     def _flush_folders(self, writes: list[PendingWrite]) -> None:
         folders: dict[str, None] = {}  # ordered: a series folder, then the folders above it
