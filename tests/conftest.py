@@ -167,3 +167,10 @@ def ct_dataset(index: int = 0, *, study: str = "1.2.826.0.1.3680043.8.498.1",
     ds.PixelData = (np.arange(rows * rows, dtype=np.uint16) % 4096 + index).astype(
         np.uint16).tobytes()
     return ds
+
+
+def only_ready_spool_files(incoming: Path) -> bool:
+    """Whether ``.incoming`` holds nothing but spool files made ahead: empty, linked nowhere
+    else, kept for the next writes (and the next process)."""
+    return all(p.suffix == ".part" and p.stat().st_size == 0 and p.stat().st_nlink == 1
+               for p in incoming.iterdir())

@@ -6,15 +6,14 @@ may be storing: a write placed but not yet committed to the index must survive t
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from conftest import ct_dataset, make_settings, part10
+from conftest import ct_dataset, make_settings, only_ready_spool_files, part10
 
 from gateway.core import Gateway
 from gateway.ingest import stored_relpath
 from gateway.metadata import parse_instance
-from gateway.storage import relative_path
+from gateway.storage import SPOOL_STOCK, relative_path
 
 
 def relpath_of(data: bytes) -> str:
@@ -47,7 +46,7 @@ def test_recovery_runs_when_no_other_process_is_attached(tmp_path: Path,
         first.storage.detach()  # as if the process had died with the write unfinished
         with Gateway(settings) as restarted:
             assert not restarted.storage.exists(relpath)
-            assert not list(restarted.storage.incoming.iterdir())
+            assert only_ready_spool_files(restarted.storage.incoming)
 
 
 def test_a_write_finished_after_a_racing_delete_keeps_its_file(tmp_path: Path,
@@ -92,21 +91,27 @@ def test_delete_keeps_the_file_of_an_instance_stored_again_meanwhile(
 
 
 def test_spool_files_made_ahead_are_not_writes(tmp_path: Path, database_url: str) -> None:
-    """The empty spool files kept ready are neither unfinished writes nor left behind."""
+    """The empty spool files kept ready are not unfinished writes, and are not made again at
+    every start: the next process uses those the last one left."""
     settings = make_settings(tmp_path, database_url)
     with Gateway(settings) as gateway:
         gateway.ingestor.ingest(part10(ct_dataset(0)))
         gateway.storage.sync()  # the spool name of the write dropped once its folder is flushed
-        deadline = time.monotonic() + 10
-        while not list(gateway.storage.incoming.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        made_ahead = list(gateway.storage.incoming.iterdir())
-        assert made_ahead and all(p.stat().st_size == 0 for p in made_ahead)
-        assert gateway.storage.unfinished() == []
-        # not counted
-        assert gateway.storage.recover(lambda relpath: False, stored_relpath) == (0, 0)
         incoming = gateway.storage.incoming
-    assert list(incoming.iterdir()) == []  # removed when the process leaves the folder
+        made_ahead = {p.name for p in incoming.iterdir()}
+        assert made_ahead and only_ready_spool_files(incoming)
+        assert gateway.storage.unfinished() == []
+    assert {p.name for p in incoming.iterdir()} == made_ahead  # left for the next process
+    with Gateway(settings) as restarted:
+        for index in range(1, 4):
+            restarted.ingestor.ingest(part10(ct_dataset(index)))
+        restarted.storage.sync()
+        now = {p.name for p in incoming.iterdir()}
+        assert only_ready_spool_files(incoming) and len(now) <= SPOOL_STOCK
+        assert len(made_ahead - now) == 3  # three of them used, not three new ones made
+    # not counted as writes by a recovery
+    with Gateway(settings) as again:
+        assert again.storage.recover(lambda relpath: False, stored_relpath) == (0, 0)
 
 
 def test_a_series_folder_removed_meanwhile_is_made_again(tmp_path: Path,
