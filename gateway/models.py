@@ -71,15 +71,14 @@ class Study(Base):
     timezone_offset: Mapped[str] = mapped_column(String(5), default="")
     # Backslash-separated, sorted, e.g. "CT\SR".
     modalities_in_study: Mapped[str] = mapped_column(String(256), default="")
-    number_of_series: Mapped[int] = mapped_column(Integer, default=0)
-    number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
     # DSP confidentiality level: normal | confidential | private; author for "private".
     confidentiality: Mapped[str] = mapped_column(String(16), default="normal")
     author: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # Study and patient level attributes (DICOM JSON) of the first instance received.
     attributes: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # When the row last changed (a series added or removed); not touched by each instance.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -104,7 +103,6 @@ class Series(Base):
     performed_procedure_step_start_time: Mapped[str] = mapped_column(String(16), default="")
     series_date: Mapped[str] = mapped_column(String(8), default="")
     series_time: Mapped[str] = mapped_column(String(16), default="")
-    number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
     # Series level attributes (DICOM JSON) of the first instance received.
     attributes: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -813,8 +813,8 @@ class QueryEngine:
             truncated = limit is not None and len(rows) > limit
             if truncated:
                 rows = rows[:limit]
-            counts = (self._visible_counts(session, query.level, rows, principal)
-                      if principal.instance_uids is not None else None)
+            counts = (self._counts(session, query.level, rows, principal)
+                      if self._counts_wanted(query.level, wanted) else {})
         shape = self._shape(query, wanted, retrieve_base)
         matches = [self._build(query, row, shape, wanted, retrieve_base, counts) for row in rows]
         return QueryResult(matches, truncated, warnings)
@@ -856,14 +856,13 @@ class QueryEngine:
         if level is Level.STUDY:
             return (
                 select(Study.pk, Study.study_instance_uid, Study.attributes,
-                       Study.modalities_in_study, Study.number_of_series,
-                       Study.number_of_instances)
+                       Study.modalities_in_study)
                 .order_by(Study.pk)
             )
         if level is Level.SERIES:
             stmt = (
                 select(Series.pk, Series.series_instance_uid, Series.attributes,
-                       Series.number_of_instances, Study.study_instance_uid,
+                       Study.study_instance_uid,
                        Study.attributes.label("study_attributes"), Study.pk.label("study_pk"))
                 .join(Study, Study.pk == Series.study_pk)
             )
@@ -922,28 +921,48 @@ class QueryEngine:
                     Instance.sop_instance_uid.in_(visible)))
         return clauses
 
-    def _visible_counts(self, session: Any, level: Level, rows: Sequence[Any],
-                        principal: Principal) -> dict[tuple[str, int], int]:
-        """Instance and series counts of what a key-images principal may see."""
-        visible = sorted(principal.instance_uids or ())
+    @staticmethod
+    def _counts_wanted(level: Level, wanted: frozenset[str] | None) -> bool:
+        asked: tuple[str, ...]
+        if level is Level.STUDY:
+            asked = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
+        elif level is Level.SERIES:
+            asked = ("NumberOfSeriesRelatedInstances",)
+        else:
+            return False
+        return wanted is None or any(keyword in wanted for keyword in asked)
+
+    def _counts(self, session: Any, level: Level, rows: Sequence[Any],
+                principal: Principal) -> dict[tuple[str, int], int]:
+        """The series and instances of the studies, or the instances of the series, in
+        ``rows``: of what the principal may see (a key-images session sees some instances).
+
+        Counted when asked for, one grouped query per page of results (the indexes on
+        ``series.study_pk`` and ``instance.series_pk``), rather than kept in the rows: so
+        storing an instance writes only its own row (``Index.add_new_instance``).
+        """
+        visible = (sorted(principal.instance_uids) if principal.instance_uids is not None
+                   else None)
+        pks = [r.pk for r in rows]
         counts: dict[tuple[str, int], int] = {}
+        if not pks:
+            return counts
         if level is Level.SERIES:
-            pks = [r.pk for r in rows]
-            for series_pk, n in session.execute(
-                select(Instance.series_pk, func.count()).where(
-                    Instance.series_pk.in_(pks), Instance.sop_instance_uid.in_(visible))
-                .group_by(Instance.series_pk)
-            ):
+            stmt = (select(Instance.series_pk, func.count())
+                    .where(Instance.series_pk.in_(pks)).group_by(Instance.series_pk))
+            if visible is not None:
+                stmt = stmt.where(Instance.sop_instance_uid.in_(visible))
+            for series_pk, n in session.execute(stmt):
                 counts[("series", series_pk)] = n
         elif level is Level.STUDY:
-            pks = [r.pk for r in rows]
-            for study_pk, n_inst, n_series in session.execute(
+            by_study = (
                 select(Series.study_pk, func.count(), func.count(func.distinct(Series.pk)))
                 .join(Instance, Instance.series_pk == Series.pk)
-                .where(Series.study_pk.in_(pks), Instance.sop_instance_uid.in_(visible))
-                .group_by(Series.study_pk)
-            ):
-                counts[("study", study_pk)] = n_inst
+                .where(Series.study_pk.in_(pks)).group_by(Series.study_pk))
+            if visible is not None:
+                by_study = by_study.where(Instance.sop_instance_uid.in_(visible))
+            for study_pk, n_instances, n_series in session.execute(by_study):
+                counts[("study", study_pk)] = n_instances
                 counts[("study_series", study_pk)] = n_series
         return counts
 
@@ -966,16 +985,14 @@ class QueryEngine:
         return _Shape(tags, tags if asks_study else context, asks_series, placeholders)
 
     def _build(self, query: Query, row: Any, shape: _Shape, wanted: frozenset[str] | None,
-               retrieve_base: str | None, counts: dict[tuple[str, int], int] | None
+               retrieve_base: str | None, counts: dict[tuple[str, int], int]
                ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         level = query.level
         if level is Level.STUDY:
             _copy(out, json.loads(row.attributes), shape.tags)
-            n_series, n_instances = row.number_of_series, row.number_of_instances
-            if counts is not None:
-                n_series = counts.get(("study_series", row.pk), 0)
-                n_instances = counts.get(("study", row.pk), 0)
+            n_series = counts.get(("study_series", row.pk), 0)
+            n_instances = counts.get(("study", row.pk), 0)
             computed: dict[str, Any] = {
                 "StudyInstanceUID": row.study_instance_uid,
                 "ModalitiesInStudy": [m for m in row.modalities_in_study.split("\\") if m],
@@ -988,9 +1005,7 @@ class QueryEngine:
         elif level is Level.SERIES:
             _copy(out, json.loads(row.study_attributes), shape.study_tags)
             _copy(out, json.loads(row.attributes), shape.tags)
-            n_instances = row.number_of_instances
-            if counts is not None:
-                n_instances = counts.get(("series", row.pk), 0)
+            n_instances = counts.get(("series", row.pk), 0)
             computed = {
                 "StudyInstanceUID": row.study_instance_uid,
                 "SeriesInstanceUID": row.series_instance_uid,

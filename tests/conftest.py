@@ -174,3 +174,17 @@ def only_ready_spool_files(incoming: Path) -> bool:
     else, kept for the next writes (and the next process)."""
     return all(p.suffix == ".part" and p.stat().st_size == 0 and p.stat().st_nlink == 1
                for p in incoming.iterdir())
+
+
+def study_counts(gateway: Gateway, study_uid: str) -> tuple[int, int, str]:
+    """NumberOfStudyRelatedSeries, NumberOfStudyRelatedInstances and ModalitiesInStudy of a
+    study, as a study-level query returns them."""
+    from gateway.access import DEMO_PRINCIPAL
+    from gateway.query import Query, QueryEngine
+
+    query = Query.from_identifier("STUDY", {
+        "StudyInstanceUID": study_uid, "NumberOfStudyRelatedSeries": "",
+        "NumberOfStudyRelatedInstances": "", "ModalitiesInStudy": ""})
+    (match,) = QueryEngine(gateway.index, max_results=0).search(query, DEMO_PRINCIPAL).matches
+    return (match["00201206"]["Value"][0], match["00201208"]["Value"][0],
+            "\\".join(match["00080061"].get("Value", [])))

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, ct_dataset, make_settings, part10
+from conftest import LiveServer, ct_dataset, make_settings, part10, study_counts
 from dimse_helpers import associate, association_rejection, send_raw_store
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, MRImageStorage
@@ -81,10 +81,7 @@ def test_store_is_durable_indexed_and_as_received(live: LiveServer) -> None:
     assert metadata["00100010"]["Value"][0]["Alphabetic"] == "Müller^Zoé"
     assert metadata["7FE00010"]["BulkDataURI"].endswith(
         f"instances/{ds.SOPInstanceUID}/bulk/7FE00010")
-    with gateway.index.Session() as session:
-        study = session.scalars(select(Study)).one()
-        assert (study.number_of_series, study.number_of_instances) == (1, 1)
-        assert study.modalities_in_study == "CT"
+    assert study_counts(gateway, ds.StudyInstanceUID) == (1, 1, "CT")
     assert not gateway.storage.unfinished()
 
 
@@ -99,10 +96,7 @@ def test_counts_and_modalities_follow_new_series(live: LiveServer) -> None:
     mr.Modality = "MR"
     assert assoc.send_c_store(mr).Status == 0
     assoc.release()
-    with live.gateway.index.Session() as session:
-        row = session.scalars(select(Study).where(Study.study_instance_uid == study)).one()
-        assert (row.number_of_series, row.number_of_instances) == (2, 4)
-        assert row.modalities_in_study == "CT\\MR"
+    assert study_counts(live.gateway, study) == (2, 4, "CT\\MR")
 
 
 # storescu's option proposing each syntax (with the uncompressed ones as fallback).

@@ -29,6 +29,17 @@ def test_migrations_build_the_declared_indexes(database_url: str, table: str) ->
     assert built == declared_indexes(table)
 
 
+@pytest.mark.parametrize("table", sorted(Base.metadata.tables))
+def test_migrations_build_the_declared_columns(database_url: str, table: str) -> None:
+    index = Index(database_url)
+    try:
+        index.upgrade()
+        built = sorted(column["name"] for column in inspect(index.engine).get_columns(table))
+    finally:
+        index.close()
+    assert built == sorted(column.name for column in Base.metadata.tables[table].columns)
+
+
 def test_no_single_column_index_that_a_composite_one_starts_with() -> None:
     """Each such index would be written for every stored instance and never read."""
     for table in Base.metadata.tables.values():
@@ -52,3 +63,45 @@ def test_a_series_instances_are_found_through_the_composite_index(tmp_path: Path
             text("EXPLAIN QUERY PLAN SELECT pk FROM instance WHERE series_pk = 1")))
     engine.dispose()
     assert "ix_instance_series_number" in plan
+
+
+def test_an_index_made_before_counts_were_computed_keeps_its_rows(tmp_path: Path,
+                                                                  database_url: str) -> None:
+    """0004 drops the count columns of a populated index: the rows stay, and a query counts
+    what is there."""
+    from alembic import command
+    from alembic.config import Config
+    from conftest import ct_dataset, make_settings, part10, study_counts
+
+    from gateway.core import Gateway
+    from gateway.index import MIGRATIONS
+
+    index = Index(database_url)
+    try:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with index.write_engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0003_redundant_indexes")
+        with index.write_engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, "
+                "patient_name_norm, patient_birth_date, patient_sex) "
+                "VALUES ('P1', '', '', '', '', '')"))
+            connection.execute(text(
+                "INSERT INTO study (patient_pk, study_instance_uid, study_date, study_time, "
+                "accession_number, study_id, study_description, referring_physician_name, "
+                "referring_physician_name_norm, timezone_offset, modalities_in_study, "
+                "number_of_series, number_of_instances, confidentiality, attributes, "
+                "created_at, updated_at) SELECT pk, '1.2.3', '', '', '', '', '', '', '', "
+                "'', 'CT', 1, 7, 'private', '{}', '2026-01-01 00:00:00', "
+                "'2026-01-01 00:00:00' FROM patient"))
+    finally:
+        index.close()
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as gateway:  # migrates to the newest revision
+        with gateway.index.Session() as session:
+            assert session.execute(text("SELECT confidentiality FROM study")).scalar() == "private"
+        ds = ct_dataset(0, study="1.2.3")
+        gateway.ingestor.ingest(part10(ds))
+        assert study_counts(gateway, "1.2.3") == (1, 1, "CT")
