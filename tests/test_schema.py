@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import UniqueConstraint, create_engine, inspect, text
 
 from gateway.index import Index
 from gateway.models import Base
@@ -38,6 +38,22 @@ def test_migrations_build_the_declared_columns(database_url: str, table: str) ->
     finally:
         index.close()
     assert built == sorted(column.name for column in Base.metadata.tables[table].columns)
+
+
+@pytest.mark.parametrize("table", sorted(Base.metadata.tables))
+def test_migrations_build_the_declared_unique_constraints(database_url: str, table: str) -> None:
+    index = Index(database_url)
+    try:
+        index.upgrade()
+        inspector = inspect(index.engine)
+        built = sorted(sorted(found["column_names"])
+                       for found in inspector.get_unique_constraints(table))
+    finally:
+        index.close()
+    declared = sorted(sorted(column.name for column in constraint.columns)
+                      for constraint in Base.metadata.tables[table].constraints
+                      if isinstance(constraint, UniqueConstraint))
+    assert built == declared
 
 
 def test_no_single_column_index_that_a_composite_one_starts_with() -> None:
@@ -96,12 +112,26 @@ def test_an_index_made_before_counts_were_computed_keeps_its_rows(tmp_path: Path
                 "created_at, updated_at) SELECT pk, '1.2.3', '', '', '', '', '', '', '', "
                 "'', 'CT', 1, 7, 'private', '{}', '2026-01-01 00:00:00', "
                 "'2026-01-01 00:00:00' FROM patient"))
+            connection.execute(text(
+                "INSERT INTO series (study_pk, series_instance_uid, modality, series_number, "
+                "series_description, body_part_examined, performed_procedure_step_start_date, "
+                "performed_procedure_step_start_time, series_date, series_time, "
+                "number_of_instances, attributes, created_at) SELECT pk, '1.2.3.9', 'SR', 9, "
+                "'', '', '', '', '', '', 1, '{}', '2026-01-01 00:00:00' FROM study"))
+            connection.execute(text(
+                "INSERT INTO instance (series_pk, sop_instance_uid, sop_class_uid, "
+                "transfer_syntax_uid, file_path, file_size, digest, metadata_json, source, "
+                "created_at) SELECT pk, '1.2.3.9.1', '1.2.840.10008.5.1.4.1.1.88.11', "
+                "'1.2.840.10008.1.2.1', '1.2.3/1.2.3.9/1.2.3.9.1.abcdefabcdef.dcm', 10, "
+                "'ab', '{}', 'cli', '2026-01-01 00:00:00' FROM series"))
     finally:
         index.close()
     settings = make_settings(tmp_path, database_url)
     with Gateway(settings) as gateway:  # migrates to the newest revision
         with gateway.index.Session() as session:
             assert session.execute(text("SELECT confidentiality FROM study")).scalar() == "private"
+        assert gateway.index.has_file("1.2.3/1.2.3.9/1.2.3.9.1.abcdefabcdef.dcm")
+        assert not gateway.index.has_file("1.2.3/1.2.3.9/1.2.3.9.1.000000000000.dcm")
         ds = ct_dataset(0, study="1.2.3")
         gateway.ingestor.ingest(part10(ds))
-        assert study_counts(gateway, "1.2.3") == (1, 1, "CT")
+        assert study_counts(gateway, "1.2.3") == (2, 2, "CT\\SR")

@@ -12,6 +12,8 @@ Revises: 0003_redundant_indexes
 Create Date: 2026-12-02
 """
 
+import sqlite3
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -22,24 +24,31 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("study", schema=None) as batch_op:
-        batch_op.drop_index("ix_study_updated_at")
-        batch_op.drop_column("number_of_series")
-        batch_op.drop_column("number_of_instances")
-    with op.batch_alter_table("series", schema=None) as batch_op:
-        batch_op.drop_column("number_of_instances")
+    op.drop_index("ix_study_updated_at", table_name="study")
+    for table, column in (("study", "number_of_series"), ("study", "number_of_instances"),
+                          ("series", "number_of_instances")):
+        _drop_column(table, column)
+
+
+def _drop_column(table: str, column: str) -> None:
+    """``ALTER TABLE ... DROP COLUMN``, on SQLite too (3.35 and later): batch mode would copy
+    the table, and dropping the old ``study`` or ``series`` table would delete, by its
+    ``ON DELETE CASCADE`` foreign keys, every series and instance under it."""
+    if op.get_bind().dialect.name != "sqlite":
+        op.drop_column(table, column)
+        return
+    if sqlite3.sqlite_version_info < (3, 35):
+        raise RuntimeError(f"SQLite {sqlite3.sqlite_version} cannot drop a column; 3.35 or "
+                           "later is needed for this migration")
+    op.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("series", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("number_of_instances", sa.Integer(), nullable=False,
-                                      server_default="0"))
-    with op.batch_alter_table("study", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("number_of_instances", sa.Integer(), nullable=False,
-                                      server_default="0"))
-        batch_op.add_column(sa.Column("number_of_series", sa.Integer(), nullable=False,
-                                      server_default="0"))
-        batch_op.create_index("ix_study_updated_at", ["updated_at"], unique=False)
+    for table, column in (("series", "number_of_instances"), ("study", "number_of_instances"),
+                          ("study", "number_of_series")):
+        op.add_column(table, sa.Column(column, sa.Integer(), nullable=False,
+                                       server_default="0"))
+    op.create_index("ix_study_updated_at", "study", ["updated_at"], unique=False)
     # The counts of the rows that exist, as the columns held them.
     op.execute("UPDATE series SET number_of_instances = "
                "(SELECT COUNT(*) FROM instance WHERE instance.series_pk = series.pk)")
