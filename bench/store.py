@@ -91,9 +91,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="the gateway's [dimse] workers (processes sharing the port)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per cell, gateway and Orthanc in turn; prints the median "
-                             "ratio")
-    parser.add_argument("--settle", type=float, default=30.0,
+                        help="runs per cell, the gateway and Orthanc in turn (each first every "
+                             "other run); prints the median ratio")
+    parser.add_argument("--settle", type=float, default=65.0,
                         help="seconds to wait before the first send (see below)")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
@@ -107,11 +107,12 @@ def main() -> None:
         files = sorted(source.glob("*.dcm"))
         mb = total_bytes / 1e6
         print(f"{args.count} {args.kind} instances, {mb:.1f} MB; storescu; {args.repeat} "
-              "run(s) per cell, the gateway then Orthanc; 'ms CPU' is the server's CPU time "
-              "per instance")
-        # ext4 without a journal skips inodes freed less than 30 s ago when it allocates new
-        # ones, at a cost per file created: a run started right after another one's clean-up
-        # (thousands of files deleted) pays it on its first cells, the gateway's first.
+              "run(s) per cell, the gateway and Orthanc in turn, each first every other run; "
+              "'ms CPU' is the server's CPU time per instance")
+        # ext4 without a journal skips inodes freed less than 60 s ago (360 s while the inode
+        # table's block is not written back) when it allocates new ones, reading each one's
+        # deletion time: a run started right after another one's clean-up (thousands of files
+        # deleted) pays for it on every file its first cells create.
         time.sleep(args.settle)
         print(f"{'setting':9} {'assoc':>5} {'gateway inst/s':>15} {'MB/s':>7} {'ms CPU':>7} "
               f"{'orthanc inst/s':>15} {'MB/s':>7} {'ms CPU':>7} {'ratio':>6}")
@@ -122,7 +123,7 @@ def main() -> None:
                     run_root = root / f"{setting}-{n}-{run}"
                     run_root.mkdir()
                     line, ratio = run_cell(run_root, split(files, n, run_root), setting, n,
-                                           args, mb)
+                                           args, mb, gateway_first=run % 2 == 0)
                     print(line, flush=True)
                     if ratio is not None:
                         ratios.append(ratio)
@@ -133,23 +134,33 @@ def main() -> None:
 
 
 def run_cell(run_root: Path, folders: list[Path], setting: str, n: int,
-             args: argparse.Namespace, mb: float) -> tuple[str, float | None]:
-    """One send to the gateway, then the same to Orthanc: the printed line and the ratio."""
+             args: argparse.Namespace, mb: float, *,
+             gateway_first: bool = True) -> tuple[str, float | None]:
+    """One send to the gateway and the same to Orthanc: the printed line and the ratio."""
     tuned = setting == "tuned"
+    with_orthanc = bool(ORTHANC) and not args.no_orthanc
+    if with_orthanc and not gateway_first:
+        o_seconds, o_cpu = orthanc_send(run_root, folders, tuned)
     with GatewayServer(run_root / "gw",
                        env={"GATEWAY_DIMSE_WORKERS": str(args.workers)}) as gateway:
         seconds, cpu = measured_send(gateway, folders, tuned)
     gw_rate = args.count / seconds
     line = (f"{setting:9} {n:>5} {gw_rate:>15.1f} {mb / seconds:>7.1f} "
             f"{cpu / args.count * 1000:>7.2f}")
-    if not ORTHANC or args.no_orthanc:
+    if not with_orthanc:
         return line + f" {'(not installed)':>15}", None
-    with OrthancServer(run_root / "orthanc", tuned=tuned, dicomweb=False) as orthanc:
-        o_seconds, o_cpu = measured_send(orthanc, folders, tuned)
+    if gateway_first:
+        o_seconds, o_cpu = orthanc_send(run_root, folders, tuned)
     o_rate = args.count / o_seconds
     line += (f" {o_rate:>15.1f} {mb / o_seconds:>7.1f} "
              f"{o_cpu / args.count * 1000:>7.2f} {gw_rate / o_rate:>6.2f}")
     return line, gw_rate / o_rate
+
+
+def orthanc_send(run_root: Path, folders: list[Path], tuned: bool) -> tuple[float, float]:
+    with OrthancServer(run_root / "orthanc", tuned=tuned, dicomweb=False) as orthanc:
+        return measured_send(orthanc, folders, tuned)
+
 
 if __name__ == "__main__":
     main()
