@@ -69,6 +69,24 @@ def test_large_instances_go_around_the_page_cache(tmp_path: Path, size: int,
     storage.detach()
 
 
+
+@pytest.mark.skipif(not hasattr(os, "RWF_DSYNC"), reason="needs pwritev2 with RWF_DSYNC")
+def test_a_small_instance_is_written_only_when_placed(tmp_path: Path) -> None:
+    """Below DIRECT_MIN the bytes wait in memory: a refused instance (discarded) is never
+    written; a placed one is written and flushed by place."""
+    storage = FileStorage(tmp_path / "files")
+    refused = storage.spool(os.urandom(1000))
+    assert os.fstat(refused.fd).st_size == 0
+    storage.discard(refused)
+    data = os.urandom(1000)
+    spooled = storage.spool(data)
+    assert os.fstat(spooled.fd).st_size == 0
+    relpath = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", "ab" * 32)
+    storage.finish(storage.place(spooled, relpath))
+    assert storage.path(relpath).read_bytes() == data
+    assert storage.unfinished() == []
+    storage.detach()
+
 REFUSED_DIRECT_IO = """
 import os, sys
 from pathlib import Path
