@@ -130,10 +130,10 @@ class Ingestor:
         StorageFull
             No room left; nothing was kept.
         """
-        # A spool file is taken at once (a large instance written into it now, around the
-        # page cache); the bytes are flushed once the instance is checked, then named
-        # (FileStorage.place), in this thread: handing the flush to another one costs more in
-        # thread switches than it saves now that the check is short.
+        # A spool file is taken at once and the bytes go to it now (a large instance written
+        # around the page cache; a small one written and flushed by the C library's threads
+        # while this one checks it); once checked they are flushed, then named
+        # (FileStorage.place), then indexed.
         spooled = self.storage.spool(data)
         try:
             parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,
@@ -192,9 +192,13 @@ class Ingestor:
 
     def _store(self, parsed: ParsedInstance, spooled: Spooled,
                source: str) -> IngestResult:
-        relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
-                                parsed.sop_instance_uid, parsed.digest)
-        metadata_json = parsed.metadata_json()
+        try:
+            relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
+                                    parsed.sop_instance_uid, parsed.digest)
+            metadata_json = parsed.metadata_json()
+        except BaseException:
+            self.storage.discard(spooled)
+            raise
         pending = self.storage.place(spooled, relpath)
         replaced: list[str] = []
 

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import posix_aio
 from gateway.errors import GatewayError, StorageFull
 from gateway.metadata import dataset_offset
 from gateway.uids import validate_uid
@@ -87,11 +88,13 @@ class PendingWrite:
 @dataclass(slots=True)
 class Spooled:
     """A spool file taken for a write (:meth:`FileStorage.spool`): its name, its open
-    descriptor, and the bytes still to write into it (``None`` once written)."""
+    descriptor, the bytes of a small instance (``None`` for a large one, written at once),
+    and their write and flush under way in the C library's threads, if they are."""
 
     temp: str
     fd: int
     unwritten: memoryview | None = None
+    flushing: posix_aio.Flush | None = None
 
 
 def relative_path(study: str, series: str, sop: str, digest: str) -> str:
@@ -121,14 +124,18 @@ class FileStorage:
         Refuse writes (:class:`StorageFull`) when less space than this is free.
     direct_io
         Write received instances of :data:`DIRECT_MIN` bytes or more with ``O_DIRECT``.
+    background_flush
+        Have the C library's threads write and flush a smaller one while it is checked
+        (where :data:`gateway.posix_aio.AVAILABLE`); else :meth:`place` does it.
     """
 
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
-                 direct_io: bool = True) -> None:
+                 direct_io: bool = True, background_flush: bool = True) -> None:
         self.root = root
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
+        self.background_flush = background_flush and posix_aio.AVAILABLE
         self._direct_buffers = threading.local()
         self.incoming = root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
@@ -248,17 +255,21 @@ class FileStorage:
         With ``direct_io``, an instance of :data:`DIRECT_MIN` bytes or more is written now,
         around the page cache (``O_DIRECT``): copying it there and writing the pages back
         later cost the kernel more CPU than the whole rest of a C-STORE of a CT image
-        (docs/benchmarks.md). A smaller one is written by :meth:`place`, with its flush, in
-        one system call (``RWF_DSYNC``): each system call on this path lets another thread
-        take the interpreter lock, and getting it back is a wait of its own.
+        (docs/benchmarks.md). A smaller one is written and flushed now by the C library's
+        threads (:mod:`gateway.posix_aio`), while this thread checks and indexes the
+        instance, and :meth:`place` waits for it; where the platform has no such threads,
+        :meth:`place` writes and flushes it in one system call (``RWF_DSYNC``). A refused
+        instance's spool file is removed once its write is done.
         """
         self.check_space(len(data))
         spooled = None
         try:
             spooled = self._new_spool_file()
             view = memoryview(data)
-            if len(view) < DIRECT_MIN and self.fsync and _RWF_DSYNC:
+            if len(view) < DIRECT_MIN and self.fsync:
                 spooled.unwritten = view
+                if self.background_flush:
+                    spooled.flushing = posix_aio.write_and_flush(spooled.fd, view)
                 return spooled
             if self.direct_io and len(view) >= DIRECT_MIN:
                 view = self._write_direct(spooled.fd, view)
@@ -433,7 +444,14 @@ class FileStorage:
             os.close(spool.fd)
 
     def discard(self, spooled: Spooled) -> None:
-        """Remove a file from :meth:`spool` that will not be placed."""
+        """Remove a file from :meth:`spool` that will not be placed (once a write of it under
+        way is done: its descriptor is not closed before)."""
+        if spooled.flushing is not None:
+            flushing, spooled.flushing = spooled.flushing, None
+            try:
+                flushing.wait()
+            except OSError:
+                pass  # removed all the same
         os.close(spooled.fd)
         _unlink(spooled.temp)
 
@@ -446,10 +464,13 @@ class FileStorage:
         """
         temp, fd, view = spooled.temp, spooled.fd, spooled.unwritten
         try:
-            if view is not None:  # written and flushed at once (fdatasync's guarantee)
-                offset = 0
-                while offset < len(view):
-                    offset += os.pwritev(fd, [view[offset:]], offset, _RWF_DSYNC)
+            if spooled.flushing is not None:  # written and flushed while it was checked
+                flushing, spooled.flushing = spooled.flushing, None
+                written = flushing.wait()
+                if view is not None and written < len(view):  # a short write: the rest here
+                    _write_flushed(fd, view, written)
+            elif view is not None:
+                _write_flushed(fd, view, 0)
             elif self.fsync:
                 os.fsync(fd)
         except OSError as exc:
@@ -632,6 +653,18 @@ def _write_error(exc: OSError, what: str) -> GatewayError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left in the data folder: {exc.strerror}")
     return GatewayError(f"cannot write {what}: {exc.strerror}")
+
+
+def _write_flushed(fd: int, view: memoryview, offset: int) -> None:
+    """Write ``view[offset:]`` at ``offset`` and flush it: in one system call per write
+    where the platform has ``RWF_DSYNC``."""
+    while offset < len(view):
+        if _RWF_DSYNC:
+            offset += os.pwritev(fd, [view[offset:]], offset, _RWF_DSYNC)
+        else:
+            offset += os.pwrite(fd, view[offset:], offset)
+    if not _RWF_DSYNC:
+        os.fdatasync(fd)
 
 
 def _link(source: str, name: str) -> tuple[bool, bool]:
