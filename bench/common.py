@@ -27,9 +27,15 @@ def free_port() -> int:
 
 
 class GatewayServer:
-    """``dicom-gateway serve`` in a child process on free ports."""
+    """``dicom-gateway serve`` in a child process on free ports.
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    ``source``: the checkout to run it from (another commit's worktree, say) instead of the
+    one installed in the running interpreter's environment.
+    """
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 source: Path | None = None) -> None:
+        self.source = source
         self.env = {
             **os.environ,
             "GATEWAY_DATA_DIR": str(data_dir),
@@ -38,14 +44,16 @@ class GatewayServer:
             "GATEWAY_LOG_LEVEL": "WARNING",
             "GATEWAY_STORAGE_MIN_FREE_BYTES": "0",
             **(env or {}),
+            **({"PYTHONPATH": str(source)} if source else {}),
         }
         self.proc: subprocess.Popen[str] | None = None
         self.dimse_port = self.http_port = 0
         self.ae_title = self.env.get("GATEWAY_AE_TITLE", "DICOMGW")
 
     def __enter__(self) -> GatewayServer:
+        # ``-m`` puts the working folder first on the path: the source's own, if given.
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=self.env,
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, cwd=self.source)
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             match = READY.search(line)

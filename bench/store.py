@@ -8,6 +8,8 @@ both). The gateway sets TCP_NODELAY and re-arms TCP_QUICKACK on its own sockets 
     .venv/bin/python bench/store.py --count 500 --kind tiny --associations 1 4
     .venv/bin/python bench/store.py --count 2000 --kind tiny --workers 2
     .venv/bin/python bench/store.py --count 2000 --kind tiny --settings tuned --repeat 5
+    .venv/bin/python bench/store.py --count 2000 --kind tiny --settings tuned --repeat 8 \
+        --peer-checkout ../before     # a worktree of an earlier commit in Orthanc's place
 
 On a shared machine the rate of both servers moves by a quarter or more from one minute to the
 next: ``--repeat`` runs each cell several times, the gateway and Orthanc in turn, and prints the
@@ -88,6 +90,10 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["tuned", "packaged"],
                         choices=["tuned", "packaged"])
     parser.add_argument("--no-orthanc", action="store_true")
+    parser.add_argument("--peer-checkout", type=Path, default=None,
+                        help="run the gateway of this checkout (git worktree add ../before "
+                             "<commit>) as the peer instead of Orthanc: the ratio is this "
+                             "checkout's rate over that one's")
     parser.add_argument("--workers", type=int, default=1,
                         help="the gateway's [dimse] workers (processes sharing the port)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -114,8 +120,9 @@ def main() -> None:
         # deletion time: a run started right after another one's clean-up (thousands of files
         # deleted) pays for it on every file its first cells create.
         time.sleep(args.settle)
+        peer = "peer inst/s" if args.peer_checkout else "orthanc inst/s"
         print(f"{'setting':9} {'assoc':>5} {'gateway inst/s':>15} {'MB/s':>7} {'ms CPU':>7} "
-              f"{'orthanc inst/s':>15} {'MB/s':>7} {'ms CPU':>7} {'ratio':>6}")
+              f"{peer:>15} {'MB/s':>7} {'ms CPU':>7} {'ratio':>6}")
         for setting in args.settings:
             for n in args.associations:
                 ratios = []
@@ -138,9 +145,9 @@ def run_cell(run_root: Path, folders: list[Path], setting: str, n: int,
              gateway_first: bool = True) -> tuple[str, float | None]:
     """One send to the gateway and the same to Orthanc: the printed line and the ratio."""
     tuned = setting == "tuned"
-    with_orthanc = bool(ORTHANC) and not args.no_orthanc
+    with_orthanc = bool(args.peer_checkout or ORTHANC) and not args.no_orthanc
     if with_orthanc and not gateway_first:
-        o_seconds, o_cpu = orthanc_send(run_root, folders, tuned)
+        o_seconds, o_cpu = peer_send(run_root, folders, tuned, args)
     with GatewayServer(run_root / "gw",
                        env={"GATEWAY_DIMSE_WORKERS": str(args.workers)}) as gateway:
         seconds, cpu = measured_send(gateway, folders, tuned)
@@ -150,14 +157,20 @@ def run_cell(run_root: Path, folders: list[Path], setting: str, n: int,
     if not with_orthanc:
         return line + f" {'(not installed)':>15}", None
     if gateway_first:
-        o_seconds, o_cpu = orthanc_send(run_root, folders, tuned)
+        o_seconds, o_cpu = peer_send(run_root, folders, tuned, args)
     o_rate = args.count / o_seconds
     line += (f" {o_rate:>15.1f} {mb / o_seconds:>7.1f} "
              f"{o_cpu / args.count * 1000:>7.2f} {gw_rate / o_rate:>6.2f}")
     return line, gw_rate / o_rate
 
 
-def orthanc_send(run_root: Path, folders: list[Path], tuned: bool) -> tuple[float, float]:
+def peer_send(run_root: Path, folders: list[Path], tuned: bool,
+              args: argparse.Namespace) -> tuple[float, float]:
+    """The same send to the peer: Orthanc, or the gateway of ``--peer-checkout``."""
+    if args.peer_checkout:
+        with GatewayServer(run_root / "peer", env={"GATEWAY_DIMSE_WORKERS": str(args.workers)},
+                           source=args.peer_checkout.resolve()) as peer:
+            return measured_send(peer, folders, tuned)
     with OrthancServer(run_root / "orthanc", tuned=tuned, dicomweb=False) as orthanc:
         return measured_send(orthanc, folders, tuned)
 
