@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from gateway.config import Settings
+from gateway.errors import Conflict, InvalidInstance
 from gateway.index import Index
 from gateway.ingest import Ingestor, stored_relpath
 from gateway.storage import FileStorage
@@ -21,13 +23,14 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.index = Index(settings.index_url, shared_writer=settings.dimse.workers > 1)
         self.storage = FileStorage(
             settings.data_dir / "files",
             fsync=settings.storage.fsync,
             min_free_bytes=settings.storage.min_free_bytes,
             direct_io=settings.storage.direct_io,
+            flush_index=self.index.flush,
         )
-        self.index = Index(settings.index_url, shared_writer=settings.dimse.workers > 1)
         self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite)
 
     def open(self, *, recover: bool = True) -> Gateway:
@@ -40,10 +43,21 @@ class Gateway:
             self.index.upgrade()
         # Recovery only when no other process (serve, a worker, a CLI command) uses the folder.
         if recover:
-            self.storage.attach(self.index.has_file, stored_relpath)
+            self.storage.attach(self.index.has_file, stored_relpath, self._restore)
         else:
             self.storage.attach()
         return self
+
+    def _restore(self, path: str) -> bool:
+        """Store again an instance found by recovery in a spool file without its index row
+        (the row of a write that may have been acknowledged, lost in a power failure);
+        ``False`` if it is refused (another instance is stored under its SOP Instance UID)."""
+        try:
+            self.ingestor.ingest(Path(path).read_bytes(), source="recovery")
+        except (Conflict, InvalidInstance) as exc:
+            logger.warning("recovery did not store the instance in %s again: %s", path, exc)
+            return False
+        return True
 
     def close(self) -> None:
         self.ingestor.close()

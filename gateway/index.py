@@ -1,11 +1,19 @@
 """The index: one Engine, one sessionmaker, and the queries the core needs.
 
-SQLite (WAL, foreign keys, full synchronous commits) by default, PostgreSQL by URL, the same code.
+SQLite (WAL, foreign keys) by default, PostgreSQL by URL, the same code.
 Writes go through a group committer: each caller queues a unit of work; the caller that finds no
 commit under way runs all the units waiting at that moment in one transaction (a savepoint each)
-and commits once, so many instances share one fsync of the log without any of them being
-acknowledged before its row is durable (DESIGN.md: "group commits are the way to speed"). A lone
-writer commits its own unit in its own thread, with no hand-over to another.
+and commits once, so many units share one flush of the log (DESIGN.md: "group commits are the
+way to speed"). A lone writer commits its own unit in its own thread, with no hand-over to
+another.
+
+A unit is durable when its call returns, unless it was queued with ``durable=False``: the
+ingest path's rows, whose durability the blob store carries instead. Their instance's content
+and its spool name are on stable storage before the row is written, and the spool name is
+dropped only after :meth:`Index.flush` (gateway.storage); a row lost with the log's tail in a
+power failure is written again by recovery from that spool file. On SQLite such a batch commits
+without flushing the log (``synchronous=NORMAL``) and one ``fdatasync`` of the log then covers
+every batch committed since; on PostgreSQL every commit is flushed, as before.
 """
 
 from __future__ import annotations
@@ -66,7 +74,10 @@ def make_engine(url: str, *, writer: bool = False) -> Engine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
+            # The writer's commits do not flush the log themselves: the committer flushes it
+            # after a batch holding a durable unit (Index.flush), and the ingest path's
+            # batches are flushed later, for many at once (readers write nothing).
+            cursor.execute("PRAGMA synchronous=NORMAL" if writer else "PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
@@ -87,6 +98,14 @@ def _writer_lock_path(url: str) -> str | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return f"{parsed.database}.writer"
+
+
+def _log_path(url: str) -> str | None:
+    """The write-ahead log of an SQLite database file; ``None`` for any other database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return f"{parsed.database}-wal"
 
 
 def _insert(dialect: str, table: Any) -> Any:
@@ -147,6 +166,7 @@ class _Unit(NamedTuple):
     work: Callable[[Any], Any]  # a Session, or a DBAPI connection for a bare unit
     future: _Result[Any]
     isolated: bool
+    durable: bool  # flushed before its call returns (else by a later Index.flush)
 
 
 # The columns of an instance row written by the C-STORE hot path, in order.
@@ -211,6 +231,7 @@ class Index:
         self._writer_lock_path = _writer_lock_path(url) if shared_writer else None
         self._writer_lock_fd = -1 if self._writer_lock_path is None else os.open(
             self._writer_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._log_path = _log_path(url)
 
     # -- schema -------------------------------------------------------------------------------
     def upgrade(self) -> None:
@@ -224,6 +245,7 @@ class Index:
         with self.write_engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+        self.flush()
 
     def close(self) -> None:
         with self._committer:  # a commit under way ends first
@@ -237,26 +259,53 @@ class Index:
         self.write_engine.dispose()
 
     # -- group commit -------------------------------------------------------------------------
-    def write(self, work: Callable[[Session], T]) -> T:
+    def write(self, work: Callable[[Session], T], *, durable: bool = True) -> T:
         """Run ``work(session)`` in a committed transaction shared with concurrent writers.
 
-        Returns only after the transaction holding ``work`` is committed; raises what ``work``
-        raised (its savepoint rolled back, the others unaffected) or the commit's error.
+        Returns only after the transaction holding ``work`` is committed, and flushed to
+        stable storage unless ``durable`` is false (then :meth:`flush` does it: for a write
+        that can be made again after a power failure, as recovery does an instance's row);
+        raises what ``work`` raised (its savepoint rolled back, the others unaffected) or the
+        commit's error.
         """
         future: _Result[T] = _Result()
-        return self._write(_Unit(work, future, True), future)
+        return self._write(_Unit(work, future, True, durable), future)
 
-    def write_bare(self, work: Callable[[Any], T]) -> T:
+    def write_bare(self, work: Callable[[Any], T], *, durable: bool = True) -> T:
         """Run ``work(driver_connection)`` in a committed transaction, without SQLAlchemy.
 
         For a unit that cannot fail but with the transaction (the C-STORE hot path): no
         savepoint of its own, and a batch made only of such units runs on a DBAPI connection
         kept for them, with no session; in a busy process each statement and each layer
         SQLAlchemy adds is one more wait for the interpreter lock inside the committer. If
-        ``work`` raises all the same, its whole batch fails with its error.
+        ``work`` raises all the same, its whole batch fails with its error. ``durable`` as
+        for :meth:`write`.
         """
         future: _Result[T] = _Result()
-        return self._write(_Unit(work, future, False), future)
+        return self._write(_Unit(work, future, False, durable), future)
+
+    def flush(self) -> None:
+        """Put every transaction committed so far on stable storage.
+
+        On SQLite, one ``fdatasync`` of the write-ahead log, whichever process or connection
+        wrote it (a log that is gone was checkpointed into the database file, and that file
+        flushed, by SQLite). PostgreSQL flushes each commit itself: nothing to do.
+
+        Raises
+        ------
+        OSError
+            The flush failed (``EIO``): what was committed may not survive a power failure.
+        """
+        if self._log_path is None:
+            return
+        try:
+            fd = os.open(self._log_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def _write(self, unit: _Unit, future: _Result[T]) -> T:
         self._queue.put(unit)
@@ -281,10 +330,23 @@ class Index:
         try:
             with self._across_processes():
                 self._commit_batch(batch)
+            if any(unit.durable for unit in batch):
+                self._flush_for(batch)
         finally:
             for unit in batch:
                 if not unit.future.done():  # interrupted (KeyboardInterrupt, SystemExit)
                     unit.future.set_exception(RuntimeError("the index write was interrupted"))
+
+    def _flush_for(self, batch: list[_Unit]) -> None:
+        """Flush a committed batch that holds a durable unit; if the flush fails, its durable
+        units fail with it (their transaction may be lost), the others stand."""
+        try:
+            self.flush()
+        except OSError as exc:
+            logger.error("cannot flush the index's log after a commit: %s", exc.strerror)
+            for unit in batch:
+                if unit.durable:
+                    unit.future.set_exception(exc)
 
     @contextlib.contextmanager
     def _across_processes(self) -> Iterator[None]:

@@ -226,11 +226,13 @@ class Ingestor:
         try:
             # A new instance of a known series (nearly every one) in three statements without a
             # savepoint; anything else (a new series, a SOP Instance UID taken) in a second
-            # transaction with every check.
-            if self.index.write_bare(new_instance):
+            # transaction with every check. Not flushed before the acknowledgement: the spool
+            # name keeps the flushed content until the storage's chores have flushed the index
+            # too (FileStorage.finish), and recovery writes a row lost before then again.
+            if self.index.write_bare(new_instance, durable=False):
                 outcome = Outcome.STORED
             else:
-                outcome = self.index.write(work)
+                outcome = self.index.write(work, durable=False)
         except IntegrityError:
             # A concurrent writer stored the same SOP Instance UID between our check and commit.
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
@@ -244,10 +246,16 @@ class Ingestor:
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
             raise
         if outcome is Outcome.DUPLICATE:
-            self.storage.abandon(pending, keep_final=True)
+            # Found again by recovery, it would be a duplicate again: no flush of its removal.
+            self.storage.abandon(pending, keep_final=True, flush=False)
             logger.info("instance %s already stored (identical re-send)", parsed.sop_instance_uid)
         else:
             self.storage.finish(pending)
+        if replaced:
+            # The replaced files go only once the row that replaced them is on stable storage
+            # and no spool name is left for recovery to store them again.
+            self.index.flush()
+            self.storage.settle()
         for old_path in replaced:
             if old_path != relpath:
                 self.storage.delete(old_path)

@@ -12,18 +12,21 @@ A write (PS3.4 B.2.3: success only once the instance is kept):
 1. the bytes go into a spool file whose *name* was flushed to disk before it was handed out
    (a thread keeps a few ready, :meth:`FileStorage._stock_spool_files`);
 2. the content is flushed (``fsync``), then the file is linked to its final name;
-3. the caller commits the index row (a durable commit), then :meth:`FileStorage.finish` hands
+3. the caller commits the index row (not flushed yet), then :meth:`FileStorage.finish` hands
    the write to a flushing thread, and the caller acknowledges;
-4. that thread flushes the final folder (and the folders above it if they were made), in
-   batches, and only then drops the spool name.
+4. that thread flushes the final folder (and the folders above it if they were made) and the
+   index's log (``flush_index``), in batches, and only then drops the spool name.
 
-So at the acknowledgement the content and the index row are on stable storage, and the
-content has a name on stable storage: its spool name, until the final name is. Nothing waits
-for a folder flush. After a crash or a power failure, :meth:`FileStorage.recover` reads each
-file left in ``.incoming``: an instance whose row is committed gets its final name back (and
-flushed); any other is removed, with the final name it may have been given. No other part of
-the store has to be scanned. A final name found taken is kept only if its file holds the same
-data set; else this write's file replaces it.
+So at the acknowledgement the content is on stable storage under a name on stable storage
+(its spool name, until the final name and the row are), and the row is committed. Nothing
+waits for a folder's or the index's flush. After a crash or a power failure,
+:meth:`FileStorage.recover` reads each file left in ``.incoming``: an instance whose row is
+there gets its final name back (and flushed); one whose row is not (lost with the log's tail)
+is stored again (``restore``), in the order the files were written; a file holding no instance
+is removed. No other part of the store has to be scanned. A refused instance's spool file is
+removed, and the removal flushed, before the refusal is answered, so that recovery cannot store
+it. A final name found taken is kept only if its file holds the same data set; else this
+write's file replaces it.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class Spooled:
     fd: int
     unwritten: memoryview | None = None
     flushing: posix_aio.Flush | None = None
+    written: bool = False  # bytes sent to the file (to disk, maybe): its removal is flushed
 
 
 def relative_path(study: str, series: str, sop: str, digest: str) -> str:
@@ -127,11 +131,17 @@ class FileStorage:
     background_flush
         Have the C library's threads write and flush a smaller one while it is checked
         (where :data:`gateway.posix_aio.AVAILABLE`); else :meth:`place` does it.
+    flush_index
+        Put the index's commits so far on stable storage (:meth:`gateway.index.Index.flush`):
+        called before the spool names of finished writes are dropped, since until then their
+        rows may be lost in a power failure and recovery needs the files to write them again.
     """
 
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
-                 direct_io: bool = True, background_flush: bool = True) -> None:
+                 direct_io: bool = True, background_flush: bool = True,
+                 flush_index: Callable[[], None] | None = None) -> None:
         self.root = root
+        self.flush_index = flush_index
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
@@ -163,12 +173,13 @@ class FileStorage:
 
     # -- the processes sharing the folder -----------------------------------------------------
     def attach(self, is_indexed: Callable[[str], bool] | None = None,
-               identify: Callable[[str], str | None] | None = None) -> bool:
+               identify: Callable[[str], str | None] | None = None,
+               restore: Callable[[str], bool] | None = None) -> bool:
         """Join the processes using this folder; recover first if none other is attached.
 
         Parameters
         ----------
-        is_indexed, identify
+        is_indexed, identify, restore
             As for :meth:`recover`; ``None`` never recovers (a worker whose siblings write).
 
         Returns
@@ -187,7 +198,7 @@ class FileStorage:
                 except BlockingIOError:
                     logger.info("another process uses the data folder: no crash recovery now")
                 else:
-                    self.recover(is_indexed, identify)
+                    self.recover(is_indexed, identify, restore)
                     recovered = True
             # Shared from here on; waits while another process holds the exclusive lock
             # (it is recovering: nothing may be written before it is done).
@@ -269,8 +280,10 @@ class FileStorage:
             if len(view) < DIRECT_MIN and self.fsync:
                 spooled.unwritten = view
                 if self.background_flush:
+                    spooled.written = True
                     spooled.flushing = posix_aio.write_and_flush(spooled.fd, view)
                 return spooled
+            spooled.written = True
             if self.direct_io and len(view) >= DIRECT_MIN:
                 view = self._write_direct(spooled.fd, view)
             while view:
@@ -445,7 +458,8 @@ class FileStorage:
 
     def discard(self, spooled: Spooled) -> None:
         """Remove a file from :meth:`spool` that will not be placed (once a write of it under
-        way is done: its descriptor is not closed before)."""
+        way is done: its descriptor is not closed before), the removal flushed if the file
+        was written (recovery would store what it holds)."""
         if spooled.flushing is not None:
             flushing, spooled.flushing = spooled.flushing, None
             try:
@@ -454,6 +468,18 @@ class FileStorage:
                 pass  # removed all the same
         os.close(spooled.fd)
         _unlink(spooled.temp)
+        if spooled.written:
+            self._flush_removal()
+
+    def _flush_removal(self) -> None:
+        """Put the removal of a spool name on stable storage (a refusal's: few)."""
+        if not self.fsync:
+            return
+        try:
+            _fsync(self._incoming)
+        except OSError as exc:
+            logger.error("cannot flush the removal of a refused instance's spool file (%s): "
+                         "after a power failure recovery may store it", exc.strerror)
 
     def place(self, spooled: Spooled, relpath: str) -> PendingWrite:
         """Second half of a write: the content flushed, then linked to its final name.
@@ -536,6 +562,17 @@ class FileStorage:
         self._chores.put(done)
         done.wait(timeout)
 
+    def settle(self) -> None:
+        """Wait until the writes finished so far are done with (their folders and index rows
+        flushed, their spool names dropped), and put the dropped names on stable storage.
+
+        From then on recovery cannot store any of them again: called before a delete or a
+        replacement removes files, which a power failure must not undo.
+        """
+        self.sync()
+        if self.fsync:
+            _fsync(self._incoming)
+
     def _flush_folders(self, writes: list[PendingWrite]) -> None:
         folders: dict[str, None] = {}  # ordered: a series folder, then the folders above it
         for write in writes:
@@ -547,19 +584,29 @@ class FileStorage:
         try:
             for folder in folders:
                 _fsync_if_exists(folder)  # a folder gone was deleted with what it held
+            if self.flush_index is not None:
+                self.flush_index()  # their rows (committed before finish was called)
         except OSError as exc:
-            logger.error("cannot flush the folders of %d stored instances (%s): their spool "
-                         "names stay in %s and recovery finishes them at the next start",
-                         len(writes), exc.strerror, INCOMING)
+            logger.error("cannot flush the folders or the index rows of %d stored instances "
+                         "(%s): their spool names stay in %s and recovery finishes them at "
+                         "the next start", len(writes), exc.strerror, INCOMING)
             return
         for write in writes:
             _unlink(write.spool)
 
-    def abandon(self, pending: PendingWrite, *, keep_final: bool = False) -> None:
-        """Undo a write whose index row could not be committed."""
+    def abandon(self, pending: PendingWrite, *, keep_final: bool = False,
+                flush: bool = True) -> None:
+        """Undo a write whose index row could not be committed (or was there already).
+
+        ``flush``: put the spool name's removal on stable storage before returning, so that
+        recovery after a power failure cannot store what was refused; an identical re-send's
+        needs none (stored again, it is a duplicate again).
+        """
         if not keep_final:
             _unlink_if_same(self._final(pending.relpath), pending.spool)
         _unlink(pending.spool)
+        if flush:
+            self._flush_removal()
 
     def delete(self, relpath: str) -> None:
         """Remove a stored file and prune folders left empty."""
@@ -578,6 +625,7 @@ class FileStorage:
         instance committed in between has a row for the same path (same UIDs, same digest):
         its file must stay. Returns how many files were removed.
         """
+        self.settle()  # no spool name of theirs left for recovery to store them again
         removed = 0
         for relpath in relpaths:
             if not is_indexed(relpath):
@@ -597,8 +645,9 @@ class FileStorage:
 
     # -- recovery -----------------------------------------------------------------------------
     def recover(self, is_indexed: Callable[[str], bool],
-                identify: Callable[[str], str | None]) -> tuple[int, int]:
-        """Finish or undo the writes a crash or a power failure left in ``.incoming``.
+                identify: Callable[[str], str | None],
+                restore: Callable[[str], bool] | None = None) -> tuple[int, int, int]:
+        """Finish the writes a crash or a power failure left in ``.incoming``, or undo them.
 
         Parameters
         ----------
@@ -608,13 +657,20 @@ class FileStorage:
             The relative path of the instance a file holds (from its UIDs and digest), or
             ``None`` if it holds none: a write whose content never reached the disk, which
             was never linked to a final name either.
+        restore
+            Store the instance in a file again, through the whole ingest path; ``False`` if
+            it is refused (another instance holds its SOP Instance UID). Called for each file
+            holding an instance without a row: the row of a write that may have been
+            acknowledged, lost with the index log's unflushed tail. ``None``: such files are
+            removed.
 
         Returns
         -------
         tuple of int
-            How many writes were confirmed (their row exists) and how many were undone.
+            How many writes were confirmed (their row exists), stored again, and undone.
         """
         kept = undone = 0
+        unindexed: list[tuple[int, str, str]] = []  # (written at, spool file, relative path)
         # This process's own ready spool files, once it writes, are in its stock: left alone.
         adopt = self._housekeeper is None and not self._closed
         for name in sorted(os.listdir(self._incoming)):
@@ -639,14 +695,40 @@ class FileStorage:
                 self._flush_folders([PendingWrite(relpath, spool, made)])
                 kept += 1
                 continue
-            if relpath is not None and _unlink_if_same(self._final(relpath), spool):
-                _fsync_if_exists(os.path.dirname(self._final(relpath)))
-            _unlink(spool)
+            if relpath is not None and restore is not None:
+                unindexed.append((os.stat(spool).st_mtime_ns, spool, relpath))
+                continue
+            self._undo(spool, relpath)
             undone += 1
-        if kept or undone:
-            logger.warning("recovered storage: %d writes confirmed, %d unfinished writes removed",
-                           kept, undone)
-        return kept, undone
+        restored = 0
+        # In the order they were written: of two instances under one SOP Instance UID (the
+        # second replacing the first, with [storage] overwrite), the second is kept.
+        for _, spool, relpath in sorted(unindexed):
+            assert restore is not None
+            try:
+                stored = restore(spool)
+            except GatewayError as exc:  # no room, say: kept for the next start
+                logger.error("cannot store again the instance in %s (%s): left for the next "
+                             "start", spool, exc)
+                continue
+            if stored:
+                _unlink(spool)  # its new write has a spool name of its own
+                restored += 1
+            else:
+                self._undo(spool, relpath)
+                undone += 1
+        if kept or restored or undone:
+            logger.warning("recovered storage: %d writes confirmed, %d stored again, "
+                           "%d unfinished writes removed", kept, restored, undone)
+        return kept, restored, undone
+
+    def _undo(self, spool: str, relpath: str | None) -> None:
+        """Remove a spool file left by a write not to be kept, and the final name it may have
+        been given."""
+        if relpath is not None and _unlink_if_same(self._final(relpath), spool):
+            _fsync_if_exists(os.path.dirname(self._final(relpath)))
+        _unlink(spool)
+        self._flush_removal()
 
 
 def _write_error(exc: OSError, what: str) -> GatewayError:

@@ -4,6 +4,7 @@ other unit (a savepoint each), and a unit without a savepoint fails its whole ba
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -219,3 +220,57 @@ def test_a_writer_lock_file_only_for_a_database_that_is_one_file(database_url: s
             assert lock_path == f"{make_url(database_url).database}.writer"
     finally:
         index.close()
+
+
+# What each kind of write flushes, counted by strace in a child process that ends without
+# closing the index (closing checkpoints the log, which flushes it). SQLite flushes a log's
+# header itself when it starts the log anew (the child's first write; after a checkpoint): a
+# child making that first write only is the baseline.
+_WRITES = {
+    "ingest": "index.write_bare(add, durable=False); index.write(work, durable=False)",
+    "ingest then flush": "index.write_bare(add, durable=False); index.flush()",
+    "durable bare": "index.write_bare(add)",
+    "durable": "index.write(work)",
+}
+_CHILD = """
+import os, sys
+from sqlalchemy import insert
+from gateway.index import Index
+from gateway.models import Patient
+index = Index(sys.argv[1])
+def add(connection, patient_id="bare"):
+    connection.execute("INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name,"
+                       " patient_name_norm, patient_birth_date, patient_sex)"
+                       " VALUES (?, '', '', '', '', '')", (patient_id,))
+def work(session):
+    session.execute(insert(Patient).values(patient_id="isolated"))
+index.write_bare(lambda connection: add(connection, os.urandom(8).hex()), durable=False)
+{writes}
+os._exit(0)
+"""
+
+
+def _log_flushes(folder: Path, writes: str) -> list[str]:
+    """The flushes of the log of a new database in ``folder`` while a child makes ``writes``."""
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'index.sqlite'}"
+    index = Index(url)
+    index.upgrade()
+    index.close()
+    trace = folder / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync",
+                    "-e", "signal=none", "-o", str(trace), sys.executable, "-c",
+                    _CHILD.format(writes=writes), url],
+                   check=True, timeout=60)
+    return [line for line in trace.read_text().splitlines() if "index.sqlite-wal>" in line]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@pytest.mark.parametrize("writes", list(_WRITES))
+def test_only_writes_recovery_can_make_again_leave_the_log_unflushed(
+        tmp_path: Path, writes: str) -> None:
+    """SQLite: an ingest commit (``durable=False``) does not flush the log; :meth:`Index.flush`
+    and every other write do, before they return."""
+    baseline = _log_flushes(tmp_path / "baseline", "")
+    flushes = _log_flushes(tmp_path / "writes", _WRITES[writes])
+    assert len(flushes) - len(baseline) == (0 if writes == "ingest" else 1), flushes
