@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from pydicom import Dataset, dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
@@ -403,7 +404,25 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_cir
 
 
 def _dumps(model: dict[str, Any]) -> str:
-    return _ENCODER.encode(model)
+    """The model as compact JSON text, as ``json`` writes it.
+
+    orjson writes it ten times faster (about 30 µs less of a small C-STORE's time with the
+    interpreter lock held), the same text for every value a model holds but a number
+    ``json`` would write as ``NaN`` or ``Infinity``, which are not JSON (orjson: ``null``),
+    and an exponent (``1e16`` for ``1e+16``). What orjson refuses (a text holding a lone
+    surrogate, an integer past 64 bits) the ``json`` module writes.
+    """
+    try:
+        return orjson.dumps(model, default=_plain_number).decode()
+    except TypeError:  # orjson.JSONEncodeError is one
+        return _ENCODER.encode(model)
+
+
+def _plain_number(value: Any) -> float:
+    """pydicom's ``DSfloat`` (a float subclass, which orjson does not take) as a float."""
+    if isinstance(value, float):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def json_model(ds: Dataset, bulk_prefix: str) -> dict[str, Any]:

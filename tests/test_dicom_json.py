@@ -9,6 +9,7 @@ pydicom alone decides.
 from __future__ import annotations
 
 import io
+import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,9 @@ def assert_same(data: bytes, *, fast_expected: bool) -> None:
     assert reference is not None, "the fast reader accepted what pydicom refuses"
     assert fast.json_model == reference.json_model
     assert fast.metadata_json() == reference.metadata_json()
+    # Written by orjson: the text the json module writes, for pydicom's values (DSfloat, IS,
+    # UID, PersonName) as for the fast reader's.
+    assert reference.metadata_json() == json_module_text(reference.json_model)
     assert fast.study_attributes_json() == reference.study_attributes_json()
     assert fast.series_attributes_json() == reference.series_attributes_json()
     assert fast.fields == reference.fields
@@ -68,6 +72,20 @@ def assert_same(data: bytes, *, fast_expected: bool) -> None:
             fast.study_instance_uid, fast.series_instance_uid, fast.size) == (
         reference.transfer_syntax_uid, reference.sop_class_uid, reference.sop_instance_uid,
         reference.study_instance_uid, reference.series_instance_uid, reference.size)
+
+
+def json_module_text(model: dict[str, object]) -> str:
+    return json.dumps(model, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_metadata_text_is_json_where_the_json_module_writes_none() -> None:
+    # A float value may be NaN or infinite (FL, FD): the json module writes NaN, no JSON.
+    model = {"00189087": {"vr": "FD", "Value": [float("nan"), float("inf"), 1e16, 0.1]}}
+    text = metadata._dumps(model)
+    assert json.loads(text) == {"00189087": {"vr": "FD", "Value": [None, None, 1e16, 0.1]}}
+    # A text orjson refuses (a lone surrogate) is written by the json module instead.
+    odd = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "A\udc80"}]}}
+    assert metadata._dumps(odd) == json_module_text(odd)
 
 
 def image(**extra: object) -> Dataset:
