@@ -67,6 +67,7 @@ FLUSH_GATHER_SECONDS = 0.01
 STOCK_LOW = "stock low"  # the chore of refilling the stock of spool files
 # Write and flush in one system call (pwritev2, Linux 4.7); 0 where the platform has none.
 _RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def relative_path(study: str, series: str, sop: str, digest: str) -> str:
     for uid, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID"),
                       (sop, "SOPInstanceUID")):
         validate_uid(uid, what)
-    if len(digest) < 12 or not all(c in "0123456789abcdef" for c in digest):
+    if len(digest) < 12 or not _HEX.issuperset(digest):
         raise ValueError("digest must be lowercase hex")
     return f"{study}/{series}/{sop}.{digest[:12]}.dcm"
 
