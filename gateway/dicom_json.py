@@ -120,7 +120,10 @@ class _Reader:
         self.text_read = False  # a text value decoded: too late to change the character set
 
     def header(self, pos: int) -> tuple[int, str | None, int, int]:
-        """Tag, VR (``None`` for item tags in implicit syntax), value length, value offset."""
+        """Tag, VR (``None`` for item tags), value length, value offset.
+
+        :meth:`read_items` reads an explicit VR header inline, the same way: change both.
+        """
         data = self.data
         if self.explicit:
             group, element, vr_bytes, short = _EXPLICIT_HEADER.unpack_from(data, pos)
