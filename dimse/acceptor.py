@@ -12,7 +12,8 @@ own thread, with blocking reads:
   (:mod:`dimse.scp`), which reads it as if nothing happened;
 - A-ASSOCIATE PDUs are decoded and encoded by pynetdicom, presentation contexts negotiated by
   its :func:`~pynetdicom.presentation.negotiate_as_acceptor`, with the same supported contexts,
-  peer rules, called-AE check and association limit as the pynetdicom path;
+  peer rules, called-AE check and association limit as the pynetdicom path; the outcome is
+  kept for the next association that proposes the same (:mod:`dimse.negotiation`);
 - P-DATA-TF PDUs are read straight off the socket and each complete message is answered by the
   same service functions the pynetdicom path uses: :func:`dimse.store.store_instance`,
   :func:`dimse.find.find_responses`, :func:`dimse.qr.move_progress` and
@@ -36,25 +37,14 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import UID
-from pynetdicom import build_context
-from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAcPDU
-from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPDU
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    AsynchronousOperationsWindowNegotiation,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.presentation import PresentationContext
 
 from dimse import command_set, upper_layer
 from dimse.command_set import C_CANCEL_RQ, CommandSetError
 from dimse.find import as_dataset, find_responses
 from dimse.identifier import encode_identifier
+from dimse.negotiation import Negotiated, Negotiations, ae_titles, negotiate
 from dimse.peers import PeerPolicy
 from dimse.qr import MoveProgress, get_progress, move_progress
 from dimse.status import NOT_AUTHORIZED, OUT_OF_RESOURCES, SUCCESS
@@ -63,7 +53,6 @@ from dimse.store import store_instance
 from dimse.transport import tune_socket, use_kernel_timeouts
 from gateway.core import Gateway
 from gateway.metrics import METRICS
-from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -92,42 +81,11 @@ def serves(command_field: int, abstract_syntax: str) -> bool:
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-# User Information items an association may carry and still be run here.
-PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
-                    ImplementationVersionNameNotification, AsynchronousOperationsWindowNegotiation,
-                    SCP_SCU_RoleSelectionNegotiation)
 # An A-ASSOCIATE-RQ larger than this is left to pynetdicom (128 contexts fit well within it).
 MAX_PEEKED_REQUEST = 1 << 20
 PEEK_INTERVAL = 0.001
 # No PDU the peer sends may exceed this, whatever Maximum Length it was told.
 PDU_LENGTH_CEILING = 64 << 20
-
-
-def contexts_in_requestor_order(requested: list[PresentationContext],
-                                supported: list[PresentationContext]
-                                ) -> list[PresentationContext]:
-    """The supported contexts with each one's transfer syntaxes reordered to follow the order
-    the requestor proposed them (its preference), keeping only the ones the gateway supports.
-
-    pynetdicom accepts, for each proposed context, the first syntax of the *acceptor's* list;
-    the gateway keeps instances as received, in the syntax the sender prefers.
-    """
-    proposed: dict[str, list[str]] = {}
-    for context in requested:
-        # With several contexts for one SOP class, the first proposal wins the ordering.
-        proposed.setdefault(str(context.abstract_syntax), [str(t) for t in context.transfer_syntax])
-    contexts = []
-    for context in supported:
-        wanted = proposed.get(str(context.abstract_syntax))
-        if wanted and context.abstract_syntax is not None:
-            ours = [str(t) for t in context.transfer_syntax]
-            ordered = [t for t in wanted if t in ours] + [t for t in ours if t not in wanted]
-            reordered = build_context(context.abstract_syntax, ordered)
-            # Keep the SCP/SCU role selection the context accepts (C-GET, PS3.7 D.3.3.4).
-            reordered.scu_role, reordered.scp_role = context.scu_role, context.scp_role
-            context = reordered
-        contexts.append(context)
-    return contexts
 
 
 def peek_associate_request(sock: socket.socket, timeout: float) -> bytes | None:
@@ -309,6 +267,9 @@ class Acceptor:
         self.ae = ae
         self.settings = gateway.settings.dimse
         self.supported: list[PresentationContext] = list(ae.supported_contexts)
+        max_pdu = self.settings.max_pdu_size
+        self.negotiations = Negotiations(
+            lambda request: negotiate(request, self.supported, max_pdu))
         self.slots = AssociationSlots(ae, self.settings.max_associations)
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
@@ -333,13 +294,9 @@ class Acceptor:
         peeked = peek_associate_request(sock, self.settings.network_timeout)
         if peeked is None:
             return False
-        try:
-            pdu = AssociateRqPDU()
-            pdu.decode(peeked)
-            request = pdu.to_primitive()
-        except Exception:  # noqa: BLE001 - malformed: pynetdicom aborts it properly
-            return False
-        if not self._runs_here(request):
+        titles = ae_titles(peeked)
+        negotiated = self.negotiations.get(peeked) if titles is not None else None
+        if titles is None or negotiated is None:
             return False
         host = address[0] if isinstance(address, tuple) else str(address)
         use_kernel_timeouts(sock, self.settings.network_timeout)
@@ -348,7 +305,8 @@ class Acceptor:
         try:
             reader = upper_layer.PduReader(sock)
             reader.read_pdu(MAX_PEEKED_REQUEST)  # the request peeked: now consume it
-            self._run(sock, reader, host, request)
+            self._run(sock, reader, host, titles, negotiated.accept_pdu_for(peeked),
+                      negotiated)
         except (upper_layer.PeerClosed, OSError) as exc:
             logger.debug("association from %s ended: %s", host, exc)
         except Exception:  # a defect: logged, the peer told by an A-ABORT, the server goes on
@@ -360,19 +318,9 @@ class Acceptor:
             upper_layer.close(sock)
         return True
 
-    def _runs_here(self, request: A_ASSOCIATE) -> bool:
-        """Whether the association can be run here: it proposes contexts (those of SOP classes
-        the gateway does not support are rejected in the negotiation, as pynetdicom would) and
-        asks for no negotiation but the maximum length, implementation identification,
-        asynchronous operations window and SCP/SCU roles."""
-        if not request.presentation_context_definition_list:
-            return False
-        return all(isinstance(item, PLAIN_USER_ITEMS) for item in request.user_information)
-
     def _run(self, sock: socket.socket, reader: upper_layer.PduReader, host: str,
-             request: A_ASSOCIATE) -> None:
-        calling = str(request.calling_ae_title).strip()
-        called = str(request.called_ae_title).strip()
+             titles: tuple[str, str], accept_pdu: bytes, negotiated: Negotiated) -> None:
+        called, calling = titles
         rejection = None
         if self.settings.require_called_ae and called != self.settings.ae_title.strip():
             logger.warning("rejected association from %s at %s: called AE title %r is not %r",
@@ -390,51 +338,14 @@ class Acceptor:
             sock.sendall(upper_layer.reject_pdu(*rejection))
             return
         try:
-            assoc, accept_pdu = self._negotiate(sock, reader, host, request, calling)
+            assoc = Association(sock, reader, host, calling, negotiated.contexts,
+                                negotiated.peer_max_pdu, list(negotiated.accepted))
             sock.sendall(accept_pdu)
             METRICS.inc("gateway_dimse_associations_total")
             logger.info("association from %s at %s accepted", calling, host)
             self._serve(assoc)
         finally:
             self.slots.release()
-
-    def _negotiate(self, sock: socket.socket, reader: upper_layer.PduReader, host: str,
-                   request: A_ASSOCIATE, calling: str) -> tuple[Association, bytes]:
-        proposed = request.presentation_context_definition_list
-        roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
-                 for item in request.user_information
-                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
-                 and item.sop_class_uid is not None}
-        results, role_replies = negotiate_as_acceptor(
-            proposed, contexts_in_requestor_order(proposed, self.supported), roles or None)
-        accepted = {
-            int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-            for cx in results if cx.result == 0x00 and cx.context_id is not None
-        }
-        peer_max = 0
-        for item in request.user_information:
-            if isinstance(item, MaximumLengthNotification):
-                peer_max = int(item.maximum_length_received or 0)
-        reply = A_ASSOCIATE()
-        reply.application_context_name = UID(APPLICATION_CONTEXT_NAME)
-        reply.calling_ae_title = request.calling_ae_title
-        reply.called_ae_title = request.called_ae_title
-        reply.result = 0x00
-        reply.result_source = 0x01
-        reply.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.settings.max_pdu_size
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        reply.user_information = [max_length, class_uid, version, *role_replies]
-        pdu = AssociateAcPDU()
-        pdu.from_primitive(reply)
-        association = Association(sock, reader, host, calling, accepted,
-                                  peer_max)
-        association.accepted = [cx for cx in results if cx.result == 0x00]
-        return association, pdu.encode()
 
     def _serve(self, assoc: Association) -> None:
         """Read PDUs until release or abort; answer each complete message."""

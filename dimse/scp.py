@@ -36,8 +36,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dimse.acceptor import Acceptor, contexts_in_requestor_order
+from dimse.acceptor import Acceptor
 from dimse.find import handle_find
+from dimse.negotiation import contexts_in_requestor_order
 from dimse.peers import PeerPolicy, is_loopback
 from dimse.qr import handle_get, handle_move
 from dimse.status import NOT_AUTHORIZED, SUCCESS
@@ -112,7 +113,7 @@ def handle_open(event: Any) -> None:
 
 def handle_requested(event: Any, policy: PeerPolicy) -> None:
     """Reject an association whose peer may use no service at all; else prefer its syntaxes
-    (:func:`dimse.acceptor.contexts_in_requestor_order`)."""
+    (:func:`dimse.negotiation.contexts_in_requestor_order`)."""
     ae_title, address = peer_of(event)
     if not policy.allows_anything(ae_title, address):
         logger.warning("rejected association from %s at %s: peer not allowed", ae_title, address)
