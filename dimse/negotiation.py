@@ -73,6 +73,21 @@ class Negotiated:
             self.accept_pdu[AE_TITLES.stop:]
 
 
+def own_user_information(max_pdu_size: int) -> list[
+        MaximumLengthNotification | ImplementationClassUIDNotification
+        | ImplementationVersionNameNotification]:
+    """The User Information items the gateway sends in an A-ASSOCIATE, as acceptor or as
+    requestor: its Maximum Length Received, Implementation Class UID and Version Name
+    (PS3.7 D.3.3.1, D.3.3.2)."""
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu_size
+    class_uid = ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return [max_length, class_uid, version]
+
+
 def ae_titles(request: bytes) -> tuple[str, str] | None:
     """The Called and Calling AE Titles of an A-ASSOCIATE-RQ PDU, read as pynetdicom reads
     them (leading and trailing spaces are not significant); ``None`` when one is invalid."""
@@ -146,13 +161,7 @@ def negotiate(request: bytes, supported: list[PresentationContext],
     reply.result = 0x00
     reply.result_source = 0x01
     reply.presentation_context_definition_results_list = results
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = max_pdu_size
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    reply.user_information = [max_length, class_uid, version, *role_replies]
+    reply.user_information = [*own_user_information(max_pdu_size), *role_replies]
     accept = AssociateAcPDU()
     accept.from_primitive(reply)
     accepted = tuple(cx for cx in results if cx.result == 0x00)

@@ -28,16 +28,14 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ as AssociateRjPDU
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPDU
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 
 from dimse import command_set, upper_layer
+from dimse.negotiation import own_user_information
 from dimse.transport import tune_socket
 from gateway.metadata import dataset_offset
-from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +96,7 @@ class StorageRequestor:
         request.calling_ae_title = calling_ae_title
         request.called_ae_title = called_ae_title
         request.presentation_context_definition_list = contexts
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = max_pdu
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        request.user_information = [max_length, class_uid, version]
+        request.user_information = [*own_user_information(max_pdu)]
         pdu = AssociateRqPDU()
         pdu.from_primitive(request)
         try:
