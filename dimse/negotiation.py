@@ -5,7 +5,7 @@ A storage SCU proposes the same presentation contexts on every association it op
 ``storescu`` 128 of them, each with its transfer syntaxes). Decoding that request into
 pynetdicom's objects, ordering the supported contexts by the requestor's preference,
 negotiating them and encoding the answer cost about 50 ms of interpreter time per association,
-with the interpreter lock held: as much as storing a hundred small instances. The outcome
+with the interpreter lock held: as much as storing about fifty small instances. The outcome
 depends only on the request's bytes other than its two AE titles and on the gateway's
 supported contexts, so it is kept, under a digest of those bytes, for the next association
 that proposes the same; associations proposing it at the same time wait for the one computing
@@ -63,7 +63,8 @@ class Negotiated:
     accepted: tuple[PresentationContext, ...]
     # The requestor's Maximum Length Received (0: unlimited).
     peer_max_pdu: int
-    # The A-ASSOCIATE-AC, its AE title fields as the request that was negotiated had them.
+    # The A-ASSOCIATE-AC, its AE title fields those of the request that was negotiated
+    # (each association's own: accept_pdu_for).
     accept_pdu: bytes
 
     def accept_pdu_for(self, request: bytes) -> bytes:
@@ -167,9 +168,7 @@ def negotiate(request: bytes, supported: list[PresentationContext],
     accepted = tuple(cx for cx in results if cx.result == 0x00)
     contexts = {int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 for cx in accepted if cx.context_id is not None}
-    encoded = accept.encode()
-    return Negotiated(contexts, accepted, peer_max,
-                      encoded[:AE_TITLES.start] + request[AE_TITLES] + encoded[AE_TITLES.stop:])
+    return Negotiated(contexts, accepted, peer_max, bytes(accept.encode()))
 
 
 class _Pending:
