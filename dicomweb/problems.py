@@ -18,6 +18,7 @@ from gateway.errors import (
     Conflict,
     Forbidden,
     GatewayError,
+    IdentityConflict,
     InvalidQuery,
     NotFound,
     StorageFull,
@@ -93,6 +94,7 @@ STATUS_OF: tuple[tuple[type[GatewayError], int], ...] = (
     (NotFound, 404),
     (InvalidQuery, 400),
     (Conflict, 409),
+    (IdentityConflict, 409),
     (StorageFull, 507),
 )
 

@@ -56,6 +56,7 @@ class Action(enum.StrEnum):
     TRANSFER = "transfer"  # C-MOVE to another node
     STORE = "store"  # STOW-RS, C-STORE
     DELETE = "delete"
+    REJECT = "reject"  # an IHE IOCM rejection note took instances out of the archive
     AUDIT_READ = "audit.read"
 
 
@@ -88,6 +89,7 @@ EVENTS: dict[Action, EventCode] = {
     Action.TRANSFER: EventCode("110104", "DICOM Instances Transferred", "R"),
     Action.STORE: EventCode("110104", "DICOM Instances Transferred", "C"),
     Action.DELETE: EventCode("110103", "DICOM Instances Accessed", "D"),
+    Action.REJECT: EventCode("110103", "DICOM Instances Accessed", "U"),
     Action.AUDIT_READ: EventCode("110101", "Audit Log Used", "R"),
 }
 

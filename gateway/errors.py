@@ -42,6 +42,35 @@ class Conflict(GatewayError):
     """
 
 
+class IdentityConflict(GatewayError):
+    """The instance would join a study or series that belongs to someone else.
+
+    A Study Instance UID already stored for another patient (PatientID plus IssuerOfPatientID),
+    or a Series Instance UID already stored under another study: storing it would show one
+    patient's images in another's record. Nothing is stored; the message names the conflict
+    (never the other patient's ID: it goes back to the sender).
+
+    Attributes
+    ----------
+    study_uid
+        The study the instance named.
+    owner
+        ``(PatientID, IssuerOfPatientID)`` of the patient the study or series belongs to, for
+        the access trail; ``None`` when not known.
+    """
+
+    def __init__(self, message: str, *, study_uid: str = "",
+                 owner: tuple[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.study_uid = study_uid
+        self.owner = owner
+
+
+class InstanceRejected(GatewayError):
+    """The instance was taken out of the archive by an IHE IOCM rejection note; a re-send of it
+    is refused (it is not stored again)."""
+
+
 class StorageFull(GatewayError):
     """The data folder has no room left (or is below its configured free-space reserve)."""
 

@@ -46,8 +46,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway.errors import IdentityConflict
 from gateway.metadata import ParsedInstance
 from gateway.models import Base, Instance, Patient, Series, Study
+from gateway.patients import same_patient
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +117,18 @@ def _insert(dialect: str, table: Any) -> Any:
 _instance = cast(Table, Instance.__table__)
 _series = cast(Table, Series.__table__)
 _study = cast(Table, Study.__table__)
-_SERIES_BY_UID = select(_series.c.pk, _series.c.study_pk).where(
-    _series.c.series_instance_uid == bindparam("uid"))
+_patient = cast(Table, Patient.__table__)
+# A series' row with the identity of its study and patient (the wrong-patient guard).
+_SERIES_BY_UID = (
+    select(_series.c.pk, _series.c.study_pk, _study.c.study_instance_uid,
+           _patient.c.patient_id, _patient.c.issuer_of_patient_id)
+    .join(_study, _study.c.pk == _series.c.study_pk)
+    .join(_patient, _patient.c.pk == _study.c.patient_pk)
+    .where(_series.c.series_instance_uid == bindparam("uid")))
+_STUDY_PATIENT = (
+    select(_patient.c.patient_id, _patient.c.issuer_of_patient_id, _study.c.patient_pk)
+    .join(_study, _study.c.patient_pk == _patient.c.pk)
+    .where(_study.c.study_instance_uid == bindparam("uid")))
 _INSERT_INSTANCE = insert(_instance)
 # A study's modalities, and the time its row last changed, when a series is added to it.
 _STUDY_NEW_SERIES = (
@@ -191,10 +203,19 @@ class _DriverStatements:
         columns = ", ".join(quote(c) for c in _NEW_INSTANCE_COLUMNS)
         marks = ", ".join([mark] * (len(_NEW_INSTANCE_COLUMNS) - 1))  # series_pk selected
         # The series' row found by its UID inside the insert: nothing inserted (rowcount 0)
-        # when the series is not indexed or the SOP Instance UID is taken.
+        # when the series is not indexed, the SOP Instance UID is taken or rejected, or the
+        # series belongs to another study or patient.
+        # Only into a series of the instance's own study and patient (else the checks of
+        # Index.add_instance refuse it), and never an instance an IOCM note rejected.
         self.insert_instance = (
-            f"INSERT INTO instance ({columns}) SELECT pk, {marks} FROM series "
-            f"WHERE series_instance_uid = {mark} ON CONFLICT (sop_instance_uid) DO NOTHING")
+            f"INSERT INTO instance ({columns}) SELECT series.pk, {marks} FROM series "
+            f"JOIN study ON study.pk = series.study_pk "
+            f"JOIN patient ON patient.pk = study.patient_pk "
+            f"WHERE series.series_instance_uid = {mark} AND study.study_instance_uid = {mark} "
+            f"AND patient.patient_id = {mark} AND (patient.issuer_of_patient_id = {mark} "
+            f"OR patient.issuer_of_patient_id = '' OR {mark} = '') "
+            f"AND NOT EXISTS (SELECT 1 FROM rejected_instance WHERE sop_instance_uid = {mark}) "
+            f"ON CONFLICT (sop_instance_uid) DO NOTHING")
         # How SQLAlchemy stores a timestamp on this database (a string on SQLite).
         processor = _instance.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
         self.stamp: Callable[[datetime], Any] = processor or (lambda value: value)
@@ -467,7 +488,8 @@ class Index:
                 parsed.sop_instance_uid, parsed.sop_class_uid, f["instance_number"],
                 parsed.transfer_syntax_uid, f["rows"], f["columns"], f["bits_allocated"],
                 f["number_of_frames"], relpath, parsed.size, parsed.digest, metadata_json,
-                source[:200], stamp, series,
+                source[:200], stamp, series, parsed.study_instance_uid, f["patient_id"],
+                f["issuer_of_patient_id"], f["issuer_of_patient_id"], parsed.sop_instance_uid,
             ))
             return bool(cursor.rowcount == 1)
         finally:
@@ -483,23 +505,53 @@ class Index:
         known = session.connection().execute(
             _SERIES_BY_UID, {"uid": parsed.series_instance_uid}).first()
         if known is not None:
-            series_pk, study_pk = known
+            series_pk, study_pk, study_uid, patient_id, issuer = known
+            if study_uid != parsed.study_instance_uid:
+                raise IdentityConflict(
+                    f"series {parsed.series_instance_uid} is stored under study {study_uid}, "
+                    f"not under study {parsed.study_instance_uid} as this instance says; "
+                    "nothing was stored", study_uid=study_uid, owner=(patient_id, issuer))
+            self._check_patient(parsed, patient_id, issuer)
             new_series = False
         else:
-            study_pk, series_pk, new_series = self._add_series(session, parsed, stamp)
+            stored = session.connection().execute(
+                _STUDY_PATIENT, {"uid": parsed.study_instance_uid}).first()
+            patient_pk = None
+            if stored is not None:
+                self._check_patient(parsed, stored.patient_id, stored.issuer_of_patient_id)
+                patient_pk = stored.patient_pk
+            study_pk, series_pk, new_series = self._add_series(session, parsed, stamp,
+                                                               patient_pk)
         self._add_instance_row(session, parsed, series_pk, study_pk, new_series, relpath, source,
                                metadata_json, stamp)
 
-    def _add_series(self, session: Session, parsed: ParsedInstance,
-                    stamp: datetime) -> tuple[int, int, bool]:
-        """Create the patient, study and series rows of a new series as needed."""
+    @staticmethod
+    def _check_patient(parsed: ParsedInstance, patient_id: str, issuer: str) -> None:
+        """Refuse an instance whose patient is not the patient of the study it names.
+
+        The message names neither patient's ID: it goes back to the sender.
+        """
         f = parsed.fields
-        patient_pk = self._upsert(
-            session, Patient,
-            {"patient_id": f["patient_id"], "issuer_of_patient_id": f["issuer_of_patient_id"]},
-            lambda: {k: f[k] for k in ("patient_name", "patient_name_norm",
-                                       "patient_birth_date", "patient_sex")},
-        )[0]
+        if not same_patient(patient_id, issuer, f["patient_id"], f["issuer_of_patient_id"]):
+            raise IdentityConflict(
+                f"study {parsed.study_instance_uid} is stored for another patient (its "
+                "PatientID / IssuerOfPatientID differ from this instance's); an instance "
+                "never joins another patient's study: nothing was stored",
+                study_uid=parsed.study_instance_uid, owner=(patient_id, issuer))
+
+    def _add_series(self, session: Session, parsed: ParsedInstance, stamp: datetime,
+                    patient_pk: int | None = None) -> tuple[int, int, bool]:
+        """Create the patient, study and series rows of a new series as needed
+        (``patient_pk``: the patient of a study already stored)."""
+        f = parsed.fields
+        if patient_pk is None:
+            patient_pk = self._upsert(
+                session, Patient,
+                {"patient_id": f["patient_id"],
+                 "issuer_of_patient_id": f["issuer_of_patient_id"]},
+                lambda: {k: f[k] for k in ("patient_name", "patient_name_norm",
+                                           "patient_birth_date", "patient_sex")},
+            )[0]
         study_pk, _ = self._upsert(
             session, Study, {"study_instance_uid": parsed.study_instance_uid},
             lambda: {

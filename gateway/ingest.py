@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import io
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,11 +24,21 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway.errors import Conflict, InvalidInstance, SOPClassMismatch
+from gateway import audit
+from gateway.errors import (
+    Conflict,
+    IdentityConflict,
+    InstanceRejected,
+    InvalidInstance,
+    SOPClassMismatch,
+)
 from gateway.index import Index
+from gateway.iocm import KEY_OBJECT_SELECTION, Rejection, rejection_of
 from gateway.metadata import ParsedInstance, dataset_digest, parse_instance
 from gateway.metrics import METRICS
-from gateway.models import Instance, Patient, Series, Study
+from gateway.models import Instance, Series, Study
+from gateway.rejection import RejectionResult, reject
+from gateway.rejection import rejected as rejection_record
 from gateway.storage import FileStorage, Spooled, relative_path
 
 logger = logging.getLogger(__name__)
@@ -37,33 +48,27 @@ _INSTANCE_BY_UID = select(Instance.__table__.c.pk, Instance.__table__.c.digest).
     Instance.__table__.c.sop_instance_uid == bindparam("uid"))
 
 
-# What the portal set on the study and patient of an instance (DSP rules, viewer_links): kept
-# when a replaced instance was the last of its study and the rows are dropped and made again.
+# What the portal set on the study of an instance (DSP rules, viewer_links): kept when a
+# replaced instance was the last of its study and the rows are dropped and made again. (The
+# patient's DSP creation date lives apart from the rows, gateway.patients.)
 _POLICY_OF_INSTANCE = (
-    select(Study.study_instance_uid, Study.confidentiality, Study.author,
-           Patient.patient_id, Patient.issuer_of_patient_id, Patient.dsp_created)
+    select(Study.study_instance_uid, Study.confidentiality, Study.author)
     .select_from(Instance)
     .join(Series, Series.pk == Instance.series_pk)
     .join(Study, Study.pk == Series.study_pk)
-    .join(Patient, Patient.pk == Study.patient_pk)
     .where(Instance.pk == bindparam("pk"))
 )
 
 
 def _restore_policy(session: Session, kept: Sequence[Any]) -> None:
-    """Put back a study's confidentiality and its patient's DSP date after a replacement.
+    """Put back a study's confidentiality after a replacement.
 
     Without this, replacing the only instance of a ``private`` study would make it ``normal``
     (the default of a new study row), visible to every relationship.
     """
-    study_uid, level, author, patient_id, issuer, dsp_created = kept
+    study_uid, level, author = kept
     session.execute(update(Study).where(Study.study_instance_uid == study_uid)
                     .values(confidentiality=level, author=author))
-    if dsp_created is not None:
-        session.execute(update(Patient).where(Patient.patient_id == patient_id,
-                                              Patient.issuer_of_patient_id == issuer,
-                                              Patient.dsp_created.is_(None))
-                        .values(dsp_created=dsp_created))
 
 
 class Outcome(enum.Enum):
@@ -199,8 +204,14 @@ class Ingestor:
         except BaseException:
             self.storage.discard(spooled)
             raise
+        rejection: Rejection | None = None
+        kos: dict[str, Any] = {}
+        if parsed.sop_class_uid == KEY_OBJECT_SELECTION:  # an IOCM rejection note? (rare)
+            kos = json.loads(metadata_json)
+            rejection = rejection_of(kos)
         pending = self.storage.place(spooled, relpath)
         replaced: list[str] = []
+        rejected: list[RejectionResult] = []
 
         def new_instance(driver_connection: Any) -> bool:
             return self.index.add_new_instance(driver_connection, parsed, relpath, source,
@@ -220,6 +231,16 @@ class Ingestor:
                 if kept is not None:
                     _restore_policy(session, kept)
                 return Outcome.REPLACED
+            record = rejection_record(session, parsed.sop_instance_uid)
+            if record is not None:
+                if record.note_uid == record.sop_instance_uid and record.digest == parsed.digest:
+                    return Outcome.DUPLICATE  # the same rejection note, sent again
+                raise InstanceRejected(
+                    f"instance {parsed.sop_instance_uid} was rejected by the IOCM rejection "
+                    f"note {record.note_uid} ({record.code}); it is not stored again")
+            if rejection is not None:
+                rejected.append(reject(session, self.index, parsed, rejection, kos, relpath))
+                return Outcome.STORED
             self.index.add_instance(session, parsed, relpath, source, metadata_json)
             return Outcome.STORED
 
@@ -229,10 +250,14 @@ class Ingestor:
             # transaction with every check. Not flushed before the acknowledgement: the spool
             # name keeps the flushed content until the storage's chores have flushed the index
             # too (FileStorage.finish), and recovery writes a row lost before then again.
-            if self.index.write_bare(new_instance, durable=False):
+            if rejection is None and self.index.write_bare(new_instance, durable=False):
                 outcome = Outcome.STORED
             else:
                 outcome = self.index.write(work, durable=False)
+        except IdentityConflict as exc:
+            self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
+            self._record_identity_conflict(parsed, source, exc)
+            raise
         except IntegrityError:
             # A concurrent writer stored the same SOP Instance UID between our check and commit.
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
@@ -262,7 +287,50 @@ class Ingestor:
         if outcome is Outcome.REPLACED:
             logger.warning("replaced instance %s (storage.overwrite is on)",
                            parsed.sop_instance_uid)
+        for done in rejected:
+            self._after_rejection(done, source)
         return self._result(parsed, outcome)
+
+    def _after_rejection(self, done: RejectionResult, source: str) -> None:
+        """Delete what a 113039 note deletes, then put the rejection in the trail."""
+        doomed = done.files_to_delete()
+        if doomed:
+            self.index.flush()
+            self.storage.settle()
+            self.storage.delete_unindexed(doomed, self.index.has_file)
+        logger.warning("IOCM rejection note %s (%s, %s): %d instances rejected, %d named but "
+                       "not stored", done.note_uid, done.rejection.value,
+                       done.rejection.meaning, len(done.removed), len(done.pending))
+        METRICS.inc("gateway_instances_rejected_by_note_total", len(done.removed))
+        for study_uid in sorted(done.study_uids):
+            audit.record(self.index, audit.Action.REJECT, actor=source,
+                         patient_id=done.patient_id, study_uid=study_uid,
+                         instance_uids=done.removed + done.pending,
+                         detail=f"IOCM rejection note {done.note_uid}: {done.rejection.meaning} "
+                                f"({done.rejection.value}); {len(done.removed)} rejected"
+                                + (", files deleted" if doomed else ""))
+
+    def _record_identity_conflict(self, parsed: ParsedInstance, source: str,
+                                  exc: IdentityConflict) -> None:
+        """Put a wrong-patient refusal in the trail of both patients (each entry names only
+        its own patient)."""
+        logger.warning("refused instance %s from %s: %s", parsed.sop_instance_uid, source, exc)
+        METRICS.inc("gateway_instances_identity_conflict_total")
+        f = parsed.fields
+        entries = [(f["patient_id"], parsed.study_instance_uid,
+                    f"refused: study {parsed.study_instance_uid} or series "
+                    f"{parsed.series_instance_uid} belongs to another patient or study")]
+        if exc.owner is not None and exc.owner[0] != f["patient_id"]:
+            entries.append((exc.owner[0], exc.study_uid or parsed.study_instance_uid,
+                            f"refused an instance of another patient sent into study "
+                            f"{exc.study_uid or parsed.study_instance_uid}"))
+        elif exc.owner is not None:
+            entries[0] = (f["patient_id"], exc.study_uid or parsed.study_instance_uid,
+                          str(exc))
+        for patient_id, study_uid, detail in entries:
+            audit.record(self.index, audit.Action.STORE, outcome=audit.Outcome.SERIOUS_FAILURE,
+                         actor=source, patient_id=patient_id, study_uid=study_uid,
+                         instance_uids=[parsed.sop_instance_uid], detail=detail)
 
 
 def stored_relpath(path: str) -> str | None:

@@ -1,33 +1,24 @@
-"""Key images of a study, as its Key Object Selection documents name them.
+"""Key images of a study, as its key-image Key Object Selection documents name them.
 
 A Key Object Selection (KOS) document (PS3.3 A.35.4, template TID 2010) lists the instances it
-selects twice: in CurrentRequestedProcedureEvidenceSequence (0040,A375), grouped by series with
-ReferencedSOPSequence (0008,1199), and as IMAGE content items of its ContentSequence (0040,A730).
-Both are read from the DICOM JSON stored at ingest (``Instance.metadata_json``), so no file is
-opened. Only instances actually stored in the study are returned.
+selects in its evidence and as IMAGE content items (:func:`gateway.iocm.references`). Only KOS
+documents whose title selects *key images* (:data:`gateway.iocm.KEY_IMAGE_TITLES`, e.g. 113000
+"Of Interest") count: a manifest, a frame group or a rejection note is no key-image selection
+(IHE IOCM; PS3.16 CID 7010). Read from the DICOM JSON stored at ingest
+(``Instance.metadata_json``), so no file is opened. Only instances stored in the study (and so
+not rejected: :mod:`gateway.rejection`) are returned.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gateway.iocm import KEY_OBJECT_SELECTION, Purpose, purpose, referenced_instances
 from gateway.models import Instance, Series, Study
-
-KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"  # PS3.4 B.5, KOS Document Storage
-
-EVIDENCE = "0040A375"  # CurrentRequestedProcedureEvidenceSequence
-REFERENCED_SERIES = "00081115"  # ReferencedSeriesSequence
-SERIES_UID = "0020000E"  # SeriesInstanceUID
-REFERENCED_SOP = "00081199"  # ReferencedSOPSequence
-REFERENCED_SOP_INSTANCE = "00081155"  # ReferencedSOPInstanceUID
-CONTENT = "0040A730"  # ContentSequence
-VALUE_TYPE = "0040A040"  # ValueType
 
 
 @dataclass(frozen=True)
@@ -36,39 +27,8 @@ class KeyImage:
     sop_instance_uid: str
 
 
-def _items(element: dict[str, Any], tag: str) -> list[dict[str, Any]]:
-    value = element.get(tag, {}).get("Value", [])
-    return [v for v in value if isinstance(v, dict)]
-
-
-def _first(element: dict[str, Any], tag: str) -> str | None:
-    value = element.get(tag, {}).get("Value", [])
-    return str(value[0]) if value else None
-
-
-def referenced_instances(metadata: dict[str, Any]) -> Iterator[str]:
-    """SOP Instance UIDs a KOS document's DICOM JSON references (evidence and content)."""
-    for evidence in _items(metadata, EVIDENCE):
-        for series in _items(evidence, REFERENCED_SERIES):
-            for ref in _items(series, REFERENCED_SOP):
-                uid = _first(ref, REFERENCED_SOP_INSTANCE)
-                if uid:
-                    yield uid
-
-    def content(items: list[dict[str, Any]]) -> Iterator[str]:
-        for item in items:
-            if _first(item, VALUE_TYPE) == "IMAGE":
-                for ref in _items(item, REFERENCED_SOP):
-                    uid = _first(ref, REFERENCED_SOP_INSTANCE)
-                    if uid:
-                        yield uid
-            yield from content(_items(item, CONTENT))
-
-    yield from content(_items(metadata, CONTENT))
-
-
 def key_images(session: Session, study_instance_uid: str) -> list[KeyImage]:
-    """The key images of a study, in series then instance order; empty if it has no KOS.
+    """The key images of a study, in series then instance order; empty if it has none.
 
     Parameters
     ----------
@@ -83,11 +43,13 @@ def key_images(session: Session, study_instance_uid: str) -> list[KeyImage]:
         .where(Study.study_instance_uid == study_instance_uid)
     )
     wanted: set[str] = set()
-    for metadata in session.scalars(
+    for text in session.scalars(
         select(Instance.metadata_json).where(Instance.pk.in_(in_study),
                                              Instance.sop_class_uid == KEY_OBJECT_SELECTION)
     ):
-        wanted.update(referenced_instances(json.loads(metadata)))
+        metadata = json.loads(text)
+        if purpose(metadata) is Purpose.KEY_IMAGES:
+            wanted.update(referenced_instances(metadata))
     if not wanted:
         return []
     found = session.execute(

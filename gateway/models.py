@@ -42,9 +42,6 @@ class Patient(Base):
     patient_name_norm: Mapped[str] = mapped_column(String(324), default="", index=True)
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
-    # Date the patient's shared record (DSP) was created, "YYYYMMDD"; studies before it are not
-    # reachable through DSP links.
-    dsp_created: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
@@ -137,6 +134,49 @@ class Instance(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class DspPatient(Base):
+    """When a patient's shared record (DSP) was created: a fact about a patient identity.
+
+    Kept apart from :class:`Patient` (whose rows come and go with the studies stored), so that
+    the portal may record it before any image arrives (``PUT /api/patients/{id}/dsp``). An
+    empty issuer stands for "any issuer": a study's patient ``(id, issuer)`` takes the row of
+    its own issuer if there is one, else the row of ``(id, "")`` (:mod:`gateway.patients`).
+    """
+
+    __tablename__ = "dsp_patient"
+
+    patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), primary_key=True, default="")
+    # "YYYYMMDD": studies acquired before it are not reachable through DSP links.
+    dsp_created: Mapped[str] = mapped_column(String(8))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RejectedInstance(Base):
+    """An instance an IHE IOCM rejection note took out of the archive, or the note itself.
+
+    Its ``instance`` row is gone (so no query, retrieval, count or viewer session can reach
+    it); this row remembers it so that a later re-send is refused, and keeps the file's path
+    unless the rejection deleted the file ("Data Retention Policy Expired") or the instance was
+    never stored (a note may name instances before they arrive). :mod:`gateway.rejection`.
+    """
+
+    __tablename__ = "rejected_instance"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    # The rejection's title, PS3.16 CID 7011 code value (e.g. "113001").
+    code: Mapped[str] = mapped_column(String(16))
+    # The SOP Instance UID of the rejection note (its own for the note's row).
+    note_uid: Mapped[str] = mapped_column(String(64), index=True)
+    file_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rejected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ApiKey(Base):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from gateway.errors import (
     Conflict,
     Forbidden,
+    IdentityConflict,
+    InstanceRejected,
     InvalidInstance,
     SOPClassMismatch,
     StorageFull,
@@ -23,12 +25,17 @@ CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
 PROCESSING_FAILURE = 0x0110  # Failure: Processing failure
 DUPLICATE_SOP_INSTANCE = 0x0111  # Failure: Duplicate SOP Instance
 NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
+# Refusals in the A7xx range, with the values dcm4chee-arc gives them (its users know them):
+SUBSEQUENT_OCCURRENCE_OF_REJECTED = 0xA771  # a re-send of an instance an IOCM note rejected
+CONFLICTING_IDENTITY = 0xA778  # study of another patient, or series of another study
 
 _STORE_FAILURES: tuple[tuple[type[Exception], int], ...] = (
     (StorageFull, OUT_OF_RESOURCES),
     (SOPClassMismatch, DATA_SET_DOES_NOT_MATCH_SOP_CLASS),
     (InvalidInstance, CANNOT_UNDERSTAND),
     (Conflict, DUPLICATE_SOP_INSTANCE),
+    (IdentityConflict, CONFLICTING_IDENTITY),
+    (InstanceRejected, SUBSEQUENT_OCCURRENCE_OF_REJECTED),
     (Forbidden, NOT_AUTHORIZED),
 )
 

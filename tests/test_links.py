@@ -343,8 +343,12 @@ def test_policy_endpoints_validate(env: dict[str, Any]) -> None:
                           {"level": "private"}).status == 404
     assert portal.request("PUT", f"/api/patients/{PATIENT}/dsp",
                           {"created": "2024-13-01"}).status == 422
-    assert portal.request("PUT", "/api/patients/NOBODY/dsp",
-                          {"created": "2024-01-01"}).status == 404
+    assert portal.request("PUT", f"/api/patients/{PATIENT}/dsp",
+                          {"created": "2024-01-01", "issuer": 7}).status == 422
+    # A patient without a stored study yet: recorded all the same (used when images arrive).
+    reply = portal.request("PUT", "/api/patients/NOBODY/dsp", {"created": "2024-01-01"})
+    assert reply.status == 200
+    assert reply.json() == {"patient": "NOBODY", "created": "2024-01-01"}
 
 
 def test_key_images_only_session(env: dict[str, Any]) -> None:

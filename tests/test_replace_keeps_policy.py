@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from gateway.core import Gateway
 from gateway.ingest import Outcome
-from gateway.models import Patient, Study
+from gateway.models import Study
+from gateway.patients import dsp_created, set_dsp_created
 
 
 def test_replacing_the_only_instance_keeps_confidentiality_and_dsp_date(
@@ -26,7 +27,7 @@ def test_replacing_the_only_instance_keeps_confidentiality_and_dsp_date(
 
         def set_policy(session: Session) -> None:
             session.execute(update(Study).values(confidentiality="private", author="dr-a"))
-            session.execute(update(Patient).values(dsp_created="20200101"))
+            set_dsp_created(session, original.PatientID, "", "20200101")
 
         gateway.index.write(set_policy)
         changed = ct_dataset(0)
@@ -37,4 +38,4 @@ def test_replacing_the_only_instance_keeps_confidentiality_and_dsp_date(
             study = session.execute(
                 select(Study.confidentiality, Study.author, Study.study_description)).one()
             assert tuple(study) == ("private", "dr-a", "corrected")
-            assert session.scalar(select(Patient.dsp_created)) == "20200101"
+            assert dsp_created(session, original.PatientID) == "20200101"

@@ -133,5 +133,42 @@ def test_an_index_made_before_counts_were_computed_keeps_its_rows(tmp_path: Path
         assert gateway.index.has_file("1.2.3/1.2.3.9/1.2.3.9.1.abcdefabcdef.dcm")
         assert not gateway.index.has_file("1.2.3/1.2.3.9/1.2.3.9.1.000000000000.dcm")
         ds = ct_dataset(0, study="1.2.3")
+        ds.PatientID = "P1"  # the study's own patient (another would be refused)
         gateway.ingestor.ingest(part10(ds))
         assert study_counts(gateway, "1.2.3") == (2, 2, "CT\\SR")
+
+
+def test_dsp_dates_recorded_before_0005_are_kept_per_patient_identity(
+        tmp_path: Path, database_url: str) -> None:
+    """0005 moves ``patient.dsp_created`` to ``dsp_patient``: a date recorded on a patient row
+    is still the date the link rules read, and the column is gone."""
+    from alembic import command
+    from alembic.config import Config
+    from conftest import make_settings
+
+    from gateway.core import Gateway
+    from gateway.index import MIGRATIONS
+    from gateway.patients import dsp_created
+
+    index = Index(database_url)
+    try:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with index.write_engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0004_counts_when_asked")
+        with index.write_engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, "
+                "patient_name_norm, patient_birth_date, patient_sex, dsp_created) "
+                "VALUES ('P1', 'LUX', '', '', '', '', '20200101'), "
+                "('P2', '', '', '', '', '', NULL)"))
+    finally:
+        index.close()
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as gateway, gateway.index.Session() as session:
+        assert dsp_created(session, "P1", "LUX") == "20200101"
+        assert dsp_created(session, "P1", "") is None
+        assert dsp_created(session, "P2", "") is None
+        columns = {c["name"] for c in inspect(session.connection()).get_columns("patient")}
+        assert "dsp_created" not in columns

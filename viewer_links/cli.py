@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.config import Settings, load_settings
 from gateway.core import Gateway
+from gateway.patients import dsp_created
 from viewer_links import build_service
 from viewer_links.service import MintRequest
 from viewer_links.settings import link_settings
@@ -88,13 +89,8 @@ def cmd_viewer_install(args: argparse.Namespace) -> int:
 def demo_link(gateway: Gateway, study_uid: str, patient_id: str) -> str:
     """For ``dicom-gateway demo``: record the sample patient's DSP and mint a link for them."""
     service = build_service(gateway)
-    from sqlalchemy import select
-
-    from gateway.models import Patient
-
     with gateway.index.Session() as session:
-        created = session.scalar(select(Patient.dsp_created)
-                                 .where(Patient.patient_id == patient_id))
+        created = dsp_created(session, patient_id)
     if not created:
         service.set_dsp_created(patient_id, "2020-01-01", by="demo")
     minted = service.mint(

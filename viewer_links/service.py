@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import jwt
 from sqlalchemy import delete, select, update
@@ -35,6 +35,7 @@ from gateway.core import Gateway
 from gateway.errors import InvalidQuery, NotFound
 from gateway.keyimages import key_images
 from gateway.models import Patient, Study, ViewerLink, ViewerSession
+from gateway.patients import dsp_created, set_dsp_created
 from gateway.uids import is_valid_uid, validate_uid
 from viewer_links.keys import (
     KeyRing,
@@ -149,15 +150,16 @@ class LinkService:
                viewer_id: str) -> str | None:
         """Apply the DSP rules to a study as it is now; return the patient's ID."""
         row = session.execute(
-            select(Study.study_date, Study.confidentiality, Study.author, Patient.dsp_created,
-                   Patient.patient_id)
+            select(Study.study_date, Study.confidentiality, Study.author,
+                   Patient.patient_id, Patient.issuer_of_patient_id)
             .join(Patient, Study.patient_pk == Patient.pk)
             .where(Study.study_instance_uid == study_uid)
         ).one_or_none()
         if row is None:
             raise StudyUnavailable("the study is not in the archive")
+        created = dsp_created(session, row.patient_id, row.issuer_of_patient_id)
         decision = decide(relationship, row.confidentiality, study_date=row.study_date,
-                          dsp_created=row.dsp_created, viewer_id=viewer_id, author=row.author)
+                          dsp_created=created, viewer_id=viewer_id, author=row.author)
         if not decision:
             assert decision.reason is not None
             raise PolicyRefused(decision.detail, decision.reason.value)
@@ -523,12 +525,16 @@ class LinkService:
             raise NotFound(f"no study {study_uid} in the archive")
 
     def set_dsp_created(self, patient_id: str, created: str, *, by: Principal | str,
-                        address: str = "") -> str:
+                        address: str = "", issuer: str = "") -> str:
         """Record the date the patient's DSP was created; return it as ``YYYYMMDD``.
+
+        A fact about the patient identity (``patient_id``, ``issuer``; an empty issuer for
+        any issuer), recorded whether or not a study of the patient is stored yet
+        (:mod:`gateway.patients`).
 
         Raises
         ------
-        InvalidLinkRequest, NotFound
+        InvalidLinkRequest
         """
         try:
             date = normalise_date(created)
@@ -536,19 +542,17 @@ class LinkService:
             raise InvalidLinkRequest(f"created: {exc}") from None
         if not (0 < len(patient_id) <= 64):
             raise InvalidLinkRequest("the patient ID is 1 to 64 characters")
+        if len(issuer) > 64:
+            raise InvalidLinkRequest("the issuer of the patient ID is at most 64 characters")
 
-        def work(session: Session) -> bool:
-            result = session.execute(update(Patient).where(Patient.patient_id == patient_id)
-                                     .values(dsp_created=date))
-            if not result.rowcount:  # type: ignore[attr-defined]
-                return False
+        def work(session: Session) -> None:
+            set_dsp_created(session, patient_id, issuer, date)
             audit.add(session, audit.Action.POLICY_CHANGE, actor=_principal_name(by),
                       patient_id=patient_id, address=address,
-                      detail=f"DSP creation date set to {date}")
-            return True
+                      detail=f"DSP creation date set to {date}"
+                             + (f" (issuer {issuer})" if issuer else ""))
 
-        if not self.index.write(work):
-            raise NotFound(f"no patient with this ID in the archive ({quote(patient_id)})")
+        self.index.write(work)
         return date
 
 

@@ -215,17 +215,24 @@ async def put_confidentiality(request: web.Request) -> web.Response:
 
 
 async def put_dsp(request: web.Request) -> web.Response:
-    """``PUT /api/patients/{id}/dsp`` ``{"created": "YYYY-MM-DD"}``."""
+    """``PUT /api/patients/{id}/dsp`` ``{"created": "YYYY-MM-DD", "issuer": "..."}``
+    (``issuer`` optional): recorded whether or not a study of the patient is stored."""
     who = _require(request, Scope.LINKS_MINT)
     body = await _json(request)
     created = body.get("created")
     if not isinstance(created, str):
         raise InvalidLinkRequest("created must be a date YYYY-MM-DD")
+    issuer = body.get("issuer", "")
+    if not isinstance(issuer, str):
+        raise InvalidLinkRequest("issuer must be a string (the IssuerOfPatientID)")
     patient = request.match_info["patient"]
     date = await asyncio.to_thread(request.config_dict[SERVICE].set_dsp_created, patient,
-                                   created, by=who, address=request.remote or "")
-    return web.json_response({"patient": patient,
-                              "created": f"{date[:4]}-{date[4:6]}-{date[6:]}"})
+                                   created, by=who, address=request.remote or "",
+                                   issuer=issuer)
+    answer = {"patient": patient, "created": f"{date[:4]}-{date[4:6]}-{date[6:]}"}
+    if issuer:
+        answer["issuer"] = issuer
+    return web.json_response(answer)
 
 
 async def get_audit(request: web.Request) -> web.Response:
