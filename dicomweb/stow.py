@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 SPOOL_IN_MEMORY = 16 * 1024 * 1024
 READ_CHUNK = 256 * 1024
+FAILED_ATTRIBUTES = "00741048"  # FailedAttributesSequence
+ERROR_COMMENT = "00000902"  # ErrorComment (LO: 64 characters)
 
 
 @dataclass
@@ -195,6 +197,11 @@ def response_dataset(outcomes: list[Outcome], base: str, study: str | None) -> d
             referenced.append(item)
         else:
             item["00081197"] = {"vr": "US", "Value": [o.failure]}
+            if o.reason:
+                # Why, in words, as the Microsoft DICOM service says it: an ErrorComment in
+                # a FailedAttributesSequence item (PS3.18 Table 10.5.3-2 leaves it open).
+                item[FAILED_ATTRIBUTES] = {"vr": "SQ", "Value": [
+                    {ERROR_COMMENT: {"vr": "LO", "Value": [o.reason[:64]]}}]}
             failed.append(item)
     dataset: dict[str, Any] = {}
     studies = {o.study_instance_uid for o in outcomes if o.failure is None}

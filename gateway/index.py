@@ -508,9 +508,10 @@ class Index:
             series_pk, study_pk, study_uid, patient_id, issuer = known
             if study_uid != parsed.study_instance_uid:
                 raise IdentityConflict(
-                    f"series {parsed.series_instance_uid} is stored under study {study_uid}, "
-                    f"not under study {parsed.study_instance_uid} as this instance says; "
-                    "nothing was stored", study_uid=study_uid, owner=(patient_id, issuer))
+                    f"series of another study: series {parsed.series_instance_uid} is stored "
+                    f"under study {study_uid}, not under study {parsed.study_instance_uid} as "
+                    "this instance says; nothing was stored", study_uid=study_uid,
+                    owner=(patient_id, issuer))
             self._check_patient(parsed, patient_id, issuer)
             new_series = False
         else:
@@ -534,9 +535,9 @@ class Index:
         f = parsed.fields
         if not same_patient(patient_id, issuer, f["patient_id"], f["issuer_of_patient_id"]):
             raise IdentityConflict(
-                f"study {parsed.study_instance_uid} is stored for another patient (its "
-                "PatientID / IssuerOfPatientID differ from this instance's); an instance "
-                "never joins another patient's study: nothing was stored",
+                "study of another patient: the PatientID / IssuerOfPatientID stored for study "
+                f"{parsed.study_instance_uid} differ from this instance's; an instance never "
+                "joins another patient's study, nothing was stored",
                 study_uid=parsed.study_instance_uid, owner=(patient_id, issuer))
 
     def _add_series(self, session: Session, parsed: ParsedInstance, stamp: datetime,

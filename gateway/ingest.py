@@ -236,8 +236,8 @@ class Ingestor:
                 if record.note_uid == record.sop_instance_uid and record.digest == parsed.digest:
                     return Outcome.DUPLICATE  # the same rejection note, sent again
                 raise InstanceRejected(
-                    f"instance {parsed.sop_instance_uid} was rejected by the IOCM rejection "
-                    f"note {record.note_uid} ({record.code}); it is not stored again")
+                    f"rejected by IOCM note {record.note_uid} ({record.code}): instance "
+                    f"{parsed.sop_instance_uid} is not stored again")
             if rejection is not None:
                 rejected.append(reject(session, self.index, parsed, rejection, kos, relpath))
                 return Outcome.STORED

@@ -109,9 +109,9 @@ def reject(session: Session, index: Index, note: ParsedInstance, rejection: Reje
     for row in stored:
         if not same_patient(row.patient_id, row.issuer_of_patient_id, patient_id, issuer):
             raise IdentityConflict(
-                f"the rejection note names instance {row.sop_instance_uid}, which belongs to "
-                "another patient; a note rejects only its own patient's instances: nothing "
-                "was rejected or stored")
+                f"rejection note names another patient's instance {row.sop_instance_uid}; a "
+                "note rejects only its own patient's instances: nothing was rejected or "
+                "stored")
     already = set(session.scalars(
         select(RejectedInstance.sop_instance_uid)
         .where(RejectedInstance.sop_instance_uid.in_(uids))))

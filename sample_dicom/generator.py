@@ -233,11 +233,14 @@ def _ref(ds: Dataset) -> Dataset:
     return ref
 
 
-def key_object(spec: StudySpec, images: list[Dataset], number: int, study_uid: str) -> Dataset:
+def key_object(spec: StudySpec, images: list[Dataset], number: int, study_uid: str,
+               title: tuple[str, str, str] = OF_INTEREST) -> Dataset:
     """Return a Key Object Selection document on ``images`` (PS3.3 A.35.4, TID 2010).
 
     The referenced instances are listed in CurrentRequestedProcedureEvidenceSequence
-    (grouped by series) and as IMAGE content items of the ``(113000, DCM) Of Interest`` root.
+    (grouped by series) and as IMAGE content items of the root, whose title is ``title``
+    (PS3.16 CID 7010: ``(113000, DCM) Of Interest`` by default; a manifest ``113030``, or an
+    IHE IOCM rejection note such as ``113001`` "Rejected for Quality Reasons").
     """
     series_uid = deterministic_uid(study_uid, "series", number)
     ds = _common(spec, study_uid, uid.KeyObjectSelectionDocumentStorage,
@@ -257,7 +260,7 @@ def key_object(spec: StudySpec, images: list[Dataset], number: int, study_uid: s
         evidence.ReferencedSeriesSequence.append(item)
     ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
     ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
-    ds.ConceptNameCodeSequence = [_code(OF_INTEREST)]
+    ds.ConceptNameCodeSequence = [_code(title)]
     template = Dataset()
     template.MappingResource, template.TemplateIdentifier = "DCMR", "2010"
     ds.ContentTemplateSequence = [template]
