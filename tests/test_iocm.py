@@ -10,12 +10,12 @@ What must remain everywhere: a0, b0, b1, the key-image KOS and the manifest; key
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-import urllib.error
-import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
