@@ -2,9 +2,9 @@
 
 Not a PS3.18 transaction; the form dcm4chee-arc, Orthanc and the Microsoft DICOM service share:
 ``DELETE`` on the study, series or instance URL, 204 (No Content) when done. Index rows are
-removed in one committed transaction (:meth:`gateway.index.Index.remove_instances` inside
-:meth:`~gateway.index.Index.write`), and the files are deleted after the commit, so a crash
-leaves at worst an orphan file, never a row without its file.
+removed in one committed transaction (:func:`gateway.instances.remove_instances`), and the
+files are deleted after the commit, so a crash leaves at worst an orphan file, never a row
+without its file.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import asyncio
 import logging
 
 from aiohttp import web
-from sqlalchemy.orm import Session
 
 from dicomweb.app import audit, gateway_of, require
-from dicomweb.resources import find_instances, validate_path
 from gateway.access import Scope
 from gateway.audit import AuditAction
+from gateway.instances import remove_instances, validate_path, visible_instances
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +27,10 @@ async def _delete(request: web.Request, study: str, series: str | None = None,
     who = require(request, Scope.ADMIN)
     validate_path(study, series, instance)
     gateway = gateway_of(request)
-    refs = await asyncio.to_thread(find_instances, gateway.index, who, study, series, instance)
+    refs = await asyncio.to_thread(visible_instances, gateway.index, who, study, series,
+                                   instance)
     pks = [r.pk for r in refs]
-
-    def work(session: Session) -> list[str]:
-        return gateway.index.remove_instances(session, pks)
-
-    paths = await asyncio.to_thread(gateway.index.write, work)
+    paths = await asyncio.to_thread(remove_instances, gateway.index, refs)
 
     # Files after the commit; a path indexed again meanwhile (a re-send) keeps its file.
     await asyncio.to_thread(gateway.storage.delete_unindexed, paths, gateway.index.has_file)

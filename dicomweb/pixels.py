@@ -33,10 +33,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
-from sqlalchemy import bindparam, select
 
 from dicomweb.app import GATEWAY, PRINCIPAL, audit, require
 from dicomweb.media import MediaRange, accept_of
@@ -45,7 +44,7 @@ from gateway.access import Principal, Scope
 from gateway.audit import AuditAction
 from gateway.core import Gateway
 from gateway.errors import NotFound
-from gateway.models import Instance, Series, Study
+from gateway.instances import InstanceRef, visible_instances
 from gateway.pixels import (
     MEDIA_OCTET_STREAM,
     SYNTAXES_OF_MEDIA,
@@ -71,7 +70,6 @@ from gateway.render import (
     thumbnail_params,
 )
 from gateway.rendercache import DEFAULT_MAX_BYTES, RenderCache, cache_key
-from gateway.uids import validate_uid
 
 logger = logging.getLogger(__name__)
 
@@ -141,78 +139,9 @@ async def _audit(request: web.Request, services: PixelServices, action: AuditAct
                     detail=f"WADO-RS {kind} (one entry per study and {window} s)")
 
 
-# -- finding instances -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StoredImage:
-    """An indexed instance and where its file is."""
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    file_path: str
-    digest: str
-    number_of_frames: int
-    has_pixels: bool
-    series_number: int | None
-    instance_number: int | None
-
-
-def _statement(by_series: bool, by_sop: bool) -> Any:
-    statement = (
-        select(Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid,
-               Instance.file_path, Instance.digest, Instance.number_of_frames, Instance.rows,
-               Series.series_number, Instance.instance_number)
-        .join(Series, Series.pk == Instance.series_pk)
-        .join(Study, Study.pk == Series.study_pk)
-        .where(Study.study_instance_uid == bindparam("study"))
-    )
-    if by_series:
-        statement = statement.where(Series.series_instance_uid == bindparam("series"))
-    if by_sop:
-        statement = statement.where(Instance.sop_instance_uid == bindparam("sop"))
-    return statement
-
-
-# Built once: the instance lookup runs on every frame request.
-_STATEMENTS = {(a, b): _statement(a, b) for a in (False, True) for b in (False, True)}
-
-
-def find_images(gateway: Gateway, principal: Principal, study: str, series: str | None = None,
-                sop: str | None = None) -> list[StoredImage]:
-    """The instances under the given UIDs that ``principal`` may see, in display order.
-
-    Raises
-    ------
-    NotFound
-        Nothing there, or nothing this principal may see (the same answer, on purpose).
-    """
-    validate_uid(study, "StudyInstanceUID")
-    if series is not None:
-        validate_uid(series, "SeriesInstanceUID")
-    if sop is not None:
-        validate_uid(sop, "SOPInstanceUID")
-    what = sop or series or study
-    if not principal.may_see_study(study):
-        raise NotFound(f"no such resource: {what}")
-    statement = _STATEMENTS[(series is not None, sop is not None)]
-    with gateway.index.engine.connect() as connection:
-        rows = connection.execute(statement, {"study": study, "series": series,
-                                              "sop": sop}).all()
-    found = [
-        StoredImage(r[0], r[1], r[2], r[3], r[4], max(1, r[5] or 1), r[6] is not None, r[7], r[8])
-        for r in rows if principal.may_see_instance(r[0], r[2])
-    ]
-    if not found:
-        raise NotFound(f"no such resource: {what}")
-    found.sort(key=lambda i: (i.series_number is None, i.series_number or 0, i.series_uid,
-                              i.instance_number is None, i.instance_number or 0, i.sop_uid))
-    return found
-
-
-def _pixel_file(gateway: Gateway, image: StoredImage) -> PixelFile:
+def _pixel_file(gateway: Gateway, image: InstanceRef) -> PixelFile:
     if not image.has_pixels:
-        raise PixelDataError(f"instance {image.sop_uid} has no pixel data")
+        raise PixelDataError(f"instance {image.sop_instance_uid} has no pixel data")
     return open_pixel_file(gateway.storage.path(image.file_path))
 
 
@@ -379,7 +308,7 @@ async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
 
     def work() -> _Frames:
         # One worker-thread hop for the common case: lookup, negotiation, the first frames.
-        (image,) = find_images(services.gateway, principal, study, series, sop)
+        (image,) = visible_instances(services.gateway.index, principal, study, series, sop)
         pixel_file = _pixel_file(services.gateway, image)
         parse_frame_list(request.match_info["frames"], pixel_file.number_of_frames)
         choice = negotiate_frames(ranges, pixel_file, len(numbers))
@@ -415,13 +344,13 @@ async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _render_one(services: PixelServices, image: StoredImage, frame: int | None,
+def _render_one(services: PixelServices, image: InstanceRef, frame: int | None,
                 params: RenderParams) -> tuple[bytes, str | None]:
     """Render one instance (``frame`` None: every frame for a GIF, else frame 1).
 
     Returns the image and, when it was rendered now, the cache key to store it under.
     """
-    key = cache_key(image.sop_uid, image.digest, frame, params.key())
+    key = cache_key(image.sop_instance_uid, image.digest, frame, params.key())
     cached = services.cache.get(key)
     if cached is not None:
         return cached, None
@@ -458,7 +387,7 @@ def _images_request(request: web.Request) -> tuple[str, str | None, str | None]:
 
 
 async def _multipart_images(request: web.Request, services: PixelServices,
-                            images: list[StoredImage], params: RenderParams) -> web.StreamResponse:
+                            images: list[InstanceRef], params: RenderParams) -> web.StreamResponse:
     boundary = _boundary()
     response = web.StreamResponse(headers={
         "Content-Type": _multipart_type(params.media_type, boundary)})
@@ -468,8 +397,8 @@ async def _multipart_images(request: web.Request, services: PixelServices,
         rendered = await _off_loop(services, functools.partial(
             _render_one, services, image, 0, params))
         _store_later(services, [rendered])
-        location = (f"{base}/studies/{image.study_uid}/series/{image.series_uid}"
-                    f"/instances/{image.sop_uid}/rendered")
+        location = (f"{base}/studies/{image.study_instance_uid}/series/{image.series_instance_uid}"
+                    f"/instances/{image.sop_instance_uid}/rendered")
         await response.write(_part(boundary, params.media_type, rendered[0], location))
     await response.write(f"--{boundary}--\r\n".encode())
     await response.write_eof()
@@ -489,10 +418,10 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     if sop is None and params.media_type == MEDIA_GIF:
         params = RenderParams(MEDIA_JPEG, params.window, params.viewport, params.quality)
 
-    def work() -> tuple[list[StoredImage], list[tuple[bytes, str | None]]]:
+    def work() -> tuple[list[InstanceRef], list[tuple[bytes, str | None]]]:
         # Instance and frames: lookup and rendering in one worker-thread hop.
-        images = [i for i in find_images(services.gateway, principal, study, series, sop)
-                  if i.has_pixels]
+        found = visible_instances(services.gateway.index, principal, study, series, sop)
+        images = [i for i in found if i.has_pixels]
         if not images:
             raise PixelDataError("no instance there has pixel data to render")
         if sop is None:
@@ -516,13 +445,13 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
                         headers={"Content-Type": _multipart_type(params.media_type, boundary)})
 
 
-def representative(images: list[StoredImage]) -> StoredImage:
+def representative(images: list[InstanceRef]) -> InstanceRef:
     """The thumbnail's instance: the middle one of the first series with pixel data."""
     with_pixels = [i for i in images if i.has_pixels]
     if not with_pixels:
         raise PixelDataError("no instance there has pixel data for a thumbnail")
-    first_series = with_pixels[0].series_uid
-    series = [i for i in with_pixels if i.series_uid == first_series]
+    first_series = with_pixels[0].series_instance_uid
+    series = [i for i in with_pixels if i.series_instance_uid == first_series]
     return series[(len(series) - 1) // 2]
 
 
@@ -540,7 +469,8 @@ async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
     params = render_params(request, media, thumbnail=True, limits=services.limits)
 
     def work() -> tuple[bytes, str | None]:
-        image = representative(find_images(services.gateway, principal, study, series, sop))
+        image = representative(visible_instances(services.gateway.index, principal, study,
+                                                 series, sop))
         frame = numbers[0] - 1 if numbers is not None else (image.number_of_frames - 1) // 2
         return _render_one(services, image, frame, params)
 
@@ -570,5 +500,5 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/studies/{study}/thumbnail", retrieve_thumbnail)
 
 
-__all__ = ["PIXELS", "PixelServices", "add_routes", "find_images",
+__all__ = ["PIXELS", "PixelServices", "add_routes",
            "negotiate_frames", "negotiate_rendered"]

@@ -46,16 +46,16 @@ from dicomweb.media import (
     part_header,
 )
 from dicomweb.problems import HTTPProblem
-from dicomweb.resources import (
-    InstanceRef,
-    find_instances,
-    metadata_digests,
-    metadata_documents,
-    validate_path,
-)
 from gateway.access import Scope
 from gateway.audit import AuditAction
 from gateway.errors import NotFound
+from gateway.instances import (
+    InstanceRef,
+    validate_path,
+    visible_digests,
+    visible_instances,
+    visible_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ async def _retrieve(request: web.Request, study: str, series: str | None = None,
     who = require(request, Scope.DICOMWEB_READ)
     validate_path(study, series, instance)
     gateway = gateway_of(request)
-    refs = await asyncio.to_thread(find_instances, gateway.index, who, study, series, instance)
+    refs = await asyncio.to_thread(visible_instances, gateway.index, who, study, series, instance)
     plan = plan_retrieve(accept_of(request), refs, single_allowed=instance is not None)
     base = base_url(request)
     storage = gateway.storage
@@ -320,12 +320,12 @@ async def _metadata(request: web.Request, study: str, series: str | None = None,
         raise not_acceptable("metadata is served as application/dicom+json")
     index = gateway_of(request).index
     base = base_url(request)
-    digests = await asyncio.to_thread(metadata_digests, index, who, study, series, instance)
+    digests = await asyncio.to_thread(visible_digests, index, who, study, series, instance)
     etag = etag_of(base, digests)
     headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if _if_none_match(request, etag):
         return web.Response(status=304, headers=headers)
-    documents = await asyncio.to_thread(metadata_documents, index, who, study, series, instance)
+    documents = await asyncio.to_thread(visible_metadata, index, who, study, series, instance)
     body = await asyncio.to_thread(join_metadata, documents, base)
     await audit(request, AuditAction.INSTANCES_ACCESSED, (study,),
                 detail=f"metadata of {len(documents)} instances")
@@ -412,7 +412,7 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
     validate_path(study, series, instance)
     tag_path = _parse_tag_path(info["path"])
     gateway = gateway_of(request)
-    refs = await asyncio.to_thread(find_instances, gateway.index, who, study, series, instance)
+    refs = await asyncio.to_thread(visible_instances, gateway.index, who, study, series, instance)
     multipart = True
     for media in accept_of(request):
         if media.media_type == MEDIA_OCTET_STREAM:

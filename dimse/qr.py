@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
@@ -42,7 +43,8 @@ from gateway.audit import AuditAction, AuditEvent, AuditSink, DatabaseAudit
 from gateway.config import Destination, DimseSettings
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
-from gateway.retrieve import StoredInstance, instances_for
+from gateway.instances import InstanceRef
+from gateway.retrieve import instances_for
 
 logger = logging.getLogger(__name__)
 trail_logger = logging.getLogger("dimse.audit")
@@ -119,7 +121,7 @@ def _values(identifier: Dataset, keyword: str) -> list[str]:
 
 
 def requested_instances(gateway: Gateway, identifier: Dataset,
-                        information_model: str) -> list[StoredInstance]:
+                        information_model: str) -> list[InstanceRef]:
     """The instances a C-MOVE or C-GET identifier names (PS3.4 C.4.2.2.1, C.4.3.2.1).
 
     Raises
@@ -135,7 +137,6 @@ def requested_instances(gateway: Gateway, identifier: Dataset,
         raise InvalidQuery("PatientID takes one value in a retrieve identifier")
     return instances_for(
         gateway.index,
-        gateway.storage,
         level,
         patient_id=patient_ids[0] if patient_ids else None,
         study_instance_uids=_values(identifier, "StudyInstanceUID"),
@@ -162,7 +163,7 @@ def describe(identifier: Dataset) -> str:
 
 
 # -- transfer syntax negotiation -------------------------------------------------------------
-def retrieve_contexts(instances: list[StoredInstance]) -> list[PresentationContext]:
+def retrieve_contexts(instances: list[InstanceRef]) -> list[PresentationContext]:
     """The presentation contexts a move association proposes for these instances.
 
     Per SOP class: one context with the uncompressed little endian syntaxes, and one per other
@@ -187,7 +188,7 @@ class Unsendable(Dataset):
     """A sub-operation that fails without a C-STORE being attempted."""
 
 
-def failed_placeholder(item: StoredInstance) -> Dataset:
+def failed_placeholder(item: InstanceRef) -> Dataset:
     """A data set pynetdicom cannot send, so that it counts the sub-operation as failed.
 
     It carries the SOP Instance UID, which pynetdicom lists in the final response's Failed SOP
@@ -199,8 +200,8 @@ def failed_placeholder(item: StoredInstance) -> Dataset:
     return ds
 
 
-def dataset_for(item: StoredInstance, accepted: list[PresentationContext], *,
-                raw: bool = False) -> Dataset:
+def dataset_for(item: InstanceRef, accepted: list[PresentationContext], *,
+                locate: Callable[[str], Path], raw: bool = False) -> Dataset:
     """The data set to send for ``item`` over an association with these accepted contexts.
 
     As stored when its transfer syntax was accepted for its SOP class (with ``raw``, for a
@@ -214,13 +215,14 @@ def dataset_for(item: StoredInstance, accepted: list[PresentationContext], *,
         logger.warning("peer accepted no context for SOP class %s: %s not sent",
                        item.sop_class_uid, item.sop_instance_uid)
         return failed_placeholder(item)
+    path = locate(item.file_path)
     if raw and item.transfer_syntax_uid in syntaxes:
         return StoredFile(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid,
-                          item.path)
+                          path)
     try:
-        ds = dcmread(item.path)
+        ds = dcmread(path)
     except (OSError, ValueError) as exc:
-        logger.error("cannot read stored %s (%s): %s", item.sop_instance_uid, item.path.name, exc)
+        logger.error("cannot read stored %s (%s): %s", item.sop_instance_uid, path.name, exc)
         return failed_placeholder(item)
     stored = UID(str(ds.file_meta.TransferSyntaxUID))
     if stored in syntaxes:
@@ -328,7 +330,7 @@ class MoveAssociation:
 
 
 def destination_request(destination: Destination, settings: DimseSettings,
-                        instances: list[StoredInstance],
+                        instances: list[InstanceRef],
                         holder: MoveAssociation) -> tuple[str, int, dict[str, Any]]:
     """What pynetdicom's C-MOVE SCP needs to open the one association of a move."""
     # Verification is always proposed, so that a destination accepting none of the storage
@@ -362,8 +364,9 @@ def _refused(service: Service, gateway: Gateway, policy: PeerPolicy, ae_title: s
     return True
 
 
-def _pending(items: list[StoredInstance], event: Any, accepted: list[PresentationContext],
-             what: str, *, raw: bool = False) -> Iterator[tuple[int, Dataset | None]]:
+def _pending(items: list[InstanceRef], event: Any, accepted: list[PresentationContext],
+             what: str, *, locate: Callable[[str], Path],
+             raw: bool = False) -> Iterator[tuple[int, Dataset | None]]:
     """One Pending per sub-operation, or Cancel as soon as the peer sent C-CANCEL."""
     for item in items:
         if event.is_cancelled:
@@ -371,7 +374,7 @@ def _pending(items: list[StoredInstance], event: Any, accepted: list[Presentatio
             logger.info("%s from %s at %s cancelled by the peer", what, ae_title, address)
             yield CANCEL, None
             return
-        yield PENDING, dataset_for(item, accepted, raw=raw)
+        yield PENDING, dataset_for(item, accepted, locate=locate, raw=raw)
 
 
 # -- handlers --------------------------------------------------------------------------------
@@ -422,6 +425,7 @@ def handle_move(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[An
         holder.assoc.move_originator = ae_title
     with busy(event.assoc):
         yield from _pending(items, event, holder.accepted_contexts, "C-MOVE",
+                            locate=gateway.storage.path,
                             raw=isinstance(holder.assoc, StorageRequestor))
 
 
@@ -485,13 +489,14 @@ def move_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: 
         yield from sub_operations(items, store, list(store.accepted_contexts),
                                   isinstance(store, StorageRequestor), is_cancelled,
                                   f"C-MOVE from {ae_title} at {address}",
+                                  locate=gateway.storage.path,
                                   originator=(ae_title, message_id))
     finally:
         store.release()
 
 
 def _requested(gateway: Gateway, decode_identifier: Callable[[], Dataset], sop_class_uid: str,
-               what: str) -> tuple[Dataset, list[StoredInstance]] | None:
+               what: str) -> tuple[Dataset, list[InstanceRef]] | None:
     """The identifier of a C-MOVE or C-GET and the instances it names; ``None`` (logged) when
     it is invalid for the information model or cannot be decoded (0xA900)."""
     try:
@@ -503,9 +508,10 @@ def _requested(gateway: Gateway, decode_identifier: Callable[[], Dataset], sop_c
         return None
 
 
-def sub_operations(items: list[StoredInstance], store: Any,
+def sub_operations(items: list[InstanceRef], store: Any,
                    accepted: list[PresentationContext], raw: bool,
                    is_cancelled: Callable[[], bool], what: str, *,
+                   locate: Callable[[str], Path],
                    originator: tuple[str, int] | None = None) -> Iterator[MoveProgress]:
     """The C-STORE sub-operations of a C-MOVE or C-GET (PS3.4 C.4.2.3, C.4.3.3): a Pending
     progress after each, then the final status; Cancel as soon as the peer asked."""
@@ -517,7 +523,7 @@ def sub_operations(items: list[StoredInstance], store: Any,
             yield progress
             return
         progress.remaining -= 1
-        dataset = dataset_for(item, accepted, raw=raw)
+        dataset = dataset_for(item, accepted, locate=locate, raw=raw)
         status = _sub_operation(store, dataset, number, *(originator or ("", None)))
         if status is None or not (status == 0x0000 or status & 0xF000 == 0xB000):
             progress.failed += 1
@@ -556,7 +562,8 @@ def get_progress(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: s
                   (i.study_instance_uid for i in items),
                   f"C-GET: {describe(identifier)}, {len(items)} instances")
     yield from sub_operations(items, store, accepted, True, is_cancelled,
-                              f"C-GET from {ae_title} at {address}")
+                              f"C-GET from {ae_title} at {address}",
+                              locate=gateway.storage.path)
 
 
 def _sub_operation(store: Any, dataset: Dataset, message_id: int, originator: str,
@@ -604,7 +611,8 @@ def handle_get(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any
                   f"C-GET: {describe(identifier)}, {len(items)} instances")
     yield len(items)
     with busy(event.assoc):
-        yield from _pending(items, event, list(event.assoc.accepted_contexts), "C-GET")
+        yield from _pending(items, event, list(event.assoc.accepted_contexts), "C-GET",
+                            locate=gateway.storage.path)
 
 
 __all__ = ["busy", "handle_get", "handle_move", "requested_instances", "retrieve_contexts"]

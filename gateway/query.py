@@ -51,7 +51,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     exists,
-    false,
     func,
     or_,
     select,
@@ -61,6 +60,7 @@ from sqlalchemy.ext.compiler import compiles
 from gateway.access import Principal
 from gateway.errors import InvalidQuery
 from gateway.index import Index
+from gateway.instances import visible_conditions, visible_instance_condition
 from gateway.metadata import PATIENT_STUDY_KEYWORDS, SERIES_KEYWORDS, normalize_name
 from gateway.models import Instance, Patient, Series, Study
 from gateway.uids import is_valid_uid
@@ -897,29 +897,14 @@ class QueryEngine:
         return keyword in PATIENT_STUDY_KEYWORDS or keyword in SERIES_KEYWORDS
 
     def _scope(self, query: Query, principal: Principal) -> list[ColumnElement[bool]]:
-        """Path scope and the principal's visibility, as SQL conditions."""
+        """Path scope and the principal's visibility (:func:`gateway.instances.visible_conditions`,
+        the one rule), as SQL conditions."""
         clauses: list[ColumnElement[bool]] = []
         if query.study_uid is not None:
             clauses.append(Study.study_instance_uid == query.study_uid)
         if query.series_uid is not None:
             clauses.append(Series.series_instance_uid == query.series_uid)
-        if principal.study_uids is not None:
-            if not principal.study_uids:
-                clauses.append(false())
-            else:
-                clauses.append(Study.study_instance_uid.in_(sorted(principal.study_uids)))
-        if principal.instance_uids is not None:
-            visible = sorted(principal.instance_uids)
-            if query.level is Level.IMAGE:
-                clauses.append(Instance.sop_instance_uid.in_(visible))
-            elif query.level is Level.SERIES:
-                clauses.append(exists().where(Instance.series_pk == Series.pk,
-                                              Instance.sop_instance_uid.in_(visible)))
-            else:
-                clauses.append(exists().where(
-                    Instance.series_pk == Series.pk, Series.study_pk == Study.pk,
-                    Instance.sop_instance_uid.in_(visible)))
-        return clauses
+        return clauses + visible_conditions(principal, query.level.value)
 
     @staticmethod
     def _counts_wanted(level: Level, wanted: frozenset[str] | None) -> bool:
@@ -941,8 +926,7 @@ class QueryEngine:
         ``series.study_pk`` and ``instance.series_pk``), rather than kept in the rows: so
         storing an instance writes only its own row (``Index.add_new_instance``).
         """
-        visible = (sorted(principal.instance_uids) if principal.instance_uids is not None
-                   else None)
+        visible = visible_instance_condition(principal)
         pks = [r.pk for r in rows]
         counts: dict[tuple[str, int], int] = {}
         if not pks:
@@ -951,7 +935,7 @@ class QueryEngine:
             stmt = (select(Instance.series_pk, func.count())
                     .where(Instance.series_pk.in_(pks)).group_by(Instance.series_pk))
             if visible is not None:
-                stmt = stmt.where(Instance.sop_instance_uid.in_(visible))
+                stmt = stmt.where(visible)
             for series_pk, n in session.execute(stmt):
                 counts[("series", series_pk)] = n
         elif level is Level.STUDY:
@@ -960,7 +944,7 @@ class QueryEngine:
                 .join(Instance, Instance.series_pk == Series.pk)
                 .where(Series.study_pk.in_(pks)).group_by(Series.study_pk))
             if visible is not None:
-                by_study = by_study.where(Instance.sop_instance_uid.in_(visible))
+                by_study = by_study.where(visible)
             for study_pk, n_instances, n_series in session.execute(by_study):
                 counts[("study", study_pk)] = n_instances
                 counts[("study_series", study_pk)] = n_series

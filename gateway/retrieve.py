@@ -11,55 +11,43 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from sqlalchemy import select
-
+from gateway.access import Principal, PrincipalKind
 from gateway.errors import InvalidQuery
 from gateway.index import Index
-from gateway.models import Instance, Patient, Series, Study
-from gateway.storage import FileStorage
+from gateway.instances import InstanceRef, retrieve_instances
 from gateway.uids import validate_uid
 
 logger = logging.getLogger(__name__)
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-
-
-@dataclass(frozen=True)
-class StoredInstance:
-    """One instance to send: where its file is and how it is encoded."""
-
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    path: Path
-    file_size: int
+# A DIMSE peer allowed to retrieve: it sees every instance the index holds.
+DIMSE_PEER = Principal(kind=PrincipalKind.DIMSE, id="peer")
 
 
 def instances_for(
     index: Index,
-    storage: FileStorage,
     level: str,
     *,
+    principal: Principal | None = None,
     patient_id: str | None = None,
     study_instance_uids: Sequence[str] = (),
     series_instance_uids: Sequence[str] = (),
     sop_instance_uids: Sequence[str] = (),
-) -> list[StoredInstance]:
+) -> list[InstanceRef]:
     """The stored instances named by a retrieve identifier (PS3.4 C.4.2.2.1).
 
     Parameters
     ----------
-    index, storage
-        The gateway's index and blob store.
+    index
+        The gateway's index.
     level
         The Query/Retrieve Level: ``PATIENT``, ``STUDY``, ``SERIES`` or ``IMAGE``.
+    principal
+        Who asks; ``None``: a DIMSE peer, which sees what the index holds (its permission to
+        retrieve at all is the peer rules', :mod:`dimse.peers`).
     patient_id
         Patient ID: required at ``PATIENT`` level, a filter when given at lower levels.
     study_instance_uids, series_instance_uids, sop_instance_uids
@@ -68,7 +56,7 @@ def instances_for(
 
     Returns
     -------
-    list of StoredInstance
+    list of InstanceRef
         In study, series and instance number order; empty when nothing matches.
 
     Raises
@@ -99,45 +87,9 @@ def instances_for(
     if depth == 0 and not patient_id:
         raise InvalidQuery("a PATIENT level retrieve needs PatientID (PS3.4 C.4.2.2.1)")
 
-    statement = (
-        select(
-            Study.study_instance_uid,
-            Series.series_instance_uid,
-            Instance.sop_instance_uid,
-            Instance.sop_class_uid,
-            Instance.transfer_syntax_uid,
-            Instance.file_path,
-            Instance.file_size,
-        )
-        .join(Series, Instance.series_pk == Series.pk)
-        .join(Study, Series.study_pk == Study.pk)
-        .order_by(Study.pk, Series.series_number, Series.pk, Instance.instance_number,
-                  Instance.pk)
-    )
-    if patient_id:
-        statement = statement.join(Patient, Study.patient_pk == Patient.pk).where(
-            Patient.patient_id == patient_id
-        )
-    if study_instance_uids:
-        statement = statement.where(Study.study_instance_uid.in_(study_instance_uids))
-    if series_instance_uids:
-        statement = statement.where(Series.series_instance_uid.in_(series_instance_uids))
-    if sop_instance_uids:
-        statement = statement.where(Instance.sop_instance_uid.in_(sop_instance_uids))
-    with index.Session() as session:
-        rows = session.execute(statement).all()
-    return [
-        StoredInstance(
-            study_instance_uid=row.study_instance_uid,
-            series_instance_uid=row.series_instance_uid,
-            sop_instance_uid=row.sop_instance_uid,
-            sop_class_uid=row.sop_class_uid,
-            transfer_syntax_uid=row.transfer_syntax_uid,
-            path=storage.path(row.file_path),
-            file_size=row.file_size,
-        )
-        for row in rows
-    ]
+    return retrieve_instances(
+        index, principal or DIMSE_PEER, patient_id=patient_id, study_uids=study_instance_uids,
+        series_uids=series_instance_uids, sop_uids=sop_instance_uids)
 
 
-__all__ = ["LEVELS", "Level", "StoredInstance", "instances_for"]
+__all__ = ["LEVELS", "Level", "instances_for"]

@@ -455,6 +455,8 @@ async def test_decompression_bomb_is_refused_over_http(served: Served, tmp_path:
     ds.PixelData = encapsulate([bytes(bomb)])
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{OTHER_STUDY}.9.9"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = OTHER_STUDY, f"{OTHER_STUDY}.9"
+    ds.PatientID = ct_dataset(0).PatientID  # the patient of OTHER_STUDY (no other may join)
+    ds.IssuerOfPatientID = ""
     served.gateway.ingestor.ingest(part10(ds), source="test")
     base = (f"{served.url}/dicomweb/studies/{OTHER_STUDY}/series/{OTHER_STUDY}.9/instances/"
             f"{OTHER_STUDY}.9.9")

@@ -14,6 +14,25 @@ import pytest
 ROOT = Path(__file__).parent.parent
 FRONT_ENDS = {"dimse", "dicomweb", "viewer_links"}
 COMPOSITION_ROOT = {"gateway/server.py", "gateway/cli.py"}
+# The index's models and SQL stay in the core: front ends read instances through
+# gateway.instances (one visibility rule, one reference type), never rows.
+INDEX_INTERNALS = {"sqlalchemy", "gateway.models"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, by its full dotted name (and each of its parents)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        modules: list[str] = []
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for module in modules:
+            parts = module.split(".")
+            names.update(".".join(parts[:n]) for n in range(1, len(parts) + 1))
+    return names
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -52,3 +71,19 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("from dicomweb.app import create_app\nimport viewer_links.tokens\n")
     assert imported_packages(bad) == {"dicomweb", "viewer_links"}
+
+
+@pytest.mark.parametrize("package", sorted(FRONT_ENDS))
+def test_front_ends_do_not_read_the_index_themselves(package: str) -> None:
+    for path in python_files(package):
+        wrong = imported_modules(path) & INDEX_INTERNALS
+        assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
+
+
+def test_the_checker_sees_the_index_internals(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from gateway.models import Instance\nfrom sqlalchemy.orm import Session\n")
+    assert imported_modules(bad) & INDEX_INTERNALS == {"sqlalchemy", "gateway.models"}
+    other = tmp_path / "other.py"
+    other.write_text("from gateway import models\nimport sqlalchemy.orm\n")
+    assert imported_modules(other) & INDEX_INTERNALS == {"sqlalchemy", "gateway.models"}
