@@ -77,6 +77,12 @@ class HttpSettings:
     port: int = 8080
     # Largest STOW-RS body accepted, in bytes.
     max_upload_bytes: int = 4 * 1024**3
+    # Largest body of any other request (the portal API's JSON), in bytes; 413 beyond.
+    max_json_bytes: int = 1024**2
+    # Seconds a connection may go without a complete request head: before its first request,
+    # between requests (keep-alive) and while a request line and headers trickle in (aiohttp
+    # times all three with one timer). Longer than a fronting proxy's upstream keep-alive.
+    idle_timeout: float = 75.0
     # Largest QIDO-RS page (PS3.18 §8.3.4.4); bigger `limit` values are cut with a Warning.
     max_results: int = 1000
     cors_origins: tuple[str, ...] = ()
@@ -127,6 +133,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_HTTP_PORT": ("http", "port"),
     "GATEWAY_HTTP_MAX_UPLOAD_BYTES": ("http", "max_upload_bytes"),
     "GATEWAY_HTTP_MAX_RESULTS": ("http", "max_results"),
+    "GATEWAY_HTTP_MAX_JSON_BYTES": ("http", "max_json_bytes"),
+    "GATEWAY_HTTP_IDLE_TIMEOUT": ("http", "idle_timeout"),
     "GATEWAY_HTTP_CORS_ORIGINS": ("http", "cors_origins"),
     "GATEWAY_HTTP_BASE_URL": ("http", "base_url"),
     "GATEWAY_DIMSE_HOST": ("dimse", "host"),
@@ -260,6 +268,9 @@ def _check(settings: Settings) -> None:
     for name, port in (("http.port", settings.http.port), ("dimse.port", settings.dimse.port)):
         if not 0 <= port <= 65535:
             raise SettingsError(f"{name} {port} is not a TCP port")
+    if not settings.http.idle_timeout > 0:
+        raise SettingsError(f"http.idle_timeout {settings.http.idle_timeout} must be a positive "
+                            "number of seconds")
     if not 1 <= settings.dimse.workers <= 64:
         raise SettingsError(f"dimse.workers {settings.dimse.workers} must be between 1 and 64")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

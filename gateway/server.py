@@ -56,7 +56,9 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     ``access_policy`` resolves viewer-session cookies for DICOMweb (``viewer_links``); without
     one, no cookie grants anything (:class:`~gateway.access.NoSessions`).
     """
-    app = web.Application(client_max_size=gateway.settings.http.max_upload_bytes)
+    # Every body read whole (the portal API's JSON) is bounded by http.max_json_bytes; STOW-RS
+    # streams its body from request.content, bounded by http.max_upload_bytes itself.
+    app = web.Application(client_max_size=gateway.settings.http.max_json_bytes)
     app[GATEWAY] = gateway
     add_routes(app)
     # Viewer links: the portal API, /view and /iid; their service is the AccessPolicy that
@@ -68,6 +70,17 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
         gateway, access_policy or links, audit_sink=audit_sink))
     viewer_links.mount_viewer(app, links)  # last: OHIF answers every path left (SPA)
     return app
+
+
+def http_keepalive_timeout(settings: Settings) -> float:
+    """The keep-alive timeout of aiohttp's connection handler: it bounds request heads too.
+
+    aiohttp has no timeout of its own for a request's head: a connection that sends a partial
+    request line or header and then trickles (slowloris) is closed only by the keep-alive
+    timer, which runs from the connection's start and from the end of each response until a
+    complete head arrives. Its default is an hour; ``[http] idle_timeout`` bounds it.
+    """
+    return settings.http.idle_timeout
 
 
 def freeze_startup_objects() -> None:
@@ -104,7 +117,8 @@ class Server:
                         for _ in range(settings.dimse.workers - 1)]
         for worker in self.workers:  # "ready" means every process takes associations
             await asyncio.to_thread(wait_until_listening, worker)
-        self.runner = web.AppRunner(create_app(self.gateway), access_log=None)
+        self.runner = web.AppRunner(create_app(self.gateway), access_log=None,
+                                    keepalive_timeout=http_keepalive_timeout(settings))
         await self.runner.setup()
         freeze_startup_objects()
         site = web.TCPSite(self.runner, settings.http.host, settings.http.port)

@@ -129,6 +129,11 @@ async def _json(request: web.Request) -> dict[str, Any]:
         raise InvalidLinkRequest("send a JSON body (Content-Type: application/json)")
     try:
         body = await request.json()
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.config_dict[GATEWAY].settings.http.max_json_bytes
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=limit + 1,
+            text=f"the JSON body exceeds {limit} bytes (http.max_json_bytes)") from exc
     except ValueError:
         raise InvalidLinkRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
