@@ -85,6 +85,9 @@ class HttpSettings:
     idle_timeout: float = 75.0
     # Largest QIDO-RS page (PS3.18 §8.3.4.4); bigger `limit` values are cut with a Warning.
     max_results: int = 1000
+    # Most candidate records whose stored attributes one QIDO-RS request parses to match
+    # sequence keys (PS3.4 C.2.2.2.6); a query needing more is refused (400).
+    max_sequence_scan: int = 20000
     cors_origins: tuple[str, ...] = ()
     # Public base URL used in RetrieveURL and link URLs when the gateway sits behind a proxy.
     base_url: str | None = None
@@ -134,6 +137,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_HTTP_MAX_UPLOAD_BYTES": ("http", "max_upload_bytes"),
     "GATEWAY_HTTP_MAX_RESULTS": ("http", "max_results"),
     "GATEWAY_HTTP_MAX_JSON_BYTES": ("http", "max_json_bytes"),
+    "GATEWAY_HTTP_MAX_SEQUENCE_SCAN": ("http", "max_sequence_scan"),
     "GATEWAY_HTTP_IDLE_TIMEOUT": ("http", "idle_timeout"),
     "GATEWAY_HTTP_CORS_ORIGINS": ("http", "cors_origins"),
     "GATEWAY_HTTP_BASE_URL": ("http", "base_url"),

@@ -833,6 +833,12 @@ def open_pixel_file(path: Path) -> PixelFile:
     return _CACHE.get(path)
 
 
+# A frame list's bounds (PS3.18 §10.4.1.1.4 sets none): Number of Frames is an IS, at most
+# 12 characters (PS3.5 Table 6.2-1), so a frame number has at most 10 digits that mean anything.
+MAX_FRAMES_PER_REQUEST = 10000
+MAX_FRAME_DIGITS = 10
+
+
 def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int]:
     """Parse a WADO-RS frame list, ``1,3,5`` (PS3.18 §10.4.1.1.4, numbered from 1).
 
@@ -846,15 +852,20 @@ def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int
     NoSuchFrame
         A number beyond ``number_of_frames``.
     """
+    parts = text.split(",")
+    if len(parts) > MAX_FRAMES_PER_REQUEST:
+        raise InvalidFrameList(f"frame list: at most {MAX_FRAMES_PER_REQUEST} frames per request")
     frames: list[int] = []
-    for part in text.split(","):
+    for part in parts:
         part = part.strip()
-        if not (part.isascii() and part.isdigit()) or int(part) < 1:
+        # Checked before int(): Python refuses to convert more than 4300 digits (ValueError).
+        if (not (part.isascii() and part.isdigit()) or len(part) > MAX_FRAME_DIGITS
+                or int(part) < 1):
+            shown = part if len(part) <= 20 else f"{part[:20]}... ({len(part)} characters)"
             raise InvalidFrameList(
-                f"frame list {text!r}: {part!r} is not a frame number (1, 2, ...)")
+                f"frame list: {shown!r} is not a frame number (1, 2, ... up to "
+                f"{MAX_FRAME_DIGITS} digits)")
         frames.append(int(part))
-    if len(frames) > 10000:
-        raise InvalidFrameList("frame list: at most 10000 frames per request")
     if number_of_frames is not None:
         beyond = [n for n in frames if n > number_of_frames]
         if beyond:

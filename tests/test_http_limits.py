@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import LiveServer, make_settings
-from dicomweb_helpers import api_key, raw
+from dicomweb_helpers import api_key, load_corpus, raw
+from qr_helpers import load_sequence_studies
 
 from gateway.core import Gateway
 
@@ -113,3 +114,58 @@ def test_portal_json_default_bound_is_small(live_with) -> None:  # noqa: ANN001
                 headers={"Authorization": f"Bearer {token}",
                          "Content-Type": "application/json"})
     assert reply.status == 413
+
+
+# -- item 7: numbers too long to mean anything, sequence keys on every row ----------------------
+def reader(live: LiveServer) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key(live.gateway, 'reader', 'dicomweb:read')}"}
+
+
+def problem_of(reply: object) -> dict[str, object]:
+    assert reply.headers["Content-Type"].startswith("application/problem+json")  # type: ignore[attr-defined]
+    return json.loads(reply.body)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("tail", ["frames/{n}", "frames/{n}/rendered", "frames/1,{n}/thumbnail",
+                                  "bulk/00081032/{n}/00080100"])
+def test_numbers_of_thousands_of_digits_are_400(live_with, tail: str) -> None:  # noqa: ANN001
+    live = live_with()
+    corpus = load_corpus(live.gateway)
+    instance = corpus.instances(corpus.series_a_ct)[0]
+    path = (f"/dicomweb/studies/{corpus.study_a}/series/{corpus.series_a_ct}/instances/"
+            f"{instance}/" + tail.format(n="9" * 5000))
+    reply = raw(live.http_url + path, headers=reader(live))
+    assert reply.status == 400, reply.body[:300]
+    assert "characters" in str(problem_of(reply)["detail"]) or "item index" in str(
+        problem_of(reply)["detail"])
+
+
+@pytest.mark.parametrize("query", ["studies?offset=" + "9" * 25, "studies?limit=" + "9" * 5000,
+                                   "series?SeriesNumber=" + "9" * 25])
+def test_qido_integers_beyond_bigint_are_400(live_with, query: str) -> None:  # noqa: ANN001
+    live = live_with()
+    load_corpus(live.gateway)
+    reply = raw(live.http_url + "/dicomweb/" + query, headers=reader(live))
+    assert reply.status == 400, reply.body[:300]
+    assert "at most 19 digits" in str(problem_of(reply)["detail"])
+
+
+def test_sequence_keys_parse_a_bounded_number_of_records(live_with) -> None:  # noqa: ANN001
+    live = live_with(GATEWAY_HTTP_MAX_SEQUENCE_SCAN="2")
+    load_sequence_studies(live.gateway)  # three series, two of them with the sequence
+    headers = reader(live)
+
+    def get(query: str) -> tuple[int, object]:
+        reply = raw(live.http_url + "/dicomweb/" + query, headers=headers)
+        return reply.status, json.loads(reply.body) if reply.body else []
+
+    # A page of one needs two matching candidates (one to return, one to tell more exist):
+    # the scan stops there, within the bound.
+    status, found = get("series?00400275.00400009=SPS*&limit=1")
+    assert status == 200 and len(found) == 1  # type: ignore[arg-type]
+    # Every series must be parsed to fill a bigger page: more than the bound, refused.
+    status, problem = get("series?00400275.00400009=SPS*")
+    assert status == 400
+    assert "http.max_sequence_scan" in problem["detail"]  # type: ignore[index]
+    assert problem["parameter"] == "RequestAttributesSequence"  # type: ignore[index]
+
