@@ -77,6 +77,10 @@ class HttpSettings:
     port: int = 8080
     # Largest STOW-RS body accepted, in bytes.
     max_upload_bytes: int = 4 * 1024**3
+    # Most parts in one STOW-RS body, and largest part (an instance, held in memory while it
+    # is stored); 413 beyond, the parts before the limit stored.
+    max_stow_parts: int = 10000
+    max_part_bytes: int = 2 * 1024**3
     # Largest body of any other request (the portal API's JSON), in bytes; 413 beyond.
     max_json_bytes: int = 1024**2
     # Seconds a connection may go without a complete request head: before its first request,
@@ -137,6 +141,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_HTTP_MAX_UPLOAD_BYTES": ("http", "max_upload_bytes"),
     "GATEWAY_HTTP_MAX_RESULTS": ("http", "max_results"),
     "GATEWAY_HTTP_MAX_JSON_BYTES": ("http", "max_json_bytes"),
+    "GATEWAY_HTTP_MAX_STOW_PARTS": ("http", "max_stow_parts"),
+    "GATEWAY_HTTP_MAX_PART_BYTES": ("http", "max_part_bytes"),
     "GATEWAY_HTTP_MAX_SEQUENCE_SCAN": ("http", "max_sequence_scan"),
     "GATEWAY_HTTP_IDLE_TIMEOUT": ("http", "idle_timeout"),
     "GATEWAY_HTTP_CORS_ORIGINS": ("http", "cors_origins"),

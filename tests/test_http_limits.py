@@ -16,11 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import LiveServer, make_settings
-from dicomweb_helpers import api_key, load_corpus, raw
+from conftest import LiveServer, ct_dataset, make_settings, part10
+from dicomweb_helpers import api_key, load_corpus, multipart_body, raw
 from qr_helpers import load_sequence_studies
 
 from gateway.core import Gateway
+from gateway.models import Instance
 
 # How long a test waits for the server to close a connection it must close (generous: the
 # configured bound in these tests is 1 s; a server without the bound never closes).
@@ -169,3 +170,55 @@ def test_sequence_keys_parse_a_bounded_number_of_records(live_with) -> None:  # 
     assert "http.max_sequence_scan" in problem["detail"]  # type: ignore[index]
     assert problem["parameter"] == "RequestAttributesSequence"  # type: ignore[index]
 
+
+# -- item 5: STOW-RS parts ----------------------------------------------------------------------
+STOW_STUDY = "1.2.826.0.1.3680043.8.498.66"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"; boundary=XyZzYboundary'
+
+
+def stow(live: LiveServer, body: bytes) -> object:
+    token = api_key(live.gateway, "writer", "dicomweb:write")
+    return raw(live.http_url + "/dicomweb/studies", method="POST", body=body,
+               headers={"Authorization": f"Bearer {token}", "Content-Type": MULTIPART_DICOM})
+
+
+def stored(live: LiveServer) -> int:
+    with live.gateway.index.Session() as session:
+        return session.query(Instance).count()
+
+
+def test_stow_part_count_is_bounded(live_with) -> None:  # noqa: ANN001
+    live = live_with(GATEWAY_HTTP_MAX_STOW_PARTS="3")
+    good = [part10(ct_dataset(i, study=STOW_STUDY)) for i in range(2)]
+    body = multipart_body([("application/dicom", d) for d in good]
+                          + [("application/dicom", b"")] * 1000)
+    reply = stow(live, body)
+    assert reply.status == 413
+    assert "http.max_stow_parts" in str(problem_of(reply)["detail"])
+    assert stored(live) == 2  # the parts before the limit are kept, as the answer says
+
+
+def test_stow_part_size_is_bounded(live_with) -> None:  # noqa: ANN001
+    live = live_with(GATEWAY_HTTP_MAX_PART_BYTES="4096")
+    small = part10(ct_dataset(0, study=STOW_STUDY, rows=8))
+    large = part10(ct_dataset(1, study=STOW_STUDY, rows=64))
+    assert len(small) < 4096 < len(large)
+    reply = stow(live, multipart_body([("application/dicom", small),
+                                       ("application/dicom", large)]))
+    assert reply.status == 413
+    assert "http.max_part_bytes" in str(problem_of(reply)["detail"])
+    assert stored(live) == 1
+
+
+def test_stow_bare_data_sets_and_empty_parts(live_with) -> None:  # noqa: ANN001
+    """A part without the preamble (pydicom's dcmwrite) is stored as the Part 10 file it is,
+    whether it is kept in memory or spooled to a file; an empty part is refused by itself."""
+    live = live_with()
+    small = part10(ct_dataset(0, study=STOW_STUDY))
+    large_ds = ct_dataset(1, study=STOW_STUDY, rows=4000)  # 32 MB: spooled to a file
+    large = part10(large_ds)
+    body = multipart_body([("application/dicom", small[132:]), ("application/dicom", b""),
+                           ("application/dicom", large[132:])])
+    reply = stow(live, body)
+    assert reply.status == 202, reply.body[:300]  # type: ignore[attr-defined]
+    assert stored(live) == 2
