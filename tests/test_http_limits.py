@@ -222,3 +222,39 @@ def test_stow_bare_data_sets_and_empty_parts(live_with) -> None:  # noqa: ANN001
     reply = stow(live, body)
     assert reply.status == 202, reply.body[:300]  # type: ignore[attr-defined]
     assert stored(live) == 2
+
+
+# -- item 13: demo mode and DNS rebinding -------------------------------------------------------
+def get_with_host(live: LiveServer, path: str, host: str) -> tuple[int, bytes]:
+    address = urlsplit(live.http_url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_demo_mode_answers_only_loopback_host_names(live_with) -> None:  # noqa: ANN001
+    live = live_with(GATEWAY_DEMO="1")
+    load_corpus(live.gateway)
+    port = urlsplit(live.http_url).port
+    # A page of rebind.example whose name now resolves to 127.0.0.1: its browser says so.
+    for host in (f"rebind.example:{port}", "rebind.example", f"127.0.0.1.rebind.example:{port}"):
+        status, body = get_with_host(live, "/dicomweb/studies", host)
+        assert status == 421, host
+        assert "demo mode" in json.loads(body)["detail"]
+    status, _ = get_with_host(live, "/healthz", "rebind.example")
+    assert status == 421
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        status, body = get_with_host(live, "/dicomweb/studies", host)
+        assert status == 200, host
+        assert len(json.loads(body)) == 3
+
+
+def test_host_is_not_checked_outside_demo_mode(live_with) -> None:  # noqa: ANN001
+    live = live_with()
+    status, _ = get_with_host(live, "/healthz", "pacs.example.lu")
+    assert status == 200
