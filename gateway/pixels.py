@@ -144,6 +144,10 @@ class PixelLimits:
         Pixels of an animated GIF, whose frames are all held in memory before encoding.
     max_viewport
         Largest rendered width or height.
+    max_rendered_pixels
+        Output pixels of one rendered request over all its frames or instances (each frame
+        its viewport, or its own size): bounds the decoding and encoding work one request
+        asks for.
     """
 
     # Below Pillow's Image.MAX_IMAGE_PIXELS (~89 M), which its JPEG decoder enforces too.
@@ -152,6 +156,7 @@ class PixelLimits:
     max_total_pixels: int = 1024**3
     max_animation_pixels: int = 64 * 1024**2
     max_viewport: int = 4096
+    max_rendered_pixels: int = 256 * 1024**2
 
     @classmethod
     def from_settings(cls, table: Any, *, also: tuple[str, ...] = ()) -> PixelLimits:

@@ -258,3 +258,38 @@ def test_host_is_not_checked_outside_demo_mode(live_with) -> None:  # noqa: ANN0
     live = live_with()
     status, _ = get_with_host(live, "/healthz", "pacs.example.lu")
     assert status == 200
+
+
+# -- item 4: rendered images --------------------------------------------------------------------
+def test_rendered_frames_are_rendered_once_each(live_with) -> None:  # noqa: ANN001
+    live = live_with()
+    corpus = load_corpus(live.gateway)
+    instance = corpus.instances(corpus.series_a_ct)[0]
+    frames = ",".join(["1"] * 40)
+    path = (f"/dicomweb/studies/{corpus.study_a}/series/{corpus.series_a_ct}/instances/"
+            f"{instance}/frames/{frames}/rendered?viewport=1024,1024")
+    reply = raw(live.http_url + path, headers=reader(live))
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "image/jpeg"  # one frame asked 40 times: one image
+    assert reply.body[:2] == b"\xff\xd8"
+
+
+def test_rendered_output_pixels_are_bounded(live_with, tmp_path: Path) -> None:  # noqa: ANN001
+    config = tmp_path / "pixels.toml"
+    config.write_text("[pixels]\nmax_rendered_pixels = 20000000\n")
+    live = live_with(GATEWAY_CONFIG=str(config))
+    corpus = load_corpus(live.gateway)
+    headers = reader(live)
+    series = f"/dicomweb/studies/{corpus.study_a}/series/{corpus.series_a_ct}"
+    instance = f"{series}/instances/{corpus.instances(corpus.series_a_ct)[0]}"
+    # Three instances at 4096x4096: 50 M pixels, over the bound.
+    reply = raw(live.http_url + series + "/rendered?viewport=4096,4096", headers=headers)
+    assert reply.status == 413
+    assert "max_rendered_pixels" in str(problem_of(reply)["detail"])
+    reply = raw(live.http_url + instance + "/frames/1,1/rendered?viewport=4096,4096",
+                headers=headers)
+    assert reply.status == 200  # the same frame twice is one frame: 16.7 M pixels
+    reply = raw(live.http_url + instance + "/rendered?viewport=4096,4096", headers=headers)
+    assert reply.status == 200
+    reply = raw(live.http_url + series + "/rendered?viewport=512,512", headers=headers)
+    assert reply.status == 200
