@@ -394,6 +394,8 @@ async def _multipart_images(request: web.Request, services: PixelServices,
     await response.prepare(request)
     base = _base(request)
     for image in images:
+        if client_gone(request):
+            raise ConnectionResetError("the client closed the connection")
         rendered = await _off_loop(services, functools.partial(
             _render_one, services, image, 0, params))
         _store_later(services, [rendered])
@@ -405,6 +407,37 @@ async def _multipart_images(request: web.Request, services: PixelServices,
     return response
 
 
+def check_rendered_pixels(images: Sequence[InstanceRef], frames: int, params: RenderParams,
+                          limits: PixelLimits) -> None:
+    """Refuse a rendered request whose output would exceed ``[pixels] max_rendered_pixels``.
+
+    Each rendered frame counts its output size: the viewport's, else the frame's own
+    (``max_frame_pixels`` when the index does not know it).
+
+    Raises
+    ------
+    ImageTooLarge
+        Frames x output pixels over the limit.
+    """
+    viewport = params.viewport
+    total = 0
+    for image in images:
+        each = (viewport.width * viewport.height if viewport is not None
+                else image.pixels or limits.max_frame_pixels)
+        total += each * frames
+    if total > limits.max_rendered_pixels:
+        raise ImageTooLarge(
+            f"{total} rendered pixels asked for ({len(images)} instance(s), {frames} frame(s) "
+            f"each); at most {limits.max_rendered_pixels} per request "
+            "([pixels] max_rendered_pixels): ask for fewer frames or a smaller viewport")
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client of ``request`` has closed its connection."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     """Rendered study, series, instance or frames (PS3.18 §10.4.1.1.3)."""
     principal = require(request, Scope.DICOMWEB_READ)
@@ -412,6 +445,8 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     study, series, sop = _images_request(request)
     frames_text = request.match_info.get("frames")
     numbers = parse_frame_list(frames_text) if frames_text is not None else None
+    if numbers is not None:
+        numbers = list(dict.fromkeys(numbers))  # each frame rendered once, in the order asked
     with _problems():
         media = negotiate_rendered(accept_of(request))
     params = render_params(request, media, thumbnail=False, limits=services.limits)
@@ -419,15 +454,17 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
         params = RenderParams(MEDIA_JPEG, params.window, params.viewport, params.quality)
 
     def work() -> tuple[list[InstanceRef], list[tuple[bytes, str | None]]]:
-        # Instance and frames: lookup and rendering in one worker-thread hop.
+        # Instance and one frame: lookup and rendering in one worker-thread hop.
         found = visible_instances(services.gateway.index, principal, study, series, sop)
         images = [i for i in found if i.has_pixels]
         if not images:
             raise PixelDataError("no instance there has pixel data to render")
-        if sop is None:
+        check_rendered_pixels(images, len(numbers) if numbers is not None else 1, params,
+                              services.limits)
+        if sop is None or (numbers is not None and len(numbers) > 1):
             return images, []
-        frames: list[int | None] = [None] if numbers is None else [n - 1 for n in numbers]
-        return images, [_render_one(services, images[0], f, params) for f in frames]
+        frame = None if numbers is None else numbers[0] - 1
+        return images, [_render_one(services, images[0], frame, params)]
 
     images, rendered = await _off_loop(services, work)
     await _audit(request, services, AuditAction.INSTANCES_ACCESSED, study, "rendered")
@@ -436,6 +473,13 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
             raise HTTPProblem(413, f"{len(images)} instances: at most {MAX_RENDERED_INSTANCES} "
                                    "are rendered in one request; ask for each series")
         return await _multipart_images(request, services, images, params)
+    if numbers is not None and len(numbers) > 1:
+        # One frame per worker-thread hop, stopping as soon as the client goes away.
+        for number in numbers:
+            if client_gone(request):
+                raise ConnectionResetError("the client closed the connection")
+            rendered.append(await _off_loop(services, functools.partial(
+                _render_one, services, images[0], number - 1, params)))
     _store_later(services, rendered)
     if len(rendered) == 1:
         return web.Response(body=rendered[0][0], headers={"Content-Type": params.media_type})

@@ -122,7 +122,8 @@ async def search_for_instances(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     gateway = app[GATEWAY]
-    app[QUERY_ENGINE] = QueryEngine(gateway.index, max_results=gateway.settings.http.max_results)
+    app[QUERY_ENGINE] = QueryEngine(gateway.index, max_results=gateway.settings.http.max_results,
+                                    max_scanned=gateway.settings.http.max_sequence_scan)
     router = app.router
     router.add_get("/studies", search_for_studies)
     router.add_get("/series", search_for_series)

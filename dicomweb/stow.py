@@ -56,6 +56,10 @@ SPOOL_IN_MEMORY = 16 * 1024 * 1024
 READ_CHUNK = 256 * 1024
 FAILED_ATTRIBUTES = "00741048"  # FailedAttributesSequence
 ERROR_COMMENT = "00000902"  # ErrorComment (LO: 64 characters)
+# The preamble and prefix put in front of a part that starts at its file meta group.
+PART10_HEADER = bytes(128) + b"DICM"
+# Bytes of a part read again to name it when the ingest path could not read it at all.
+IDENTIFY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -69,7 +73,11 @@ class Outcome:
 
 
 class Spool:
-    """A part's bytes: in memory up to :data:`SPOOL_IN_MEMORY`, in a temporary file beyond."""
+    """A part's bytes: in memory up to :data:`SPOOL_IN_MEMORY`, in a temporary file beyond.
+
+    The Part 10 header a bare data set lacks (:func:`with_part10_header`) is put in front as
+    the part is kept, so that :meth:`read` makes the instance's bytes in one piece, once.
+    """
 
     def __init__(self, directory: str | None) -> None:
         self.directory = directory
@@ -84,16 +92,15 @@ class Spool:
             if self.size > SPOOL_IN_MEMORY:
                 self.file = await asyncio.to_thread(
                     tempfile.TemporaryFile, dir=self.directory, prefix="stow-")
-                data = b"".join(self.chunks)
-                self.chunks = []
-                await asyncio.to_thread(self.file.write, data)
+                chunks, self.chunks = with_part10_header(self.chunks), []
+                await asyncio.to_thread(self.file.writelines, chunks)
         else:
             await asyncio.to_thread(self.file.write, chunk)
 
     def read(self) -> bytes:
-        """All the bytes (called on a worker thread)."""
+        """All the bytes, with the Part 10 header (called on a worker thread)."""
         if self.file is None:
-            return b"".join(self.chunks)
+            return b"".join(with_part10_header(self.chunks)) if self.chunks else b""
         self.file.seek(0)
         data: bytes = self.file.read()
         return data
@@ -105,41 +112,54 @@ class Spool:
 
 
 def _identify(data: bytes) -> tuple[str, str]:
-    """SOP Class and Instance UIDs of a refused part, when they can be read at all."""
+    """SOP Class and Instance UIDs of a part the ingest path could not read, when they can be
+    read at all: only from its first :data:`IDENTIFY_BYTES`, where they are (group 0008)."""
     try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True,
+        ds = dcmread(io.BytesIO(data[:IDENTIFY_BYTES]), stop_before_pixels=True,
                      specific_tags=["SOPClassUID", "SOPInstanceUID"], force=True)
         return str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
     except Exception:
         return "", ""
 
 
-def as_part10(data: bytes) -> bytes:
-    r"""Add the preamble and ``DICM`` prefix when a part starts right at the file meta group.
+def with_part10_header(chunks: list[bytes]) -> list[bytes]:
+    r"""The chunks of a part, with the preamble and ``DICM`` prefix in front when the part
+    starts right at the file meta group.
 
     pydicom's ``dcmwrite`` (used by dicomweb-client's ``store_instances``) omits the 128-byte
     preamble unless the data set carries one; the meta group, hence the transfer syntax, is
     there, so the part is accepted as the Part 10 file it otherwise is.
 
-    >>> as_part10(b"\x02\x00\x00\x00UL")[128:134]
+    >>> b"".join(with_part10_header([b"\x02\x00", b"\x00\x00UL"]))[128:134]
     b'DICM\x02\x00'
     """
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return data
-    if data[:2] == b"\x02\x00":
-        return bytes(128) + b"DICM" + data
-    return data
+    if not chunks:
+        return chunks
+    head = chunks[0]
+    for chunk in chunks[1:]:
+        if len(head) >= 132:
+            break
+        head += chunk[:132]
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return chunks
+    if head[:2] == b"\x02\x00":
+        return [PART10_HEADER, *chunks]
+    return chunks
 
 
 def _store_part(request: web.Request, spool: Spool, study: str | None, source: str) -> Outcome:
-    """Ingest one part (on a worker thread); map refusals to FailureReason values."""
-    data = as_part10(spool.read())
+    """Ingest one part (on a worker thread); map refusals to FailureReason values.
+
+    The part is parsed once, by the ingest path; a refusal names the instance from what that
+    parse read (:attr:`GatewayError.sop_uids`).
+    """
+    data = spool.read()
     try:
         result: IngestResult = gateway_of(request).ingestor.ingest(
             data, source=source, expected_study_instance_uid=study)
     except GatewayError as exc:
         failure = store_status(exc)
-        sop_class, sop_instance = _identify(data)
+        sop_class, sop_instance = exc.sop_uids or _identify(data)
         logger.info("STOW-RS part refused (%s, 0x%04X): %s", sop_instance or "unreadable",
                     failure, exc)
         return Outcome(sop_class, sop_instance, failure=failure, reason=str(exc))
@@ -227,6 +247,8 @@ async def store_instances(request: web.Request) -> web.Response:
     form = _response_form(request)
     gateway = gateway_of(request)
     limit = gateway.settings.http.max_upload_bytes
+    max_parts = gateway.settings.http.max_stow_parts
+    max_part_bytes = gateway.settings.http.max_part_bytes
     if request.content_length is not None and request.content_length > limit:
         raise HTTPProblem(413, f"the body has {request.content_length} bytes; this server "
                                f"takes at most {limit} (http.max_upload_bytes)")
@@ -246,6 +268,10 @@ async def store_instances(request: web.Request) -> web.Response:
                 break
             if not isinstance(part, BodyPartReader):
                 raise HTTPProblem(415, "nested multipart bodies are not supported")
+            if len(outcomes) >= max_parts:
+                raise HTTPProblem(413, f"the body has more than {max_parts} parts "
+                                       "(http.max_stow_parts); the parts before the limit "
+                                       "were stored")
             part_type = (part.headers.get("Content-Type", MEDIA_DICOM)
                          .split(";")[0].strip().lower())
             spool = Spool(str(spool_dir))
@@ -256,14 +282,19 @@ async def store_instances(request: web.Request) -> web.Response:
                         raise HTTPProblem(413, f"the body exceeds {limit} bytes "
                                                "(http.max_upload_bytes); the parts before the "
                                                "limit were stored")
+                    if spool.size + len(chunk) > max_part_bytes:
+                        raise HTTPProblem(413, f"part {len(outcomes) + 1} exceeds "
+                                               f"{max_part_bytes} bytes (http.max_part_bytes); "
+                                               "the parts before it were stored")
                     await spool.write(chunk)
             except BaseException:
                 spool.close()
                 raise
-            if part_type != MEDIA_DICOM:
+            if part_type != MEDIA_DICOM or not spool.size:
                 spool.close()
                 outcomes.append(Outcome("", "", failure=CANNOT_UNDERSTAND,
-                                        reason=f"part of type {part_type}"))
+                                        reason=f"part of type {part_type}" if spool.size
+                                        else "empty part"))
                 continue
             outcomes.append(await asyncio.to_thread(_store_part, request, spool, study, source))
     finally:

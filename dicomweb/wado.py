@@ -60,6 +60,8 @@ from gateway.instances import (
 logger = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+# Digits of a sequence item index in a bulk data path (int() refuses more than 4300).
+MAX_ITEM_DIGITS = 9
 # Transfer syntaxes the gateway can produce from any stored one it can decode.
 TRANSCODE_TARGETS = frozenset({EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN})
 RELATIVE_BULK = '"BulkDataURI":"studies/'
@@ -359,7 +361,7 @@ def _parse_tag_path(path: str) -> list[int | str]:
                 raise HTTPProblem(400, f"bulk data path {path!r}: {part!r} is not a tag")
             items.append(part.upper())
         else:
-            if not part.isdigit():
+            if not (part.isascii() and part.isdigit()) or len(part) > MAX_ITEM_DIGITS:
                 raise HTTPProblem(400, f"bulk data path {path!r}: {part!r} is not an item index")
             items.append(int(part))
     if not items or isinstance(items[-1], int):

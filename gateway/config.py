@@ -77,8 +77,21 @@ class HttpSettings:
     port: int = 8080
     # Largest STOW-RS body accepted, in bytes.
     max_upload_bytes: int = 4 * 1024**3
+    # Most parts in one STOW-RS body, and largest part (an instance, held in memory while it
+    # is stored); 413 beyond, the parts before the limit stored.
+    max_stow_parts: int = 10000
+    max_part_bytes: int = 2 * 1024**3
+    # Largest body of any other request (the portal API's JSON), in bytes; 413 beyond.
+    max_json_bytes: int = 1024**2
+    # Seconds a connection may go without a complete request head: before its first request,
+    # between requests (keep-alive) and while a request line and headers trickle in (aiohttp
+    # times all three with one timer). Longer than a fronting proxy's upstream keep-alive.
+    idle_timeout: float = 75.0
     # Largest QIDO-RS page (PS3.18 §8.3.4.4); bigger `limit` values are cut with a Warning.
     max_results: int = 1000
+    # Most candidate records whose stored attributes one QIDO-RS request parses to match
+    # sequence keys (PS3.4 C.2.2.2.6); a query needing more is refused (400).
+    max_sequence_scan: int = 20000
     cors_origins: tuple[str, ...] = ()
     # Public base URL used in RetrieveURL and link URLs when the gateway sits behind a proxy.
     base_url: str | None = None
@@ -127,6 +140,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_HTTP_PORT": ("http", "port"),
     "GATEWAY_HTTP_MAX_UPLOAD_BYTES": ("http", "max_upload_bytes"),
     "GATEWAY_HTTP_MAX_RESULTS": ("http", "max_results"),
+    "GATEWAY_HTTP_MAX_JSON_BYTES": ("http", "max_json_bytes"),
+    "GATEWAY_HTTP_MAX_STOW_PARTS": ("http", "max_stow_parts"),
+    "GATEWAY_HTTP_MAX_PART_BYTES": ("http", "max_part_bytes"),
+    "GATEWAY_HTTP_MAX_SEQUENCE_SCAN": ("http", "max_sequence_scan"),
+    "GATEWAY_HTTP_IDLE_TIMEOUT": ("http", "idle_timeout"),
     "GATEWAY_HTTP_CORS_ORIGINS": ("http", "cors_origins"),
     "GATEWAY_HTTP_BASE_URL": ("http", "base_url"),
     "GATEWAY_DIMSE_HOST": ("dimse", "host"),
@@ -260,6 +278,9 @@ def _check(settings: Settings) -> None:
     for name, port in (("http.port", settings.http.port), ("dimse.port", settings.dimse.port)):
         if not 0 <= port <= 65535:
             raise SettingsError(f"{name} {port} is not a TCP port")
+    if not settings.http.idle_timeout > 0:
+        raise SettingsError(f"http.idle_timeout {settings.http.idle_timeout} must be a positive "
+                            "number of seconds")
     if not 1 <= settings.dimse.workers <= 64:
         raise SettingsError(f"dimse.workers {settings.dimse.workers} must be between 1 and 64")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 
 class GatewayError(Exception):
-    """Base class of every error the core raises on purpose."""
+    """Base class of every error the core raises on purpose.
+
+    ``sop_uids`` is the refused instance's (SOP Class UID, SOP Instance UID) when the ingest
+    path had read them before refusing it, so that a front end naming the refused instance
+    (STOW-RS FailedSOPSequence) need not parse it again.
+    """
+
+    sop_uids: tuple[str, str] | None = None
 
 
 class NotFound(GatewayError):

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from gateway import audit
 from gateway.errors import (
     Conflict,
+    GatewayError,
     IdentityConflict,
     InstanceRejected,
     InvalidInstance,
@@ -140,23 +141,30 @@ class Ingestor:
         # while this one checks it); once checked they are flushed, then named
         # (FileStorage.place), then indexed.
         spooled = self.storage.spool(data)
+        parsed = None
         try:
-            parsed = self._check(data, expected_sop_class_uid, expected_sop_instance_uid,
-                                 expected_study_instance_uid)
+            parsed = parse_instance(data, digest=False)
+            self._check(parsed, expected_sop_class_uid, expected_sop_instance_uid,
+                        expected_study_instance_uid)
             parsed.digest = dataset_digest(data)
-        except BaseException:
+        except BaseException as exc:
             # Removed before the refusal is answered: a refused instance leaves nothing.
             self.storage.discard(spooled)
+            if parsed is not None and isinstance(exc, GatewayError):
+                exc.sop_uids = (parsed.sop_class_uid, parsed.sop_instance_uid)
             raise
-        return self._store(parsed, spooled, source)
+        try:
+            return self._store(parsed, spooled, source)
+        except GatewayError as exc:  # a conflict with the stored instance, a full disk
+            exc.sop_uids = (parsed.sop_class_uid, parsed.sop_instance_uid)
+            raise
 
     def close(self) -> None:
         """Nothing to release: kept for the callers that close what they open."""
 
-    def _check(self, data: bytes, expected_sop_class_uid: str | None,
+    def _check(self, parsed: ParsedInstance, expected_sop_class_uid: str | None,
                expected_sop_instance_uid: str | None,
                expected_study_instance_uid: str | None) -> ParsedInstance:
-        parsed = parse_instance(data, digest=False)
         if expected_sop_class_uid and parsed.sop_class_uid != expected_sop_class_uid:
             raise SOPClassMismatch(
                 f"the data set's SOPClassUID {parsed.sop_class_uid} differs from the "

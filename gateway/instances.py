@@ -50,19 +50,21 @@ class InstanceRef:
     has_pixels: bool  # Rows is present: an image
     series_number: int | None
     instance_number: int | None
+    pixels: int = 0  # Rows x Columns, as indexed (0 when unknown)
 
 
 _COLUMNS = (
     Instance.pk, Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid,
     Instance.sop_class_uid, Instance.transfer_syntax_uid, Instance.file_path,
     Instance.file_size, Instance.digest, Instance.number_of_frames, Instance.rows,
-    Series.series_number, Instance.instance_number,
+    Series.series_number, Instance.instance_number, Instance.columns,
 )
 
 
 def _ref(row: Sequence[Any]) -> InstanceRef:
     return InstanceRef(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
-                       max(1, row[9] or 1), row[10] is not None, row[11], row[12])
+                       max(1, row[9] or 1), row[10] is not None, row[11], row[12],
+                       (row[10] or 0) * (row[13] or 0))
 
 
 def visible_conditions(principal: Principal, level: str = "IMAGE"

@@ -144,6 +144,10 @@ class PixelLimits:
         Pixels of an animated GIF, whose frames are all held in memory before encoding.
     max_viewport
         Largest rendered width or height.
+    max_rendered_pixels
+        Output pixels of one rendered request over all its frames or instances (each frame
+        its viewport, or its own size): bounds the decoding and encoding work one request
+        asks for.
     """
 
     # Below Pillow's Image.MAX_IMAGE_PIXELS (~89 M), which its JPEG decoder enforces too.
@@ -152,6 +156,7 @@ class PixelLimits:
     max_total_pixels: int = 1024**3
     max_animation_pixels: int = 64 * 1024**2
     max_viewport: int = 4096
+    max_rendered_pixels: int = 256 * 1024**2
 
     @classmethod
     def from_settings(cls, table: Any, *, also: tuple[str, ...] = ()) -> PixelLimits:
@@ -833,6 +838,12 @@ def open_pixel_file(path: Path) -> PixelFile:
     return _CACHE.get(path)
 
 
+# A frame list's bounds (PS3.18 §10.4.1.1.4 sets none): Number of Frames is an IS, at most
+# 12 characters (PS3.5 Table 6.2-1), so a frame number has at most 10 digits that mean anything.
+MAX_FRAMES_PER_REQUEST = 10000
+MAX_FRAME_DIGITS = 10
+
+
 def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int]:
     """Parse a WADO-RS frame list, ``1,3,5`` (PS3.18 §10.4.1.1.4, numbered from 1).
 
@@ -846,15 +857,20 @@ def parse_frame_list(text: str, number_of_frames: int | None = None) -> list[int
     NoSuchFrame
         A number beyond ``number_of_frames``.
     """
+    parts = text.split(",")
+    if len(parts) > MAX_FRAMES_PER_REQUEST:
+        raise InvalidFrameList(f"frame list: at most {MAX_FRAMES_PER_REQUEST} frames per request")
     frames: list[int] = []
-    for part in text.split(","):
+    for part in parts:
         part = part.strip()
-        if not (part.isascii() and part.isdigit()) or int(part) < 1:
+        # Checked before int(): Python refuses to convert more than 4300 digits (ValueError).
+        if (not (part.isascii() and part.isdigit()) or len(part) > MAX_FRAME_DIGITS
+                or int(part) < 1):
+            shown = part if len(part) <= 20 else f"{part[:20]}... ({len(part)} characters)"
             raise InvalidFrameList(
-                f"frame list {text!r}: {part!r} is not a frame number (1, 2, ...)")
+                f"frame list: {shown!r} is not a frame number (1, 2, ... up to "
+                f"{MAX_FRAME_DIGITS} digits)")
         frames.append(int(part))
-    if len(frames) > 10000:
-        raise InvalidFrameList("frame list: at most 10000 frames per request")
     if number_of_frames is not None:
         beyond = [n for n in frames if n > number_of_frames]
         if beyond:

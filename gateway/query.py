@@ -56,6 +56,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
 
 from gateway.access import Principal
 from gateway.errors import InvalidQuery
@@ -207,6 +208,8 @@ STUDY_CONTEXT = frozenset({"SpecificCharacterSet", "TimezoneOffsetFromUTC"})
 CONTROL_PARAMETERS = frozenset({"includefield", "limit", "offset", "fuzzymatching", "accept",
                                 "charset"})
 
+# Candidate rows fetched per batch while matching sequence keys in Python.
+SEQUENCE_SCAN_BATCH = 500
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
 _DATE_RE = re.compile(r"^\d{8}$")
 _TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
@@ -410,11 +413,31 @@ def _sequence_key(name: str) -> tuple[str, str]:
     return sequence, keyword_of(parts[1], name)
 
 
+# The largest integer a query binds (SQL BIGINT): a longer one is refused as a bad parameter
+# rather than overflowing the driver.
+MAX_QUERY_INTEGER = 2**63 - 1
+
+
+def _integer(name: str, value: str) -> int:
+    """An integer query value (``limit``, ``offset``, an IS matching key), within BIGINT.
+
+    >>> _integer("offset", "20")
+    20
+    """
+    text = value.strip()
+    # Checked before int(): Python refuses to convert more than 4300 digits (ValueError).
+    number = int(text) if len(text) <= 20 and _INTEGER.fullmatch(text) else None
+    if number is None or abs(number) > MAX_QUERY_INTEGER:
+        shown = value if len(value) <= 20 else f"{value[:20]}... ({len(value)} characters)"
+        raise InvalidQueryParameter(name, f"{shown!r} is not an integer of at most 19 digits")
+    return number
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def _non_negative(name: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise InvalidQueryParameter(name, f"{value!r} is not an integer") from None
+    number = _integer(name, value)
     if number < 0:
         raise InvalidQueryParameter(name, "must not be negative")
     return number
@@ -613,10 +636,7 @@ def _condition(keyword: str, spec: MatchKey, value: str, fuzzy: bool) -> ColumnE
     if kind is Kind.TIME:
         return _time_condition(column, keyword, value)
     if kind is Kind.NUMBER:
-        try:
-            return column == int(value)
-        except ValueError:
-            raise InvalidQueryParameter(keyword, f"{value!r} is not an integer") from None
+        return column == _integer(keyword, value)
     if kind is Kind.MODALITIES:
         codes = _split_list(value)
         modality = (Series.modality.in_(codes) if len(codes) > 1
@@ -759,11 +779,15 @@ class QueryEngine:
     max_results
         The largest page returned (``[http] max_results``); bigger requests are cut and the
         result marked truncated. ``0`` means no maximum (C-FIND).
+    max_scanned
+        The most candidate records whose stored attributes are parsed to match sequence keys
+        (``[http] max_sequence_scan``); ``0`` means no maximum (C-FIND, allow-listed peers).
     """
 
-    def __init__(self, index: Index, *, max_results: int = 1000) -> None:
+    def __init__(self, index: Index, *, max_results: int = 1000, max_scanned: int = 0) -> None:
         self.index = index
         self.max_results = max_results
+        self.max_scanned = max_scanned
 
     def search(self, query: Query, principal: Principal, *,
                retrieve_base: str | None = None) -> QueryResult:
@@ -799,17 +823,17 @@ class QueryEngine:
             others.append(Study.patient_pk.in_(select(Patient.pk).where(*on_patient)))
         stmt = stmt.where(*others, *self._scope(query, principal))
         # Sequence keys are matched in Python on the rows SQL narrowed down: paging then has
-        # to come after that filter, not in the SELECT.
+        # to come after that filter, not in the SELECT (_match_sequences).
         if not sequences:
             if limit is not None:
                 stmt = stmt.limit(limit + 1)
             if query.offset:
                 stmt = stmt.offset(query.offset)
         with self.index.Session() as session:
-            rows = session.execute(stmt).all()
             if sequences:
-                rows = [r for r in rows if self._sequences_match(query.level, r, sequences)]
-                rows = rows[query.offset:]
+                rows = self._match_sequences(session, stmt, query, limit, sequences)
+            else:
+                rows = list(session.execute(stmt).all())
             truncated = limit is not None and len(rows) > limit
             if truncated:
                 rows = rows[:limit]
@@ -818,6 +842,43 @@ class QueryEngine:
         shape = self._shape(query, wanted, retrieve_base)
         matches = [self._build(query, row, shape, wanted, retrieve_base, counts) for row in rows]
         return QueryResult(matches, truncated, warnings)
+
+    def _match_sequences(self, session: Session, stmt: Select, query: Query,
+                         limit: int | None, sequences: list[SequenceCondition]) -> list[Any]:
+        """The rows of ``stmt`` whose stored sequences match, after ``offset``, up to one more
+        than ``limit`` (to tell a truncated page).
+
+        The candidates are read in batches (a server-side cursor on PostgreSQL) and the scan
+        stops once the page is full, so a page of a broad query parses only the JSON it needs.
+        At most ``max_scanned`` candidates are parsed in all.
+
+        Raises
+        ------
+        InvalidQueryParameter
+            More than ``max_scanned`` candidates had to be read: the other keys do not
+            narrow the query enough.
+        """
+        wanted = None if limit is None else query.offset + limit + 1
+        matched: list[Any] = []
+        scanned = 0
+        result = session.execute(stmt.execution_options(yield_per=SEQUENCE_SCAN_BATCH))
+        try:
+            for row in result:
+                scanned += 1
+                if self.max_scanned and scanned > self.max_scanned:
+                    raise InvalidQueryParameter(
+                        sequences[0].keyword,
+                        f"sequence keys are matched on at most {self.max_scanned} candidate "
+                        f"{query.level.name.lower()} records (http.max_sequence_scan) and more "
+                        "were found: add matching keys that narrow the query (dates, "
+                        "patient, modality)")
+                if self._sequences_match(query.level, row, sequences):
+                    matched.append(row)
+                    if wanted is not None and len(matched) >= wanted:
+                        break
+        finally:
+            result.close()
+        return matched[query.offset:]
 
     @staticmethod
     def _sequences_match(level: Level, row: Any, sequences: list[SequenceCondition]) -> bool:

@@ -14,7 +14,7 @@ import selectors
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from pynetdicom.transport import ThreadedAssociationServer
@@ -50,13 +50,59 @@ def check_demo(settings: Settings) -> None:
             )
 
 
+# Host names a browser uses for this machine; demo mode answers only these (DNS rebinding).
+LOOPBACK_HOST_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header names this machine by a loopback name or address.
+
+    >>> is_loopback_host("localhost:8080"), is_loopback_host("[::1]:80")
+    (True, True)
+    >>> is_loopback_host("evil.example:8080"), is_loopback_host("127.0.0.1.evil.example")
+    (False, False)
+    """
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[:name.find("]") + 1]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    return (name in LOOPBACK_HOST_NAMES or name.endswith(".localhost")
+            or (name.startswith("127.") and is_loopback(name)))
+
+
+@web.middleware
+async def demo_host_middleware(request: web.Request,
+                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                               ) -> web.StreamResponse:
+    """In demo mode, answer only requests addressed to a loopback host name.
+
+    Demo mode lets anonymous callers read and write, trusting that only this machine can
+    reach the loopback listener. A web page can still reach it through the visitor's
+    browser by DNS rebinding (its own name made to resolve to 127.0.0.1): the browser then
+    sends that name in ``Host``, which this check refuses (421 Misdirected Request).
+    """
+    host = request.headers.get("Host")
+    if request.app[GATEWAY].settings.demo and host is not None and not is_loopback_host(host):
+        return web.json_response(
+            {"type": "about:blank", "title": "Misdirected Request", "status": 421,
+             "detail": "demo mode answers only requests to localhost or a loopback address, "
+                       "not to the host named in this request"},
+            status=421, content_type="application/problem+json")
+    return await handler(request)
+
+
 def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> web.Application:
     """The root aiohttp application with every HTTP front end mounted.
 
     ``access_policy`` resolves viewer-session cookies for DICOMweb (``viewer_links``); without
     one, no cookie grants anything (:class:`~gateway.access.NoSessions`).
     """
-    app = web.Application(client_max_size=gateway.settings.http.max_upload_bytes)
+    # Every body read whole (the portal API's JSON) is bounded by http.max_json_bytes; STOW-RS
+    # streams its body from request.content, bounded by http.max_upload_bytes itself.
+    app = web.Application(client_max_size=gateway.settings.http.max_json_bytes,
+                          middlewares=[demo_host_middleware])
     app[GATEWAY] = gateway
     add_routes(app)
     # Viewer links: the portal API, /view and /iid; their service is the AccessPolicy that
@@ -68,6 +114,17 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
         gateway, access_policy or links, audit_sink=audit_sink))
     viewer_links.mount_viewer(app, links)  # last: OHIF answers every path left (SPA)
     return app
+
+
+def http_keepalive_timeout(settings: Settings) -> float:
+    """The keep-alive timeout of aiohttp's connection handler: it bounds request heads too.
+
+    aiohttp has no timeout of its own for a request's head: a connection that sends a partial
+    request line or header and then trickles (slowloris) is closed only by the keep-alive
+    timer, which runs from the connection's start and from the end of each response until a
+    complete head arrives. Its default is an hour; ``[http] idle_timeout`` bounds it.
+    """
+    return settings.http.idle_timeout
 
 
 def freeze_startup_objects() -> None:
@@ -104,7 +161,8 @@ class Server:
                         for _ in range(settings.dimse.workers - 1)]
         for worker in self.workers:  # "ready" means every process takes associations
             await asyncio.to_thread(wait_until_listening, worker)
-        self.runner = web.AppRunner(create_app(self.gateway), access_log=None)
+        self.runner = web.AppRunner(create_app(self.gateway), access_log=None,
+                                    keepalive_timeout=http_keepalive_timeout(settings))
         await self.runner.setup()
         freeze_startup_objects()
         site = web.TCPSite(self.runner, settings.http.host, settings.http.port)

@@ -86,7 +86,7 @@ def test_mint_open_sets_session_cookie_and_redirects_without_token(env: dict[str
     value, attributes = cookie_of(opened)
     lowered = attributes.lower()
     assert "httponly" in lowered and "samesite=strict" in lowered and "path=/" in lowered
-    assert "secure" not in lowered  # plain HTTP on loopback
+    assert "secure" in lowered  # outside demo mode, even over plain HTTP (a TLS proxy's)
     principal = session_principal(env, value)
     assert principal.study_uids == frozenset({env["study"]})
     assert principal.instance_uids is None and principal.relationship == "trust_circle"
@@ -106,6 +106,21 @@ def test_session_cookie_is_secure_behind_https(tmp_path: Path, database_url: str
         assert reply.json()["url"].startswith("https://pacs.example.lu/view/")
         opened = Client(server.http_url).request("GET", path_of(reply.json()["url"]))
         assert "secure" in cookie_of(opened)[1].lower()
+
+
+def test_session_cookie_is_not_secure_in_demo_mode(tmp_path: Path, database_url: str) -> None:
+    """Demo mode is plain HTTP on loopback: a Secure cookie would not come back there."""
+    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"))
+    with live_links(type(settings)(**{**settings.__dict__, "demo": True})) as (
+            server, gateway, tokens):
+        study = load(gateway, small_study(PATIENT, "ACC1"))
+        portal = Client(server.http_url, bearer=tokens["portal"])
+        portal.request("PUT", f"/api/patients/{PATIENT}/dsp", {"created": "2020-01-01"})
+        reply = portal.request("POST", "/api/links", {
+            "study": study, "viewer": {"id": PATIENT}, "relationship": "patient"})
+        opened = Client(server.http_url).request("GET", path_of(reply.json()["url"]))
+        assert opened.status == 303
+        assert "secure" not in cookie_of(opened)[1].lower()
 
 
 def test_token_never_logged(env: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:

@@ -7,9 +7,10 @@ every path no other route took (the single-page app's client-side routes).
 
 The landing exchanges a link for a viewer-session cookie:
 
-- ``HttpOnly`` (scripts cannot read it), ``Path=/``, ``Secure`` when the gateway is reached over
-  HTTPS, and ``SameSite=Strict``: the cookie is needed only by OHIF's same-origin DICOMweb
-  requests, which Strict allows, and never by a cross-site navigation (the landing itself works
+- ``HttpOnly`` (scripts cannot read it), ``Path=/``, ``Secure`` unless the gateway runs in
+  demo mode (plain HTTP on loopback; a TLS proxy in front is not visible from here), and
+  ``SameSite=Strict``: the cookie is needed only by OHIF's same-origin DICOMweb requests,
+  which Strict allows, and never by a cross-site navigation (the landing itself works
   from the token, not the cookie), so Strict costs nothing and shuts out cross-site request
   forgery entirely. (The viewer must open in its own window, as the DSP does, not in a
   cross-site iframe.)
@@ -129,6 +130,11 @@ async def _json(request: web.Request) -> dict[str, Any]:
         raise InvalidLinkRequest("send a JSON body (Content-Type: application/json)")
     try:
         body = await request.json()
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.config_dict[GATEWAY].settings.http.max_json_bytes
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=limit + 1,
+            text=f"the JSON body exceeds {limit} bytes (http.max_json_bytes)") from exc
     except ValueError:
         raise InvalidLinkRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -295,10 +301,12 @@ def session_redirect(request: web.Request, opened: OpenedSession,
                      cookie_name: str) -> web.Response:
     response = web.Response(status=303, headers={**NO_STORE, "Location": opened.redirect})
     seconds = max(1, int((opened.expires_at - datetime.now(UTC)).total_seconds()))
-    configured = request.config_dict[GATEWAY].settings.http.base_url or ""
+    # Secure unless in demo mode (plain HTTP on loopback): behind a TLS proxy the request
+    # arrives over plain HTTP, and without [http] base_url nothing here says so.
+    secure = not request.config_dict[GATEWAY].settings.demo
     response.set_cookie(
         cookie_name, opened.session_id, max_age=seconds, path="/", httponly=True,
-        samesite="Strict", secure=request.secure or configured.startswith("https://"),
+        samesite="Strict", secure=secure or request.secure,
     )
     return response
 
