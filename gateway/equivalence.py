@@ -144,11 +144,27 @@ def compare_files(stored: Path, received: Path) -> Comparison:
         The stored copy and the one just received (both on disk: large values are read from
         the files as they are compared, frame by frame for the pixel data).
 
+    Returns
+    -------
+    Comparison
+        :attr:`Relation.DIFFERENT` too when the copies cannot be compared (a stored file
+        damaged since, a value pydicom cannot read): what was done before copies were compared.
+
     Raises
     ------
     FileNotFoundError
         ``stored`` is gone (deleted meanwhile): the caller looks at the index again.
     """
+    try:
+        return _compare_files(stored, received)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pydicom's errors on damaged or malformed data are of any kind
+        return Comparison(Relation.DIFFERENT, False, False,
+                          f"the copies cannot be compared ({type(exc).__name__})")
+
+
+def _compare_files(stored: Path, received: Path) -> Comparison:
     a = dcmread(stored, defer_size="1 MB")
     b = dcmread(received, defer_size="1 MB")
     a_syntax = str(a.file_meta.get("TransferSyntaxUID", ""))

@@ -165,6 +165,16 @@ def test_changed_pixels_or_attributes_differ(tmp_path: Path) -> None:
     assert comparison.detail == "attributes differ: PhotometricInterpretation"
 
 
+def test_copies_that_cannot_be_compared_differ(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(b"\0" * 4096)  # a file a power failure left empty, once
+    comparison = compare_files(damaged, pydicom_file("MR_small_RLE.dcm"))
+    assert comparison.relation is Relation.DIFFERENT
+    assert comparison.detail.startswith("the copies cannot be compared (")
+    with pytest.raises(FileNotFoundError):
+        compare_files(tmp_path / "deleted.dcm", pydicom_file("MR_small_RLE.dcm"))
+
+
 def test_character_sets_private_tags_and_padding_are_encoding(tmp_path: Path) -> None:
     """Latin-1 and UTF-8 spell the same name; an unknown private element read back from
     implicit VR is UN bytes (pydicom cannot know its VR) and is the same value."""
