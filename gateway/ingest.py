@@ -144,7 +144,8 @@ class Ingestor:
         SOPClassMismatch
             The data set does not match the SOP Class or Instance it was announced as.
         Conflict
-            Another instance is stored under this SOP Instance UID (and overwrite is off).
+            Another instance is stored under this SOP Instance UID (and overwrite is off, or
+            this is a lossy copy and the stored one lossless).
         StorageFull
             No room left; nothing was kept.
         """
