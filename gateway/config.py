@@ -99,7 +99,9 @@ class HttpSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
-    # Replace an instance when a different one arrives under a stored SOP Instance UID.
+    # Replace an instance when a different one arrives under a stored SOP Instance UID (never a
+    # lossless one by a lossy copy; the same content in another encoding is a duplicate either
+    # way: docs/conformance-storage.md).
     overwrite: bool = False
     # Refuse new instances (0xA700) when less than this many bytes are free in the data folder.
     min_free_bytes: int = 512 * 1024**2

@@ -1,9 +1,12 @@
 """One ingest path for C-STORE, STOW-RS and the CLI: validate, write durably, index.
 
 A success is returned only once the file is on stable storage and its index row is committed.
-An identical re-send (same data set bytes) is a no-op success. A different instance under a
-stored SOP Instance UID is refused (:class:`~gateway.errors.Conflict`) and the original kept,
-unless ``[storage] overwrite = true``.
+An identical re-send (same data set bytes) is a no-op success. A copy whose bytes differ from
+those stored under its SOP Instance UID is compared with the stored one by
+:mod:`gateway.equivalence`, outside the index's group commit: the same content in another
+encoding is a duplicate too (the stored copy kept), as is a lossy copy of a lossless one;
+another instance is refused (:class:`~gateway.errors.Conflict`) and the original kept, unless
+``[storage] overwrite = true`` (docs/conformance-storage.md has the table).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import enum
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway import audit
+from gateway.equivalence import Comparison, Relation, compare_files
 from gateway.errors import (
     Conflict,
     GatewayError,
@@ -45,8 +49,12 @@ from gateway.storage import FileStorage, Spooled, relative_path
 logger = logging.getLogger(__name__)
 
 
-_INSTANCE_BY_UID = select(Instance.__table__.c.pk, Instance.__table__.c.digest).where(
+_INSTANCE_BY_UID = select(Instance.__table__.c.pk, Instance.__table__.c.digest,
+                          Instance.__table__.c.file_path).where(
     Instance.__table__.c.sop_instance_uid == bindparam("uid"))
+# Times a received copy is compared with a stored one of another digest before giving up (the
+# stored one replaced or deleted again each time, between the comparison and the index write).
+MAX_COMPARISONS = 3
 
 
 # What the portal set on the study of an instance (DSP rules, viewer_links): kept when a
@@ -76,6 +84,16 @@ class Outcome(enum.Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"
     REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class _Differs:
+    """The index unit's answer when another copy is stored under the SOP Instance UID: it is
+    compared with the received copy after the unit, never inside it (decoding pixel data
+    would hold every writer of the group commit)."""
+
+    file_path: str
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -132,7 +150,8 @@ class Ingestor:
         SOPClassMismatch
             The data set does not match the SOP Class or Instance it was announced as.
         Conflict
-            Another instance is stored under this SOP Instance UID (and overwrite is off).
+            Another instance is stored under this SOP Instance UID (and overwrite is off, or
+            this is a lossy copy and the stored one lossless).
         StorageFull
             No room left; nothing was kept.
         """
@@ -187,21 +206,76 @@ class Ingestor:
         return IngestResult(outcome, parsed.sop_class_uid, parsed.sop_instance_uid,
                             parsed.study_instance_uid, parsed.series_instance_uid)
 
-    def _against_existing(self, parsed: ParsedInstance, digest: str) -> IngestResult | None:
-        if digest == parsed.digest:
-            return self._result(parsed, Outcome.DUPLICATE)
-        if not self.overwrite:
-            logger.warning(
-                "refused instance %s: a different instance is stored under this SOP Instance "
-                "UID (stored digest %s, received %s); the original is kept",
-                parsed.sop_instance_uid, digest[:12], parsed.digest[:12],
-            )
-            METRICS.inc("gateway_instances_conflict_total")
-            raise Conflict(
-                f"a different instance is already stored under SOP Instance UID "
-                f"{parsed.sop_instance_uid}; the original is kept"
-            )
-        return None
+    def _write_judged(self, parsed: ParsedInstance, relpath: str,
+                      work: Callable[[Session], Outcome | _Differs],
+                      may_replace: set[str]) -> Outcome | None:
+        """Run the index unit ``work``; when it finds another copy stored under the SOP
+        Instance UID, compare the two outside it and run it again if this copy replaces that
+        one. ``None``: the same content as the stored copy, which is kept.
+
+        Raises
+        ------
+        Conflict
+            The stored instance differs and is kept.
+        """
+        for _ in range(MAX_COMPARISONS):
+            try:
+                outcome = self.index.write(work, durable=False)
+            except IntegrityError:
+                # A concurrent writer stored the same SOP Instance UID between the unit's
+                # check and its insert: the unit again, against that writer's copy.
+                if self.index.find_digest(parsed.sop_instance_uid) is None:
+                    raise
+                continue
+            if not isinstance(outcome, _Differs):
+                return outcome
+            try:
+                comparison = compare_files(self.storage.path(outcome.file_path),
+                                           self.storage.path(relpath))
+            except FileNotFoundError:
+                continue  # the stored copy was deleted meanwhile: the index again
+            if not self._replaces(parsed, outcome.digest, comparison):
+                return None
+            may_replace.add(outcome.digest)
+        raise Conflict(
+            f"the instance stored under SOP Instance UID {parsed.sop_instance_uid} changed "
+            "while this copy was compared with it; send it again")
+
+    def _replaces(self, parsed: ParsedInstance, stored_digest: str,
+                  comparison: Comparison) -> bool:
+        """Decide on a copy whose bytes differ from the stored one's: ``True`` to replace
+        the stored copy, ``False`` to keep it (a duplicate, success).
+
+        A lossy copy never replaces a lossless one (PS3.3 C.7.6.1.1.5: lossy compression is
+        irreversible); a lossless copy of a stored lossy one replaces it only with
+        ``overwrite``; another instance is refused unless ``overwrite`` (the original kept).
+
+        Raises
+        ------
+        Conflict
+            The copy is refused.
+        """
+        uid, relation = parsed.sop_instance_uid, comparison.relation
+        if relation is Relation.STORED_LOSSY and self.overwrite:
+            return True
+        if relation is not Relation.DIFFERENT:
+            METRICS.inc("gateway_instances_equivalent_total")
+            logger.info("instance %s already stored (a re-send in another encoding: %s; the "
+                        "stored copy kept)", uid, _described(comparison))
+            return False
+        lossy_over_lossless = comparison.received_lossy and not comparison.stored_lossy
+        if self.overwrite and not lossy_over_lossless:
+            return True
+        reason = ("a lossy copy never replaces a lossless one" if self.overwrite
+                  else "the original is kept")
+        logger.warning(
+            "refused instance %s: a different instance is stored under this SOP Instance UID "
+            "(stored digest %s, received %s; %s); %s", uid, stored_digest[:12],
+            parsed.digest[:12], comparison.detail, reason)
+        METRICS.inc("gateway_instances_conflict_total")
+        raise Conflict(
+            f"a different instance is already stored under SOP Instance UID {uid} "
+            f"({comparison.detail}); {reason}")
 
     def _store(self, parsed: ParsedInstance, spooled: Spooled,
                source: str) -> IngestResult:
@@ -220,18 +294,22 @@ class Ingestor:
         pending = self.storage.place(spooled, relpath)
         replaced: list[str] = []
         rejected: list[RejectionResult] = []
+        may_replace: set[str] = set()  # stored digests this copy was judged to replace
 
         def new_instance(driver_connection: Any) -> bool:
             return self.index.add_new_instance(driver_connection, parsed, relpath, source,
                                                metadata_json)
 
-        def work(session: Session) -> Outcome:
+        def work(session: Session) -> Outcome | _Differs:
+            replaced.clear()  # run again after a comparison or a concurrent insert
+            rejected.clear()
             old = session.connection().execute(
                 _INSTANCE_BY_UID, {"uid": parsed.sop_instance_uid}).first()
             if old is not None:
                 if old.digest == parsed.digest:
                     return Outcome.DUPLICATE
-                self._against_existing(parsed, old.digest)  # raises Conflict unless overwrite
+                if old.digest not in may_replace:
+                    return _Differs(old.file_path, old.digest)
                 kept = session.execute(
                     _POLICY_OF_INSTANCE, {"pk": old.pk}).first()
                 replaced.extend(self.index.remove_instances(session, [old.pk]))
@@ -258,26 +336,21 @@ class Ingestor:
             # transaction with every check. Not flushed before the acknowledgement: the spool
             # name keeps the flushed content until the storage's chores have flushed the index
             # too (FileStorage.finish), and recovery writes a row lost before then again.
-            if rejection is None and self.index.write_bare(new_instance, durable=False):
-                outcome = Outcome.STORED
-            else:
-                outcome = self.index.write(work, durable=False)
+            outcome: Outcome | None = Outcome.STORED
+            if rejection is not None or not self.index.write_bare(new_instance, durable=False):
+                outcome = self._write_judged(parsed, relpath, work, may_replace)
         except IdentityConflict as exc:
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
             self._record_identity_conflict(parsed, source, exc)
             raise
-        except IntegrityError:
-            # A concurrent writer stored the same SOP Instance UID between our check and commit.
-            self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
-            existing = self.index.find_digest(parsed.sop_instance_uid)
-            if existing is not None:
-                result = self._against_existing(parsed, existing)
-                if result is not None:
-                    return result
-            raise
         except BaseException:
             self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
             raise
+        if outcome is None:
+            # The same content as the stored copy: this one goes (its name is its own digest's,
+            # not the stored file's), its removal flushed lest recovery store it again.
+            self.storage.abandon(pending, keep_final=self.index.has_file(relpath))
+            return self._result(parsed, Outcome.DUPLICATE)
         if outcome is Outcome.DUPLICATE:
             # Found again by recovery, it would be a duplicate again: no flush of its removal.
             self.storage.abandon(pending, keep_final=True, flush=False)
@@ -386,3 +459,14 @@ def read_part10(path: Path) -> bytes:
     except Exception as exc:
         raise InvalidInstance(f"not a DICOM file: {type(exc).__name__}") from None
     return out.getvalue()
+
+
+def _described(comparison: Comparison) -> str:
+    """How a kept re-send relates to the stored copy, for the log."""
+    lossy = {Relation.SAME: "the same content",
+             Relation.RECEIVED_LOSSY: "a lossy copy of the stored lossless one",
+             Relation.STORED_LOSSY: "a lossless copy of the stored lossy one"}
+    text = lossy.get(comparison.relation, comparison.relation.value)
+    if comparison.psnr_db is not None:
+        text += f", {comparison.psnr_db:.1f} dB"
+    return text

@@ -7,7 +7,10 @@ from collections import defaultdict
 
 HELP = {
     "gateway_instances_stored_total": "Instances stored.",
-    "gateway_instances_duplicate_total": "Identical re-sends acknowledged without change.",
+    "gateway_instances_duplicate_total": "Re-sends acknowledged without change.",
+    "gateway_instances_equivalent_total":
+        "Re-sends in another encoding (or a lossy copy of a lossless instance) acknowledged "
+        "as duplicates, the stored copy kept.",
     "gateway_instances_replaced_total": "Instances replaced (storage.overwrite).",
     "gateway_instances_conflict_total":
         "Different instances refused under a stored SOP Instance UID.",

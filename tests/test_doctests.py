@@ -9,8 +9,8 @@ import pytest
 
 MODULES = [
     "gateway.uids", "gateway.part10", "gateway.metadata", "gateway.storage", "gateway.status",
-    "gateway.query", "gateway.apikeys", "dicomweb.media", "dicomweb.problems", "dicomweb.wado",
-    "dicomweb.stow", "dicomweb.xml", "dicomweb.capabilities",
+    "gateway.query", "gateway.apikeys", "gateway.equivalence", "dicomweb.media",
+    "dicomweb.problems", "dicomweb.wado", "dicomweb.stow", "dicomweb.xml", "dicomweb.capabilities",
 ]
 
 
