@@ -9,7 +9,7 @@ from gateway.config import Settings
 from gateway.errors import Conflict, InvalidInstance
 from gateway.index import Index
 from gateway.ingest import Ingestor, stored_relpath
-from gateway.storage import FileStorage
+from gateway.storage import FileStorage, make_private_folders
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_folders(settings.data_dir)
         self.index = Index(settings.index_url, shared_writer=settings.dimse.workers > 1)
         self.storage = FileStorage(
             settings.data_dir / "files",
