@@ -25,16 +25,25 @@ class SettingsError(GatewayError):
 class Peer:
     """A DIMSE peer's permissions, keyed by its AE title (like Orthanc's ``DicomModalities``).
 
-    ``host`` restricts the peer to one address when set. Listing any peer with ``store = true``
-    turns storing into an allow-list of such peers.
+    ``host`` (one address) and ``hosts`` (several) restrict the peer to those addresses: an AE
+    title is only a name the caller chooses, so query/retrieve (``find``, ``move``, ``get``,
+    off unless granted) is granted only to a peer whose addresses are named, or calling from
+    loopback. Listing any peer with ``store = true`` turns storing into an allow-list of such
+    peers.
     """
 
     host: str | None = None
+    hosts: tuple[str, ...] = ()
     echo: bool = True
     store: bool = False
-    find: bool = True
-    move: bool = True
-    get: bool = True
+    find: bool = False
+    move: bool = False
+    get: bool = False
+
+    @property
+    def addresses(self) -> frozenset[str]:
+        """The addresses this peer may call from; empty: any (then no query/retrieve)."""
+        return frozenset(([self.host] if self.host else []) + list(self.hosts))
 
 
 @dataclass(frozen=True)
