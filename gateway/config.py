@@ -70,6 +70,12 @@ class DimseSettings:
     max_pdu_size: int = 262144
     # Seconds without a PDU before an association is aborted.
     network_timeout: float = 60.0
+    # Seconds a new connection has to send its whole A-ASSOCIATE-RQ (PS3.8 ARTIM); closed after.
+    association_request_timeout: float = 10.0
+    # Connections still sending their A-ASSOCIATE-RQ: at most this many at once, and this many
+    # from one address; one more is rejected (A-ASSOCIATE-RJ, local limit) and closed at once.
+    max_pending_associations: int = 64
+    max_pending_per_address: int = 8
     # Largest data set accepted in one C-STORE (held in memory while it arrives); a larger one
     # is read to its end, dropped, and refused 0xA700.
     max_data_set_bytes: int = 2 * 1024**3
@@ -145,6 +151,9 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_DIMSE_MAX_PDU_SIZE": ("dimse", "max_pdu_size"),
     "GATEWAY_DIMSE_WORKERS": ("dimse", "workers"),
     "GATEWAY_DIMSE_MAX_DATA_SET_BYTES": ("dimse", "max_data_set_bytes"),
+    "GATEWAY_DIMSE_ASSOCIATION_REQUEST_TIMEOUT": ("dimse", "association_request_timeout"),
+    "GATEWAY_DIMSE_MAX_PENDING_ASSOCIATIONS": ("dimse", "max_pending_associations"),
+    "GATEWAY_DIMSE_MAX_PENDING_PER_ADDRESS": ("dimse", "max_pending_per_address"),
     "GATEWAY_STORAGE_OVERWRITE": ("storage", "overwrite"),
     "GATEWAY_STORAGE_MIN_FREE_BYTES": ("storage", "min_free_bytes"),
     "GATEWAY_STORAGE_DIRECT_IO": ("storage", "direct_io"),
@@ -271,5 +280,10 @@ def _check(settings: Settings) -> None:
             raise SettingsError(f"{name} {port} is not a TCP port")
     if not 1 <= settings.dimse.workers <= 64:
         raise SettingsError(f"dimse.workers {settings.dimse.workers} must be between 1 and 64")
+    dimse = settings.dimse
+    if not dimse.association_request_timeout > 0 or dimse.max_pending_associations < 1 \
+            or dimse.max_pending_per_address < 1:
+        raise SettingsError("dimse.association_request_timeout, max_pending_associations and "
+                            "max_pending_per_address must be positive")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
