@@ -110,6 +110,10 @@ class StorageSettings:
     # Write received instances of 64 KiB or more with O_DIRECT (around the page cache) where the
     # file system allows it; off: every write goes through the page cache.
     direct_io: bool = True
+    # A deflated data set (1.2.840.10008.1.2.1.99) inflating past this many bytes is refused
+    # (0xA700) and nothing kept: it is inflated as a stream to learn its size, and held whole
+    # only when under the bound.
+    max_inflated_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_STORAGE_OVERWRITE": ("storage", "overwrite"),
     "GATEWAY_STORAGE_MIN_FREE_BYTES": ("storage", "min_free_bytes"),
     "GATEWAY_STORAGE_DIRECT_IO": ("storage", "direct_io"),
+    "GATEWAY_STORAGE_MAX_INFLATED_BYTES": ("storage", "max_inflated_bytes"),
 }
 
 _SECTIONS: dict[str, type] = {

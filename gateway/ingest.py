@@ -23,9 +23,14 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway.errors import Conflict, InvalidInstance, SOPClassMismatch
+from gateway.errors import Conflict, InvalidInstance, SOPClassMismatch, TooLarge
 from gateway.index import Index
-from gateway.metadata import ParsedInstance, dataset_digest, parse_instance
+from gateway.metadata import (
+    DEFAULT_MAX_INFLATED_BYTES,
+    ParsedInstance,
+    dataset_digest,
+    parse_instance,
+)
 from gateway.metrics import METRICS
 from gateway.models import Instance, Patient, Series, Study
 from gateway.storage import FileStorage, Spooled, relative_path
@@ -90,12 +95,16 @@ class Ingestor:
         Where files and rows go.
     overwrite
         Replace a stored instance when a different one arrives under its SOP Instance UID.
+    max_inflated_bytes
+        The most a deflated data set may inflate to (``[storage] max_inflated_bytes``).
     """
 
-    def __init__(self, storage: FileStorage, index: Index, *, overwrite: bool = False) -> None:
+    def __init__(self, storage: FileStorage, index: Index, *, overwrite: bool = False,
+                 max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> None:
         self.storage = storage
         self.index = index
         self.overwrite = overwrite
+        self.max_inflated_bytes = max_inflated_bytes
 
     def ingest(
         self,
@@ -129,6 +138,8 @@ class Ingestor:
             Another instance is stored under this SOP Instance UID (and overwrite is off).
         StorageFull
             No room left; nothing was kept.
+        TooLarge
+            A deflated data set inflating past ``max_inflated_bytes``; nothing was kept.
         """
         # A spool file is taken at once and the bytes go to it now (a large instance written
         # around the page cache; a small one written and flushed by the C library's threads
@@ -151,7 +162,7 @@ class Ingestor:
     def _check(self, data: bytes, expected_sop_class_uid: str | None,
                expected_sop_instance_uid: str | None,
                expected_study_instance_uid: str | None) -> ParsedInstance:
-        parsed = parse_instance(data, digest=False)
+        parsed = parse_instance(data, digest=False, max_inflated_bytes=self.max_inflated_bytes)
         if expected_sop_class_uid and parsed.sop_class_uid != expected_sop_class_uid:
             raise SOPClassMismatch(
                 f"the data set's SOPClassUID {parsed.sop_class_uid} differs from the "
@@ -276,7 +287,7 @@ def stored_relpath(path: str) -> str | None:
         parsed = parse_instance(data, digest=False)
         return relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
                              parsed.sop_instance_uid, dataset_digest(data))
-    except (InvalidInstance, ValueError):
+    except (InvalidInstance, TooLarge, ValueError):
         return None
 
 

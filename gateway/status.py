@@ -12,6 +12,7 @@ from gateway.errors import (
     InvalidInstance,
     SOPClassMismatch,
     StorageFull,
+    TooLarge,
 )
 
 SUCCESS = 0x0000
@@ -26,6 +27,7 @@ NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
 
 _STORE_FAILURES: tuple[tuple[type[Exception], int], ...] = (
     (StorageFull, OUT_OF_RESOURCES),
+    (TooLarge, OUT_OF_RESOURCES),
     (SOPClassMismatch, DATA_SET_DOES_NOT_MATCH_SOP_CLASS),
     (InvalidInstance, CANNOT_UNDERSTAND),
     (Conflict, DUPLICATE_SOP_INSTANCE),
