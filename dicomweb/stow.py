@@ -40,11 +40,13 @@ from dicomweb.problems import HTTPProblem
 from dicomweb.xml import to_native_xml
 from gateway.access import Scope
 from gateway.audit import AuditAction
+from gateway.dicom_json import Unsupported, read_file_meta
 from gateway.errors import (
     Forbidden,
     GatewayError,
 )
 from gateway.ingest import IngestResult
+from gateway.metadata import DEFLATED
 from gateway.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, store_status
 from gateway.uids import validate_uid
 
@@ -113,7 +115,14 @@ class Spool:
 
 def _identify(data: bytes) -> tuple[str, str]:
     """SOP Class and Instance UIDs of a part the ingest path could not read, when they can be
-    read at all: only from its first :data:`IDENTIFY_BYTES`, where they are (group 0008)."""
+    read at all: of a deflated one, from its file meta information (reading its data set would
+    inflate it); else only from its first :data:`IDENTIFY_BYTES`, where they are (group 0008)."""
+    try:
+        meta, _ = read_file_meta(data)
+        if meta.get(0x00020010) == DEFLATED:
+            return meta.get(0x00020002, ""), meta.get(0x00020003, "")
+    except Unsupported:
+        pass
     try:
         ds = dcmread(io.BytesIO(data[:IDENTIFY_BYTES]), stop_before_pixels=True,
                      specific_tags=["SOPClassUID", "SOPInstanceUID"], force=True)

@@ -83,39 +83,81 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 # An A-ASSOCIATE-RQ larger than this is left to pynetdicom (128 contexts fit well within it).
 MAX_PEEKED_REQUEST = 1 << 20
-PEEK_INTERVAL = 0.001
 # No PDU the peer sends may exceed this, whatever Maximum Length it was told.
 PDU_LENGTH_CEILING = 64 << 20
 
 
+class Incomplete(Exception):
+    """A new connection closed, or sent no whole A-ASSOCIATE-RQ before its deadline."""
+
+
 def peek_associate_request(sock: socket.socket, timeout: float) -> bytes | None:
     """The A-ASSOCIATE-RQ PDU waiting on a new connection, read without consuming it; ``None``
-    when what waits is not one, or not whole within ``timeout`` (pynetdicom then reads and
-    answers it).
+    when what waits is not one we peek (pynetdicom then reads and answers it).
 
-    A socket with a timeout is non-blocking underneath, so ``MSG_WAITALL`` does not wait: a
-    request split over several TCP segments is peeked again, a millisecond apart, until whole.
+    The socket blocks, timed out by the kernel (``SO_RCVTIMEO``), and ``MSG_WAITALL`` makes
+    each peek wait for the bytes asked (the PDU header, then the PDU) with no polling: a
+    connection sending part of a request costs nothing while it waits.
+
+    Raises
+    ------
+    Incomplete
+        When the peer closed the connection, or the request was not whole within ``timeout``
+        seconds (PS3.8 9.1.5, the ARTIM timer): the caller closes the connection.
     """
     deadline = time.monotonic() + timeout
     wanted = 6
     try:
         while True:
-            data = sock.recv(wanted, socket.MSG_PEEK)
-            if not data or data[0] != upper_layer.A_ASSOCIATE_RQ:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Incomplete(f"no whole A-ASSOCIATE-RQ within {timeout} s")
+            use_kernel_timeouts(sock, left)
+            data = sock.recv(wanted, socket.MSG_PEEK | socket.MSG_WAITALL)
+            if data and data[0] != upper_layer.A_ASSOCIATE_RQ:
                 return None
-            if wanted == 6 and len(data) >= 6:
+            if len(data) < wanted:  # closed by the peer, or timed out with part of it
+                raise Incomplete(f"{len(data)} bytes of an A-ASSOCIATE-RQ, then "
+                                 + ("nothing" if time.monotonic() < deadline else "the deadline"))
+            if wanted == 6:
                 length = struct.unpack(">I", data[2:6])[0]
                 if length > MAX_PEEKED_REQUEST:
                     return None
                 wanted = 6 + length
                 continue
-            if len(data) >= wanted:
-                return data
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(PEEK_INTERVAL)
-    except (OSError, ValueError):
-        return None
+            return data
+    except (BlockingIOError, TimeoutError):
+        raise Incomplete(f"no whole A-ASSOCIATE-RQ within {timeout} s") from None
+    except OSError as exc:
+        raise Incomplete(f"connection failed: {exc}") from None
+
+
+class PendingRequests:
+    """Connections still sending their A-ASSOCIATE-RQ: ``[dimse] max_pending_associations``
+    overall and ``max_pending_per_address`` per source address."""
+
+    def __init__(self, limit: int, per_address: int) -> None:
+        self.limit = limit
+        self.per_address = per_address
+        self._lock = threading.Lock()
+        self._count = 0
+        self._by_address: dict[str, int] = {}
+
+    def enter(self, address: str) -> bool:
+        with self._lock:
+            mine = self._by_address.get(address, 0)
+            if self._count >= self.limit or mine >= self.per_address:
+                return False
+            self._count += 1
+            self._by_address[address] = mine + 1
+            return True
+
+    def leave(self, address: str) -> None:
+        with self._lock:
+            self._count -= 1
+            mine = self._by_address.pop(address) - 1
+            if mine:
+                self._by_address[address] = mine
 
 
 @dataclass
@@ -271,6 +313,8 @@ class Acceptor:
         self.negotiations = Negotiations(
             lambda request: negotiate(request, self.supported, max_pdu))
         self.slots = AssociationSlots(ae, self.settings.max_associations)
+        self.pending = PendingRequests(self.settings.max_pending_associations,
+                                       self.settings.max_pending_per_address)
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
 
@@ -290,15 +334,33 @@ class Acceptor:
         if not isinstance(sock, socket.socket) or hasattr(sock, "pending"):  # TLS
             return False
         tune_socket(sock)
-        sock.settimeout(self.settings.network_timeout)
-        peeked = peek_associate_request(sock, self.settings.network_timeout)
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if not self.pending.enter(host):
+            logger.warning("closed a connection from %s: %d connections (%d from there) are "
+                           "already sending an A-ASSOCIATE-RQ", host, self.pending.limit,
+                           self.pending.per_address)
+            METRICS.inc("gateway_dimse_associations_rejected_total")
+            upper_layer.send_quietly(sock, upper_layer.reject_pdu(*REJECT_LOCAL_LIMIT))
+            upper_layer.close(sock)
+            return True
+        with self._open_lock:
+            self._open.add(sock)  # a server shutdown ends the wait
+        try:
+            peeked = peek_associate_request(sock, self.settings.association_request_timeout)
+        except Incomplete as exc:
+            logger.debug("closed a connection from %s: %s", host, exc)
+            upper_layer.close(sock)
+            return True
+        finally:
+            self.pending.leave(host)
+            with self._open_lock:
+                self._open.discard(sock)
         if peeked is None:
-            return False
+            return self._leave_to_pynetdicom(sock)
         titles = ae_titles(peeked)
         negotiated = self.negotiations.get(peeked) if titles is not None else None
         if titles is None or negotiated is None:
-            return False
-        host = address[0] if isinstance(address, tuple) else str(address)
+            return self._leave_to_pynetdicom(sock)
         use_kernel_timeouts(sock, self.settings.network_timeout)
         with self._open_lock:
             self._open.add(sock)
@@ -317,6 +379,12 @@ class Acceptor:
                 self._open.discard(sock)
             upper_layer.close(sock)
         return True
+
+    def _leave_to_pynetdicom(self, sock: socket.socket) -> bool:
+        """Give the connection back as pynetdicom expects it: no kernel timeouts, Python's."""
+        use_kernel_timeouts(sock, 0.0, clear=True)
+        sock.settimeout(self.settings.network_timeout)
+        return False
 
     def _run(self, sock: socket.socket, reader: upper_layer.PduReader, host: str,
              titles: tuple[str, str], accept_pdu: bytes, negotiated: Negotiated) -> None:

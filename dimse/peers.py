@@ -2,9 +2,11 @@
 
 - Any calling AE may C-ECHO and C-STORE, unless a listed peer has ``store = true``: then storing
   is an allow-list of those peers.
-- C-FIND / C-MOVE / C-GET are allowed to listed peers (their flags) and to any AE connecting from
-  loopback.
-- A listed peer with a ``host`` is that peer only when it connects from that address.
+- C-FIND / C-MOVE / C-GET are allowed to any AE connecting from loopback and to listed peers
+  with that service granted (off by default) *and* their address named (``host`` / ``hosts``):
+  the calling AE title is only a name the caller chooses, so a peer known by it alone may store
+  (if listed for it) but never read what the archive holds from elsewhere than loopback.
+- A listed peer with addresses is that peer only when it connects from one of them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class PeerPolicy:
         peer = self.peers.get(ae_title.strip())
         if peer is None:
             return None
-        if peer.host and peer.host != address:
+        if peer.addresses and address not in peer.addresses:
             return None
         return peer
 
@@ -49,8 +51,12 @@ class PeerPolicy:
                 return bool(peer and peer.store)
             return True
         if peer is not None:
-            return bool(getattr(peer, service))
+            return bool(getattr(peer, service)) and bool(peer.addresses or is_loopback(address))
         return is_loopback(address)
+
+    def unbound_peers(self) -> list[str]:
+        """The listed peers without an address: anyone may call under their AE title."""
+        return sorted(ae for ae, peer in self.peers.items() if not peer.addresses)
 
     def allows_anything(self, ae_title: str, address: str) -> bool:
         services: tuple[Service, ...] = ("echo", "store", "find", "move", "get")

@@ -304,6 +304,13 @@ def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociati
     thread.start()
     host, port = server.server_address[:2]
     logger.info("DIMSE %s listening on %s:%s", settings.ae_title, host, port)
+    for ae_title in policy.unbound_peers():
+        peer = policy.peers[ae_title]
+        granted = [s for s in ("find", "move", "get") if getattr(peer, s)]
+        logger.warning(
+            "[dimse.peers] %s names no host: any caller calling itself %s is taken for it%s; "
+            "set host (or hosts) to its address(es)", ae_title, ae_title,
+            f" (its {'/'.join(granted)} are refused except from loopback)" if granted else "")
     if not is_loopback(settings.host) and not policy.store_allow_list:
         logger.warning(
             "DIMSE listens on %s and no [dimse.peers] entry has store = true: any AE that "

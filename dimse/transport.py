@@ -26,14 +26,21 @@ def tune_socket(sock: socket.socket) -> None:
         pass
 
 
-def use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+def use_kernel_timeouts(sock: socket.socket, seconds: float, *, clear: bool = False) -> None:
     """Make ``sock`` blocking, its reads and writes timed out by the kernel after ``seconds``
     (``SO_RCVTIMEO``, ``SO_SNDTIMEO``); a timed-out call raises :class:`BlockingIOError`.
 
     A socket with a Python timeout polls before every read and every write: one more system
     call, and one more hand-over of the interpreter lock, per PDU. Where the options cannot be
-    set, the Python timeout stays.
+    set, the Python timeout stays. ``clear`` takes the kernel timeouts off again.
     """
+    if clear:
+        try:
+            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", 0, 0))
+        except OSError:
+            pass
+        return
     if not seconds > 0:
         return  # no timeout asked for, or a non-blocking socket: left as it is
     whole = int(seconds)

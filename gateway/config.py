@@ -25,16 +25,25 @@ class SettingsError(GatewayError):
 class Peer:
     """A DIMSE peer's permissions, keyed by its AE title (like Orthanc's ``DicomModalities``).
 
-    ``host`` restricts the peer to one address when set. Listing any peer with ``store = true``
-    turns storing into an allow-list of such peers.
+    ``host`` (one address) and ``hosts`` (several) restrict the peer to those addresses: an AE
+    title is only a name the caller chooses, so query/retrieve (``find``, ``move``, ``get``,
+    off unless granted) is granted only to a peer whose addresses are named, or calling from
+    loopback. Listing any peer with ``store = true`` turns storing into an allow-list of such
+    peers.
     """
 
     host: str | None = None
+    hosts: tuple[str, ...] = ()
     echo: bool = True
     store: bool = False
-    find: bool = True
-    move: bool = True
-    get: bool = True
+    find: bool = False
+    move: bool = False
+    get: bool = False
+
+    @property
+    def addresses(self) -> frozenset[str]:
+        """The addresses this peer may call from; empty: any (then no query/retrieve)."""
+        return frozenset(([self.host] if self.host else []) + list(self.hosts))
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,12 @@ class DimseSettings:
     max_pdu_size: int = 262144
     # Seconds without a PDU before an association is aborted.
     network_timeout: float = 60.0
+    # Seconds a new connection has to send its whole A-ASSOCIATE-RQ (PS3.8 ARTIM); closed after.
+    association_request_timeout: float = 10.0
+    # Connections still sending their A-ASSOCIATE-RQ: at most this many at once, and this many
+    # from one address; one more is rejected (A-ASSOCIATE-RJ, local limit) and closed at once.
+    max_pending_associations: int = 64
+    max_pending_per_address: int = 8
     # Largest data set accepted in one C-STORE (held in memory while it arrives); a larger one
     # is read to its end, dropped, and refused 0xA700.
     max_data_set_bytes: int = 2 * 1024**3
@@ -110,6 +125,10 @@ class StorageSettings:
     # Write received instances of 64 KiB or more with O_DIRECT (around the page cache) where the
     # file system allows it; off: every write goes through the page cache.
     direct_io: bool = True
+    # A deflated data set (1.2.840.10008.1.2.1.99) inflating past this many bytes is refused
+    # (0xA700) and nothing kept: it is inflated as a stream to learn its size, and held whole
+    # only when under the bound.
+    max_inflated_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -156,9 +175,13 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_DIMSE_MAX_PDU_SIZE": ("dimse", "max_pdu_size"),
     "GATEWAY_DIMSE_WORKERS": ("dimse", "workers"),
     "GATEWAY_DIMSE_MAX_DATA_SET_BYTES": ("dimse", "max_data_set_bytes"),
+    "GATEWAY_DIMSE_ASSOCIATION_REQUEST_TIMEOUT": ("dimse", "association_request_timeout"),
+    "GATEWAY_DIMSE_MAX_PENDING_ASSOCIATIONS": ("dimse", "max_pending_associations"),
+    "GATEWAY_DIMSE_MAX_PENDING_PER_ADDRESS": ("dimse", "max_pending_per_address"),
     "GATEWAY_STORAGE_OVERWRITE": ("storage", "overwrite"),
     "GATEWAY_STORAGE_MIN_FREE_BYTES": ("storage", "min_free_bytes"),
     "GATEWAY_STORAGE_DIRECT_IO": ("storage", "direct_io"),
+    "GATEWAY_STORAGE_MAX_INFLATED_BYTES": ("storage", "max_inflated_bytes"),
 }
 
 _SECTIONS: dict[str, type] = {
@@ -285,5 +308,10 @@ def _check(settings: Settings) -> None:
                             "number of seconds")
     if not 1 <= settings.dimse.workers <= 64:
         raise SettingsError(f"dimse.workers {settings.dimse.workers} must be between 1 and 64")
+    dimse = settings.dimse
+    if not dimse.association_request_timeout > 0 or dimse.max_pending_associations < 1 \
+            or dimse.max_pending_per_address < 1:
+        raise SettingsError("dimse.association_request_timeout, max_pending_associations and "
+                            "max_pending_per_address must be positive")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 from gateway.config import Settings
-from gateway.errors import Conflict, InvalidInstance
+from gateway.errors import Conflict, InvalidInstance, TooLarge
 from gateway.index import Index
 from gateway.ingest import Ingestor, stored_relpath
-from gateway.storage import FileStorage
+from gateway.storage import FileStorage, make_private_folders
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_folders(settings.data_dir)
         self.index = Index(settings.index_url, shared_writer=settings.dimse.workers > 1)
         self.storage = FileStorage(
             settings.data_dir / "files",
@@ -31,7 +31,8 @@ class Gateway:
             direct_io=settings.storage.direct_io,
             flush_index=self.index.flush,
         )
-        self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite)
+        self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite,
+                                 max_inflated_bytes=settings.storage.max_inflated_bytes)
 
     def open(self, *, recover: bool = True) -> Gateway:
         """Bring the schema up to date and finish or undo writes a crash left behind.
@@ -54,7 +55,7 @@ class Gateway:
         ``False`` if it is refused (another instance is stored under its SOP Instance UID)."""
         try:
             self.ingestor.ingest(Path(path).read_bytes(), source="recovery")
-        except (Conflict, InvalidInstance) as exc:
+        except (Conflict, InvalidInstance, TooLarge) as exc:
             logger.warning("recovery did not store the instance in %s again: %s", path, exc)
             return False
         return True

@@ -78,6 +78,12 @@ class InstanceRejected(GatewayError):
     is refused (it is not stored again)."""
 
 
+class TooLarge(GatewayError):
+    """The instance would take more memory than a configured bound (a deflated data set
+    inflating past ``[storage] max_inflated_bytes``); nothing was kept. Out of resources:
+    C-STORE 0xA700, STOW-RS FailureReason 0xA700."""
+
+
 class StorageFull(GatewayError):
     """The data folder has no room left (or is below its configured free-space reserve)."""
 

@@ -50,6 +50,7 @@ from gateway.errors import IdentityConflict
 from gateway.metadata import ParsedInstance
 from gateway.models import Base, Instance, Patient, Series, Study
 from gateway.patients import same_patient
+from gateway.storage import PRIVATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def make_engine(url: str, *, writer: bool = False) -> Engine:
     transaction begins, so that another process's writer waits instead of failing mid-way.
     """
     if url.startswith("sqlite"):
+        _create_private(url)
         # The writer: one connection for SQLAlchemy sessions, one kept for bare batches.
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_size=2 if writer else 8, max_overflow=0 if writer else 16)
@@ -91,6 +93,20 @@ def make_engine(url: str, *, writer: bool = False) -> Engine:
         return engine
     return create_engine(url, pool_size=3 if writer else 10, max_overflow=0 if writer else 20,
                          pool_pre_ping=True)
+
+
+def _create_private(url: str) -> None:
+    """Create an SQLite database file readable by the gateway's user only (0600) before
+    SQLite opens it: SQLite would create it 0644 under the usual umask, and gives its ``-wal``
+    and ``-shm`` files the mode of the database file."""
+    parsed = make_url(url)
+    if parsed.database in (None, "", ":memory:") or parsed.database.startswith("file:"):
+        return
+    try:
+        os.close(os.open(parsed.database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         PRIVATE_FILE))
+    except FileExistsError:
+        pass
 
 
 def _writer_lock_path(url: str) -> str | None:

@@ -36,10 +36,16 @@ from gateway.errors import (
     InstanceRejected,
     InvalidInstance,
     SOPClassMismatch,
+    TooLarge,
 )
 from gateway.index import Index
 from gateway.iocm import KEY_OBJECT_SELECTION, Rejection, rejection_of
-from gateway.metadata import ParsedInstance, dataset_digest, parse_instance
+from gateway.metadata import (
+    DEFAULT_MAX_INFLATED_BYTES,
+    ParsedInstance,
+    dataset_digest,
+    parse_instance,
+)
 from gateway.metrics import METRICS
 from gateway.models import Instance, Series, Study
 from gateway.rejection import RejectionResult, reject
@@ -114,12 +120,16 @@ class Ingestor:
         Where files and rows go.
     overwrite
         Replace a stored instance when a different one arrives under its SOP Instance UID.
+    max_inflated_bytes
+        The most a deflated data set may inflate to (``[storage] max_inflated_bytes``).
     """
 
-    def __init__(self, storage: FileStorage, index: Index, *, overwrite: bool = False) -> None:
+    def __init__(self, storage: FileStorage, index: Index, *, overwrite: bool = False,
+                 max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> None:
         self.storage = storage
         self.index = index
         self.overwrite = overwrite
+        self.max_inflated_bytes = max_inflated_bytes
 
     def ingest(
         self,
@@ -154,6 +164,8 @@ class Ingestor:
             this is a lossy copy and the stored one lossless).
         StorageFull
             No room left; nothing was kept.
+        TooLarge
+            A deflated data set inflating past ``max_inflated_bytes``; nothing was kept.
         """
         # A spool file is taken at once and the bytes go to it now (a large instance written
         # around the page cache; a small one written and flushed by the C library's threads
@@ -162,7 +174,8 @@ class Ingestor:
         spooled = self.storage.spool(data)
         parsed = None
         try:
-            parsed = parse_instance(data, digest=False)
+            parsed = parse_instance(data, digest=False,
+                                    max_inflated_bytes=self.max_inflated_bytes)
             self._check(parsed, expected_sop_class_uid, expected_sop_instance_uid,
                         expected_study_instance_uid)
             parsed.digest = dataset_digest(data)
@@ -425,7 +438,7 @@ def stored_relpath(path: str) -> str | None:
         parsed = parse_instance(data, digest=False)
         return relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
                              parsed.sop_instance_uid, dataset_digest(data))
-    except (InvalidInstance, ValueError):
+    except (InvalidInstance, TooLarge, ValueError):
         return None
 
 

@@ -14,7 +14,9 @@ import io
 import json
 import logging
 import math
+import struct
 import unicodedata
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from gateway import dicom_json
-from gateway.errors import InvalidInstance
+from gateway.errors import InvalidInstance, TooLarge
 from gateway.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,10 @@ BULK_DATA_THRESHOLD = 1024
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian (PS3.5 A.5)
+# Default of [storage] max_inflated_bytes, and what recovery applies.
+DEFAULT_MAX_INFLATED_BYTES = 64 * 1024**2
+INFLATE_CHUNK = 1024 * 1024  # the most inflated bytes held at once while measuring
 
 # Patient and study level attributes kept with the study (returned by study-level QIDO-RS,
 # PS3.18 Table 10.6.3-3, and C-FIND, PS3.4 C.6.1.1.2/3).
@@ -123,7 +129,8 @@ def dataset_digest(data: bytes) -> str:
     return hashlib.sha256(memoryview(data)[dataset_offset(data):]).hexdigest()
 
 
-def parse_instance(data: bytes, *, digest: bool = True) -> ParsedInstance:
+def parse_instance(data: bytes, *, digest: bool = True,
+                   max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> ParsedInstance:
     """Parse and check a Part 10 instance as received.
 
     Little-endian data sets are read by :mod:`gateway.dicom_json` where it can; everything
@@ -136,11 +143,121 @@ def parse_instance(data: bytes, *, digest: bool = True) -> ParsedInstance:
     InvalidInstance
         When the bytes are not a complete DICOM Part 10 file with the four identifying UIDs
         (garbage, truncated values or pixel data, missing or malformed UIDs).
+    TooLarge
+        When a deflated data set inflates past ``max_inflated_bytes``.
     """
-    parsed = read_little_endian(bytes(data)) or read_with_pydicom(data)
+    parsed = read_little_endian(bytes(data))
+    if parsed is None:
+        check_inflated_size(data, max_inflated_bytes)
+        check_plausible(data)
+        parsed = read_with_pydicom(data)
     if digest:
         parsed.digest = dataset_digest(data)
     return parsed
+
+
+def check_inflated_size(data: bytes, limit: int) -> None:
+    """Refuse a deflated data set (PS3.5 A.5) that inflates past ``limit`` bytes, before
+    pydicom inflates it whole in memory: inflated as a stream and counted, never more than
+    :data:`INFLATE_CHUNK` bytes held. Other transfer syntaxes pass.
+
+    Raises
+    ------
+    TooLarge
+        Past the limit.
+    InvalidInstance
+        Not a valid deflate stream.
+    """
+    try:
+        meta, offset = dicom_json.read_file_meta(data)
+    except dicom_json.Unsupported:
+        return  # pydicom's verdict, which does not inflate a file it cannot read the meta of
+    if meta.get(0x00020010, "") != DEFLATED:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(data)
+    total = 0
+    try:
+        for start in range(offset, len(data), INFLATE_CHUNK):
+            pending: bytes | memoryview = view[start:start + INFLATE_CHUNK]
+            while pending:
+                total += len(inflater.decompress(pending, INFLATE_CHUNK))
+                if total > limit:
+                    # Fits an Error Comment (LO, 64 characters).
+                    raise TooLarge(f"data set inflates past {limit} bytes (max_inflated_bytes)")
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+    except zlib.error as exc:
+        raise InvalidInstance(f"the deflated data set is not a valid deflate stream: {exc}"
+                              ) from None
+
+
+# Explicit VRs (PS3.5 Table 6.2-1) and those with a 4-byte length (PS3.5 7.1.2).
+_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV "
+                 b"TM UC UI UL UN UR US UT UV".split())
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+PLAUSIBLE_ELEMENTS = 16  # top-level element headers looked at before pydicom reads a data set
+
+
+def check_plausible(data: bytes) -> None:
+    """Refuse, before pydicom reads it (about half a CPU-second per MB of garbage), a data set
+    that cannot be DICOM: its first top-level elements (up to :data:`PLAUSIBLE_ELEMENTS`, or
+    the first of undefined length) must have tags in ascending order outside the command,
+    file meta and item groups, known VRs (explicit syntaxes) and lengths within the data
+    (PS3.5 7.1, 7.5). Deflated data sets, and files whose meta cannot be read, are left to
+    pydicom.
+
+    Raises
+    ------
+    InvalidInstance
+        The data set cannot be DICOM.
+    """
+    try:
+        meta, offset = dicom_json.read_file_meta(data)
+    except dicom_json.Unsupported:
+        return
+    ts = meta.get(0x00020010, "")
+    if ts == DEFLATED or not is_valid_uid(ts):
+        return
+    uid = UID(ts)
+    explicit = not uid.is_implicit_VR
+    order = "<" if uid.is_little_endian else ">"
+    pos, previous, end = offset, -1, len(data)
+    for _ in range(PLAUSIBLE_ELEMENTS):
+        if pos >= end:
+            return
+        if pos + 8 > end:
+            raise InvalidInstance("the data set ends inside an element header")
+        group, element = struct.unpack_from(order + "HH", data, pos)
+        tag = group << 16 | element
+        if group < 0x0008 or group == 0xFFFE or tag <= previous:
+            raise InvalidInstance(
+                f"not a DICOM data set: element ({group:04X},{element:04X}) at byte {pos}"
+                + (" out of order" if tag <= previous and group >= 0x0008 else ""))
+        previous = tag
+        if explicit:
+            vr = bytes(data[pos + 4:pos + 6])
+            if vr not in _VRS:
+                raise InvalidInstance(f"not a DICOM data set: VR {vr!r} of ({group:04X},"
+                                      f"{element:04X}) at byte {pos}")
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise InvalidInstance("the data set ends inside an element header")
+                (length,) = struct.unpack_from(order + "I", data, pos + 8)
+                pos += 12
+            else:
+                (length,) = struct.unpack_from(order + "H", data, pos + 6)
+                pos += 8
+        else:
+            (length,) = struct.unpack_from(order + "I", data, pos + 4)
+            pos += 8
+        if length == UNDEFINED_LENGTH:
+            return  # a sequence or encapsulated pixel data: pydicom's to walk
+        if pos + length > end:
+            raise InvalidInstance(f"the data set is truncated: ({group:04X},{element:04X}) "
+                                  f"declares {length} bytes, {end - pos} follow")
+        pos += length
 
 
 @functools.lru_cache(maxsize=64)

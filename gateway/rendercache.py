@@ -18,6 +18,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from gateway.storage import PRIVATE_FILE, make_private_folders
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 1024**2
@@ -54,7 +56,7 @@ class RenderCache:
         self._entries: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
         if max_bytes > 0:
-            root.mkdir(parents=True, exist_ok=True)
+            make_private_folders(root)
             self._adopt()
 
     def _adopt(self) -> None:
@@ -106,7 +108,9 @@ class RenderCache:
         path = self._path(key)
         temp = self.root / f".{key}.{secrets.token_hex(4)}"
         try:
-            temp.write_bytes(data)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(temp, path)
         except OSError as exc:
             _unlink(temp)

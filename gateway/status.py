@@ -14,6 +14,7 @@ from gateway.errors import (
     InvalidInstance,
     SOPClassMismatch,
     StorageFull,
+    TooLarge,
 )
 
 SUCCESS = 0x0000
@@ -31,6 +32,7 @@ CONFLICTING_IDENTITY = 0xA778  # study of another patient, or series of another 
 
 _STORE_FAILURES: tuple[tuple[type[Exception], int], ...] = (
     (StorageFull, OUT_OF_RESOURCES),
+    (TooLarge, OUT_OF_RESOURCES),
     (SOPClassMismatch, DATA_SET_DOES_NOT_MATCH_SOP_CLASS),
     (InvalidInstance, CANNOT_UNDERSTAND),
     (Conflict, DUPLICATE_SOP_INSTANCE),

@@ -54,6 +54,9 @@ from gateway.uids import validate_uid
 logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+# Modes of what holds patient data: the gateway's user only (the umask can only narrow them).
+PRIVATE_FILE = 0o600
+PRIVATE_FOLDER = 0o700
 CHUNK = 1024 * 1024
 # Empty spool files kept created ahead of need (see FileStorage._new_spool_file).
 SPOOL_STOCK = 64
@@ -116,6 +119,22 @@ def relative_path(study: str, series: str, sop: str, digest: str) -> str:
     return f"{study}/{series}/{sop}.{digest[:12]}.dcm"
 
 
+def make_private_folders(path: str | os.PathLike[str]) -> None:
+    """Make a folder and the missing ones above it, each :data:`PRIVATE_FOLDER`
+    (``os.makedirs`` gives that mode to the last one only)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and parent != path:
+        make_private_folders(parent)
+    try:
+        os.mkdir(path, PRIVATE_FOLDER)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
 class FileStorage:
     """Files on a local (or shared, POSIX) file system.
 
@@ -149,7 +168,9 @@ class FileStorage:
         self.background_flush = background_flush and posix_aio.AVAILABLE
         self._direct_buffers = threading.local()
         self.incoming = root / INCOMING
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        # Patient data: folders 0700, files 0600, whatever the umask (PS3.15 E.1 confidentiality
+        # in depth; other local users have no business reading them).
+        make_private_folders(self.incoming)
         self._root = str(root)
         self._incoming = str(self.incoming)
         self._lock: int | None = None
@@ -367,7 +388,7 @@ class FileStorage:
     def _create_spool_file(self) -> Spooled:
         temp = f"{self._incoming}/{secrets.token_hex(8)}.part"
         return Spooled(temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                     0o644))
+                                     PRIVATE_FILE))
 
     def _start_housekeeping(self) -> None:
         """Start the thread of the write path's chores (at the first write)."""
@@ -762,7 +783,7 @@ def _link(source: str, name: str) -> tuple[bool, bool]:
     except FileExistsError:
         return False, False
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(name), exist_ok=True)
+        make_private_folders(os.path.dirname(name))
         try:
             os.link(source, name)
         except FileExistsError:

@@ -37,7 +37,7 @@ def test_environment_wins_over_file(tmp_path: Path) -> None:
     assert settings.dimse.ae_title == "FROMFILE"
     assert settings.dimse.destinations["WORKSTATION"].port == 11113
     peer = settings.dimse.peers["PACS"]
-    assert (peer.store, peer.move, peer.find) == (True, False, True)
+    assert (peer.store, peer.move, peer.find) == (True, False, False)
 
 
 @pytest.mark.parametrize(
