@@ -88,14 +88,7 @@ def cmd_viewer_install(args: argparse.Namespace) -> int:
 def demo_link(gateway: Gateway, study_uid: str, patient_id: str) -> str:
     """For ``dicom-gateway demo``: record the sample patient's DSP and mint a link for them."""
     service = build_service(gateway)
-    from sqlalchemy import select
-
-    from gateway.models import Patient
-
-    with gateway.index.Session() as session:
-        created = session.scalar(select(Patient.dsp_created)
-                                 .where(Patient.patient_id == patient_id))
-    if not created:
+    if not service.registry.dsp_created(patient_id):
         service.set_dsp_created(patient_id, "2020-01-01", by="demo")
     minted = service.mint(
         MintRequest(study=study_uid, viewer_id=patient_id, viewer_name="sample patient",
