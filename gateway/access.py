@@ -25,6 +25,9 @@ class Scope(enum.StrEnum):
     DICOMWEB_WRITE = "dicomweb:write"
     LINKS_MINT = "links:mint"
     AUDIT_READ = "audit:read"
+    # Confidentiality levels and DSP creation dates: what the DSP rules decide on. Kept apart
+    # from links:mint, so that a credential that makes links cannot widen who they admit.
+    POLICY_WRITE = "policy:write"
     ADMIN = "admin"
 
 

@@ -199,8 +199,12 @@ async def revoke_link(request: web.Request) -> web.Response:
 
 
 async def put_confidentiality(request: web.Request) -> web.Response:
-    """``PUT /api/studies/{uid}/confidentiality`` ``{"level": ..., "author": id|null}``."""
-    who = _require(request, Scope.LINKS_MINT)
+    """``PUT /api/studies/{uid}/confidentiality`` ``{"level": ..., "author": id|null}``.
+
+    Scope ``policy:write``: ``links:mint`` alone may not lower a level its links are checked
+    against.
+    """
+    who = _require(request, Scope.POLICY_WRITE)
     body = await _json(request)
     level, author = body.get("level"), body.get("author")
     if not isinstance(level, str):
@@ -215,8 +219,8 @@ async def put_confidentiality(request: web.Request) -> web.Response:
 
 
 async def put_dsp(request: web.Request) -> web.Response:
-    """``PUT /api/patients/{id}/dsp`` ``{"created": "YYYY-MM-DD"}``."""
-    who = _require(request, Scope.LINKS_MINT)
+    """``PUT /api/patients/{id}/dsp`` ``{"created": "YYYY-MM-DD"}`` (scope ``policy:write``)."""
+    who = _require(request, Scope.POLICY_WRITE)
     body = await _json(request)
     created = body.get("created")
     if not isinstance(created, str):
