@@ -3,23 +3,30 @@ live gateway (docs/security-links-part.md): each test failed on the code before 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jwt
 import pytest
 
 from gateway.apikeys import ApiKeys
 from tests.links_helpers import (
     Client,
+    cookie_of,
     fake_viewer,
     links_settings,
     live_links,
     load,
+    portal_token,
     small_study,
 )
+from viewer_links import build_service
+from viewer_links.service import hash_session_id
 
 PATIENT = "LU0000001"
 
@@ -68,3 +75,32 @@ def test_links_mint_alone_cannot_lower_confidentiality_or_move_the_dsp_date(
                               {"created": "2020-01-01"}).status == 200
         assert writer.request("PUT", f"/api/studies/{env['study']}/confidentiality",
                               {"level": "normal"}).status == 200
+
+
+# -- 11. a viewer session never outlives its link ------------------------------------------------
+def _session_expiry(env: dict[str, Any], cookie: str) -> datetime:
+    service = build_service(env["gateway"])
+    found = service.registry.read(lambda unit: unit.live_session(hash_session_id(cookie)))
+    assert found is not None
+    return found[0].expires_at
+
+
+def test_session_ends_with_its_link_however_long_the_link_lived(env: dict[str, Any]) -> None:
+    now = int(time.time())
+    # A link issued ten minutes ago that expires in a minute: its session must end with it,
+    # not ten minutes from now (open + the link's whole lifetime).
+    token = portal_token(env["study"], iat=now - 540, nbf=now - 540, exp_offset=60)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    opened = env["browser"].request("GET", f"/view/{token}")
+    assert opened.status == 303, opened.text
+    cookie, attributes = cookie_of(opened)
+    max_age = int(attributes.lower().split("max-age=")[1].split(";")[0])
+    assert max_age <= 60
+    assert _session_expiry(env, cookie) <= datetime.fromtimestamp(exp, UTC)
+
+
+def test_link_past_its_exp_opens_no_session_even_within_the_leeway(env: dict[str, Any]) -> None:
+    token = portal_token(env["study"], exp_offset=-5)  # expired 5 s ago; the leeway is 30 s
+    reply = env["browser"].request("GET", f"/view/{token}")
+    assert reply.status == 410 and "expired" in reply.text
+    assert not reply.headers.get_all("Set-Cookie")

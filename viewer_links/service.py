@@ -287,6 +287,8 @@ class LinkService:
     def open(self, token: str, *, address: str = "") -> OpenedSession:
         """Verify a link, apply the rules, count the use and create a viewer session.
 
+        The session ends ``session_ttl`` after it opens or when the link expires, whichever
+        comes first; a link past its ``exp`` opens none, whatever the verification leeway.
         Every outcome is audited; the token itself never is.
 
         Raises
@@ -331,6 +333,8 @@ class LinkService:
                     minted_by=f"portal:{kid}",
                 )
                 unit.add_link(link)
+            link_expires = min(aware(link.expires_at),
+                               datetime.fromtimestamp(claims["exp"], UTC))
             error: LinkError | None = None
             patient_id: str | None = None
             keys: list[tuple[str, str]] = []
@@ -339,6 +343,10 @@ class LinkService:
                 error = MalformedLink("the link's jti is already used by another link")
             elif link.revoked_at is not None:
                 error = LinkRevoked("the link has been revoked")
+            elif now >= link_expires:
+                # The leeway tolerates clock skew in verifying a token, but no session opens
+                # past the link's exp: it could only end at once or outlive the link.
+                error = LinkExpired("the link has expired")
             elif link.max_uses is not None and link.uses >= link.max_uses:
                 error = LinkUsedUp(f"the link has been used {link.uses} times, its limit")
             else:
@@ -360,8 +368,7 @@ class LinkService:
                            patient_id=patient_id, address=address, jti=jti, detail=detail)
                 return error
             uses = unit.count_use(jti)
-            lifetime = aware(link.expires_at) - aware(link.issued_at)
-            expires = now + min(lifetime, timedelta(seconds=self.settings.session_ttl))
+            expires = min(now + timedelta(seconds=self.settings.session_ttl), link_expires)
             unit.open_session(hash_session_id(session_id), jti, study,
                               [uid for _, uid in keys] if link.key_images_only else None,
                               address=address, created_at=now, expires_at=expires)
@@ -439,7 +446,8 @@ class LinkService:
             if row is None:
                 return None
             viewer_session, link = row
-            if viewer_session.expires_at <= datetime.now(UTC) or link.revoked_at:
+            now = datetime.now(UTC)
+            if viewer_session.expires_at <= now or link.expires_at <= now or link.revoked_at:
                 return None
             study = viewer_session.study_instance_uid
             if link.viewer_relationship != IID_RELATIONSHIP:

@@ -5,9 +5,8 @@
     [links]
     default_ttl = 1800          # seconds a minted link lives when the portal does not say
     max_ttl = 43200             # longest lifetime a link may have (minted or portal-signed)
-    session_ttl = 28800         # longest viewer session; never longer than the link's lifetime
-    leeway = 30                 # clock skew tolerated on exp / nbf, seconds
-    audience = "dicom-gateway"  # the aud every link must carry
+    session_ttl = 28800         # longest viewer session; it also ends when its link expires
+    leeway = 30                 # clock skew tolerated on nbf (no session opens past exp), seconds
     signing_kid = "gw-2026-11"  # the HS256 key new links are signed with
     viewer_dir = "viewer"       # the unpacked OHIF build (relative to the data folder)
     ohif_version = "3.13.2"     # the @ohif/app release `dicom-gateway viewer install` fetches
