@@ -185,6 +185,20 @@ class ViewerLink(Base):
     minted_by: Mapped[str] = mapped_column(String(200), default="")
 
 
+class LinkRevocation(Base):
+    """A revoked ``jti``, kept whether or not a link of that ``jti`` is registered yet.
+
+    A portal-signed link is registered only when first opened; its revocation must hold before
+    that (migration 0006_links_hardening).
+    """
+
+    __tablename__ = "viewer_link_revocation"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_by: Mapped[str] = mapped_column(String(200), default="")
+
+
 class ViewerSession(Base):
     """A browser session opened by a viewer link; only the SHA-256 of its id is stored."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from gateway import audit
 from gateway.index import Index
 from gateway.keyimages import KeyImage, key_images
-from gateway.models import Patient, Study, ViewerLink, ViewerSession
+from gateway.models import LinkRevocation, Patient, Study, ViewerLink, ViewerSession
 
 T = TypeVar("T")
 
@@ -153,21 +153,35 @@ class RegistryUnit:
         row = self._session.scalars(query).one_or_none()
         return LinkRecord.of(row) if row is not None else None
 
+    def revocation(self, jti: str) -> datetime | None:
+        """When ``jti`` was revoked (registered as a link or not), or ``None``."""
+        found = self._session.scalar(select(LinkRevocation.revoked_at)
+                                     .where(LinkRevocation.jti == jti))
+        return aware(found) if found is not None else None
+
     def live_session(self, id_hash: str) -> tuple[SessionRecord, LinkRecord] | None:
-        """The session with this id hash and its link, whatever their state; ``None`` if unknown."""
+        """The session with this id hash and its link, whatever their state; ``None`` if unknown.
+
+        The link's ``revoked_at`` is its own or that of a revocation of its ``jti``, whichever
+        was recorded (a revocation may have been committed while the link was first opened).
+        """
         row = self._session.execute(
-            select(ViewerSession, ViewerLink)
+            select(ViewerSession, ViewerLink, LinkRevocation.revoked_at)
             .join(ViewerLink, ViewerSession.jti == ViewerLink.jti)
+            .outerjoin(LinkRevocation, LinkRevocation.jti == ViewerLink.jti)
             .where(ViewerSession.id_hash == id_hash)
         ).one_or_none()
         if row is None:
             return None
-        found, link = row
+        found, link, revoked = row
+        record = LinkRecord.of(link)
+        if record.revoked_at is None and revoked is not None:
+            record = replace(record, revoked_at=aware(revoked))
         instances = (frozenset(json.loads(found.instance_uids))
                      if found.instance_uids is not None else None)
         return (SessionRecord(found.id_hash, found.jti, found.study_instance_uid, instances,
                               found.address, aware(found.created_at), aware(found.expires_at)),
-                LinkRecord.of(link))
+                record)
 
     # -- writes ----------------------------------------------------------------------------------
     def add_link(self, link: LinkRecord) -> None:
@@ -188,8 +202,14 @@ class RegistryUnit:
         row.uses += 1
         return row.uses
 
-    def revoke(self, jti: str, at: datetime) -> LinkRecord | None:
-        """Mark the link revoked (keeping an earlier revocation time) and end its sessions."""
+    def revoke(self, jti: str, at: datetime, *, by: str) -> LinkRecord | None:
+        """Revoke ``jti`` for good, registered or not; return its link, if registered.
+
+        The revocation is kept (an earlier one keeps its time); a registered link is marked
+        revoked and its sessions end.
+        """
+        if self._session.get(LinkRevocation, jti) is None:
+            self._session.add(LinkRevocation(jti=jti, revoked_at=at, revoked_by=by[:200]))
         row = self._session.get(ViewerLink, jti)
         if row is None:
             return None

@@ -104,3 +104,19 @@ def test_link_past_its_exp_opens_no_session_even_within_the_leeway(env: dict[str
     reply = env["browser"].request("GET", f"/view/{token}")
     assert reply.status == 410 and "expired" in reply.text
     assert not reply.headers.get_all("Set-Cookie")
+
+
+# -- 9. a link can be revoked before its first use -----------------------------------------------
+def test_portal_signed_link_revoked_before_its_first_use_never_opens(env: dict[str, Any]) -> None:
+    token = portal_token(env["study"])
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    revoked = env["portal"].request("DELETE", f"/api/links/{jti}")
+    assert revoked.status == 204, revoked.text
+    reply = env["browser"].request("GET", f"/view/{token}")
+    assert reply.status == 410 and "revoked" in reply.text
+    assert not reply.headers.get_all("Set-Cookie")
+    listed = {link["jti"]: link for link in env["portal"].request("GET", "/api/links").json()}
+    assert listed[jti]["revoked"] is True
+    # Revoking again is harmless; an over-long jti is still refused.
+    assert env["portal"].request("DELETE", f"/api/links/{jti}").status == 204
+    assert env["portal"].request("DELETE", f"/api/links/{'x' * 65}").status == 404

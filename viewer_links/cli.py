@@ -48,8 +48,9 @@ def cmd_links_mint(args: argparse.Namespace) -> int:
 
 def cmd_links_revoke(args: argparse.Namespace) -> int:
     with Gateway(_settings(args)) as gateway:
-        build_service(gateway).revoke(args.jti, by=CLI_ACTOR)
-    print(f"link {args.jti} revoked")
+        registered = build_service(gateway).revoke(args.jti, by=CLI_ACTOR)
+    print(f"link {args.jti} revoked" + ("" if registered else
+                                        " (not opened yet: refused if it ever comes)"))
     return 0
 
 

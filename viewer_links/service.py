@@ -237,27 +237,32 @@ class LinkService:
         return MintedLink(f"{base_url.rstrip('/')}/view/{token}", jti, expires, token)
 
     # -- revoke and list ---------------------------------------------------------------------
-    def revoke(self, jti: str, *, by: Principal | str, address: str = "") -> None:
-        """Revoke a link; its open sessions stop at their next request.
+    def revoke(self, jti: str, *, by: Principal | str, address: str = "") -> bool:
+        """Revoke a link by its ``jti``; its open sessions stop at their next request.
+
+        Any ``jti`` can be revoked, registered or not: a link a portal signed is registered
+        only when first opened, and a revocation made before then refuses it when it comes.
+        Returns whether a registered link was revoked.
 
         Raises
         ------
         NotFound
-            No link with this ``jti`` is registered.
+            The ``jti`` is longer than any link's can be (64 characters).
         """
         actor = _principal_name(by)
+        if not 0 < len(jti) <= 64:
+            raise NotFound(f"no link with jti {jti[:64]!r}")
 
         def work(unit: RegistryUnit) -> bool:
-            link = unit.revoke(jti, datetime.now(UTC))
-            if link is None:
-                return False
+            link = unit.revoke(jti, datetime.now(UTC), by=actor)
             unit.audit(audit.Action.LINK_REVOKE, actor=actor, address=address, jti=jti,
-                       study_uid=link.study_instance_uid, detail="link revoked")
-            return True
+                       study_uid=link.study_instance_uid if link else None,
+                       detail="link revoked" if link else "link revoked before its first use")
+            return link is not None
 
-        if len(jti) > 64 or not self.registry.write(work):
-            raise NotFound(f"no link with jti {jti[:64]!r}")
+        registered = self.registry.write(work)
         logger.info("link %s revoked by %s", jti, actor)
+        return registered
 
     def list_links(self, *, study: str | None = None, active: bool = False) -> list[LinkRecord]:
         """The registry, newest first (``GET /api/links``, ``links list``)."""
@@ -324,12 +329,13 @@ class LinkService:
         def work(unit: RegistryUnit) -> OpenedSession | LinkError:
             link = unit.link(jti, for_update=True)
             if link is None:  # a portal-signed link, seen for the first time
+                revoked = unit.revocation(jti)
                 link = LinkRecord(
                     jti=jti, kid=kid, study_instance_uid=study, viewer_id=viewer,
                     viewer_name=name, viewer_relationship=rel,
                     key_images_only=bool(claims.get("kio")), max_uses=claims.get("max_uses"),
                     uses=0, issued_at=datetime.fromtimestamp(claims.get("iat", claims["nbf"]), UTC),
-                    expires_at=datetime.fromtimestamp(claims["exp"], UTC), revoked_at=None,
+                    expires_at=datetime.fromtimestamp(claims["exp"], UTC), revoked_at=revoked,
                     minted_by=f"portal:{kid}",
                 )
                 unit.add_link(link)

@@ -191,7 +191,10 @@ async def list_links(request: web.Request) -> web.Response:
 
 
 async def revoke_link(request: web.Request) -> web.Response:
-    """``DELETE /api/links/{jti}``: revoke; the link's open sessions end at once."""
+    """``DELETE /api/links/{jti}``: revoke; the link's open sessions end at once.
+
+    Any ``jti`` may be revoked, registered or not (a portal-signed link before it is opened).
+    """
     who = _require(request, Scope.LINKS_MINT)
     await asyncio.to_thread(request.config_dict[SERVICE].revoke, request.match_info["jti"],
                             by=who, address=request.remote or "")

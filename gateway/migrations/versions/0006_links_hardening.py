@@ -1,0 +1,34 @@
+"""viewer links hardening: revocations of any jti
+
+``viewer_link_revocation`` keeps every revoked ``jti``, registered or not: a link signed by a
+portal is registered only when it is first opened, and must be revocable before that.
+
+Revision ID: 0006_links_hardening
+Revises: 0004_counts_when_asked
+Create Date: 2026-12-03
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006_links_hardening"
+down_revision = "0004_counts_when_asked"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "viewer_link_revocation",
+        sa.Column("jti", sa.String(length=64), nullable=False),
+        sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("revoked_by", sa.String(length=200), nullable=False),
+        sa.PrimaryKeyConstraint("jti"),
+    )
+    # The links revoked so far keep their revocation in the new table too.
+    op.execute("INSERT INTO viewer_link_revocation (jti, revoked_at, revoked_by) "
+               "SELECT jti, revoked_at, '' FROM viewer_link WHERE revoked_at IS NOT NULL")
+
+
+def downgrade() -> None:
+    op.drop_table("viewer_link_revocation")
