@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jwt
 
 from gateway.access import Principal, PrincipalKind
+from gateway.apikeys import CREDENTIAL as API_KEY_CREDENTIAL
 from gateway.apikeys import ApiKeys, looks_like_api_key
 from gateway.config import Settings, SettingsError
 from gateway.errors import Unauthorized
@@ -33,6 +35,7 @@ from gateway.index import Index
 logger = logging.getLogger(__name__)
 
 LEEWAY_SECONDS = 30
+JWT_CREDENTIAL = "jwt:"  # Principal.credential of a JWT: "jwt:<kid>"
 
 
 @dataclass(frozen=True)
@@ -141,4 +144,20 @@ class Authenticator:
             raise Unauthorized("the JWT's scope claim must be a string or a list")
         return Principal(kind=PrincipalKind.JWT, id=str(claims["sub"]),
                          scopes=frozenset(scopes), display_name=str(claims.get("name", "")),
-                         institution=claims.get("institution"), jti=claims.get("jti"))
+                         institution=claims.get("institution"), jti=claims.get("jti"),
+                         credential=f"{JWT_CREDENTIAL}{key.kid}",
+                         expires_at=datetime.fromtimestamp(claims["exp"], UTC))
+
+    def credential_alive(self, credential: str | None) -> bool:
+        """Whether a credential named by ``Principal.credential`` is still accepted.
+
+        An API key until it is revoked; a JWT's key while it is configured (its ``exp`` is
+        bound by the caller, from ``Principal.expires_at``). ``None`` or anything else: no.
+        """
+        if credential is None:
+            return False
+        if credential.startswith(API_KEY_CREDENTIAL):
+            return self.api_keys.is_live(credential.removeprefix(API_KEY_CREDENTIAL))
+        if credential.startswith(JWT_CREDENTIAL):
+            return credential.removeprefix(JWT_CREDENTIAL) in self.jwt_keys
+        return False

@@ -183,6 +183,9 @@ class ViewerLink(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Who minted it ("api_key:portal", "cli") or "portal:<kid>" for portal-signed links.
     minted_by: Mapped[str] = mapped_column(String(200), default="")
+    # An IHE IID launch's bearer credential (Principal.credential: "api_key:<key id>",
+    # "jwt:<kid>"): its sessions live only while it does (migration 0006_links_hardening).
+    credential: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class LinkRevocation(Base):

@@ -55,13 +55,15 @@ class LinkRecord:
     expires_at: datetime
     revoked_at: datetime | None
     minted_by: str
+    credential: str | None = None  # an IID launch's bearer credential (Principal.credential)
 
     @classmethod
     def of(cls, row: ViewerLink) -> LinkRecord:
         return cls(row.jti, row.kid, row.study_instance_uid, row.viewer_id, row.viewer_name,
                    row.viewer_relationship, bool(row.key_images_only), row.max_uses, row.uses,
                    aware(row.issued_at), aware(row.expires_at),
-                   aware(row.revoked_at) if row.revoked_at else None, row.minted_by)
+                   aware(row.revoked_at) if row.revoked_at else None, row.minted_by,
+                   row.credential)
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ class RegistryUnit:
             viewer_relationship=link.viewer_relationship, key_images_only=link.key_images_only,
             max_uses=link.max_uses, uses=link.uses, issued_at=link.issued_at,
             expires_at=link.expires_at, revoked_at=link.revoked_at, minted_by=link.minted_by,
+            credential=link.credential,
         ))
         self._session.flush()
 

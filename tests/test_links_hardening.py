@@ -17,6 +17,7 @@ import pytest
 from gateway.apikeys import ApiKeys
 from tests.links_helpers import (
     Client,
+    Reply,
     cookie_of,
     fake_viewer,
     links_settings,
@@ -120,3 +121,51 @@ def test_portal_signed_link_revoked_before_its_first_use_never_opens(env: dict[s
     # Revoking again is harmless; an over-long jti is still refused.
     assert env["portal"].request("DELETE", f"/api/links/{jti}").status == 204
     assert env["portal"].request("DELETE", f"/api/links/{'x' * 65}").status == 404
+
+
+# -- 10. an IID session is bound to the credential that opened it --------------------------------
+JWT_SECRET = "j" * 40
+
+
+@pytest.fixture
+def iid_env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
+    auth = f'\n[auth.jwt_keys.ehr-1]\nalgorithm = "HS256"\nkey = "{JWT_SECRET}"\n'
+    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"),
+                              extra=auth)
+    with live_links(settings) as (server, gateway, tokens):
+        study = load(gateway, small_study(PATIENT, "ACC1"))
+        yield {"server": server, "gateway": gateway, "tokens": tokens, "study": study,
+               "browser": Client(server.http_url)}
+
+
+def iid(env: dict[str, Any], bearer: str) -> tuple[Reply, Client]:
+    reply = env["browser"].request(
+        "GET", f"/iid?requestType=STUDY&studyUID={env['study']}", bearer=bearer)
+    assert reply.status == 303, reply.text
+    viewer = Client(env["server"].http_url)
+    viewer.cookies["gw_session"] = cookie_of(reply)[0]
+    return reply, viewer
+
+
+def test_iid_session_ends_when_its_api_key_is_revoked(iid_env: dict[str, Any]) -> None:
+    name = f"ehr-{uuid.uuid4().hex[:6]}"
+    bearer = str(ApiKeys(iid_env["gateway"].index).create(name, "dicomweb:read"))
+    _, viewer = iid(iid_env, bearer)
+    metadata = f"/dicomweb/studies/{iid_env['study']}/metadata"
+    assert viewer.request("GET", metadata).status == 200
+    ApiKeys(iid_env["gateway"].index).revoke(name)
+    refused = viewer.request("GET", metadata)
+    assert refused.status == 401, refused.status
+
+
+def test_iid_session_ends_with_the_jwt_that_opened_it(iid_env: dict[str, Any]) -> None:
+    now = int(time.time())
+    bearer = jwt.encode({"sub": "ehr-user", "scope": "dicomweb:read", "iat": now,
+                         "exp": now + 120}, JWT_SECRET, algorithm="HS256",
+                        headers={"kid": "ehr-1"})
+    reply, viewer = iid(iid_env, bearer)
+    max_age = int(cookie_of(reply)[1].lower().split("max-age=")[1].split(";")[0])
+    assert max_age <= 120  # not the 8 h of session_ttl
+    assert _session_expiry(iid_env, viewer.cookies["gw_session"]) <= \
+        datetime.fromtimestamp(now + 120, UTC)
+    assert viewer.request("GET", f"/dicomweb/studies/{iid_env['study']}/metadata").status == 200

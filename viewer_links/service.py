@@ -29,9 +29,10 @@ import jwt
 
 from gateway import audit
 from gateway.access import Principal, PrincipalKind, Scope
+from gateway.auth import Authenticator
 from gateway.confidentiality import Level, Relationship, decide, normalise_date
 from gateway.core import Gateway
-from gateway.errors import InvalidQuery, NotFound
+from gateway.errors import Forbidden, InvalidQuery, NotFound
 from gateway.uids import is_valid_uid, validate_uid
 from gateway.viewer_registry import LinkRecord, RegistryUnit, ViewerRegistry, aware
 from viewer_links.keys import (
@@ -135,6 +136,7 @@ class LinkService:
         self.gateway = gateway
         self.index = gateway.index
         self.registry = ViewerRegistry(gateway.index)
+        self.authenticator = Authenticator(gateway.index, gateway.settings)
         self.settings = settings
         self.keys = keys
         self.cookie_name = settings.cookie_name
@@ -396,6 +398,10 @@ class LinkService:
                  address: str = "") -> OpenedSession:
         """IHE IID launch: a viewer session for an authenticated API principal.
 
+        The session is bound to the principal's credential: it ends when the credential does
+        (a JWT's ``exp``) and is refused from the first request after the credential is revoked
+        (an API key) or its key removed (a JWT's ``kid``), besides ``session_ttl``.
+
         Raises
         ------
         gateway.errors.Forbidden
@@ -405,14 +411,16 @@ class LinkService:
         """
         principal.require(Scope.DICOMWEB_READ)
         validate_uid(study, "studyUID")
-        if not principal.may_see_study(study):
-            from gateway.errors import Forbidden
-
+        if not principal.may_see_study(study) or principal.credential is None:
             raise Forbidden("this credential may not see the study")
         jti = "iid-" + uuid.uuid4().hex
         session_id = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         expires = now + timedelta(seconds=self.settings.session_ttl)
+        if principal.expires_at is not None:
+            expires = min(expires, principal.expires_at)
+        if expires <= now:
+            raise Forbidden("the credential has expired")
 
         def work(unit: RegistryUnit) -> OpenedSession | LinkError:
             if not unit.study_exists(study):
@@ -428,6 +436,7 @@ class LinkService:
                 viewer_name=principal.display_name[:200], viewer_relationship=IID_RELATIONSHIP,
                 key_images_only=key_images_only, max_uses=1, uses=1, issued_at=now,
                 expires_at=expires, revoked_at=None, minted_by=principal.audit_name[:200],
+                credential=principal.credential,
             ))
             unit.open_session(hash_session_id(session_id), jti, study,
                               [u for _, u in keys] if key_images_only else None,
@@ -443,7 +452,11 @@ class LinkService:
 
     # -- the AccessPolicy --------------------------------------------------------------------
     def principal_for_session(self, session_id: str, address: str) -> Principal | None:
-        """The principal of a live viewer session, the rules re-checked now; else ``None``."""
+        """The principal of a live viewer session, the rules re-checked now; else ``None``.
+
+        A link's session: the link neither revoked nor expired, the DSP rules still admitting
+        its viewer. An IID launch's session: its bearer credential still accepted.
+        """
         if not session_id or len(session_id) > MAX_SESSION_ID:
             return None
 
@@ -467,6 +480,9 @@ class LinkService:
         if found is None:
             return None
         link, study, instances = found
+        if (link.viewer_relationship == IID_RELATIONSHIP
+                and not self.authenticator.credential_alive(link.credential)):
+            return None  # the launch's credential was revoked or its key removed
         return Principal(
             kind=PrincipalKind.VIEWER_SESSION, id=link.viewer_id,
             scopes=frozenset({Scope.DICOMWEB_READ.value}), display_name=link.viewer_name,

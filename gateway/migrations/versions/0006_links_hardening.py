@@ -1,7 +1,9 @@
-"""viewer links hardening: revocations of any jti
+"""viewer links hardening: revocations of any jti, IID sessions bound to their credential
 
 ``viewer_link_revocation`` keeps every revoked ``jti``, registered or not: a link signed by a
 portal is registered only when it is first opened, and must be revocable before that.
+``viewer_link.credential`` names the bearer credential of an IHE IID launch (``api_key:<key
+id>``, ``jwt:<kid>``): its sessions end when that credential is revoked or expires.
 
 Revision ID: 0006_links_hardening
 Revises: 0004_counts_when_asked
@@ -18,6 +20,7 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.add_column("viewer_link", sa.Column("credential", sa.String(length=200), nullable=True))
     op.create_table(
         "viewer_link_revocation",
         sa.Column("jti", sa.String(length=64), nullable=False),
@@ -32,3 +35,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("viewer_link_revocation")
+    with op.batch_alter_table("viewer_link") as batch:
+        batch.drop_column("credential")
