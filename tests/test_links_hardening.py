@@ -15,6 +15,7 @@ import jwt
 import pytest
 
 from gateway.apikeys import ApiKeys
+from tests.gateway_process import GatewayProcess
 from tests.links_helpers import (
     Client,
     Reply,
@@ -169,3 +170,40 @@ def test_iid_session_ends_with_the_jwt_that_opened_it(iid_env: dict[str, Any]) -
     assert _session_expiry(iid_env, viewer.cookies["gw_session"]) <= \
         datetime.fromtimestamp(now + 120, UTC)
     assert viewer.request("GET", f"/dicomweb/studies/{iid_env['study']}/metadata").status == 200
+
+
+# -- 16. JWT bearers: a real secret, an iat, a bounded lifetime ----------------------------------
+def ehr_jwt(**claims: Any) -> str:
+    now = int(time.time())
+    body = {"sub": "ehr-user", "scope": "links:mint policy:write", "iat": now,
+            "exp": now + 300, **claims}
+    body = {k: v for k, v in body.items() if v is not None}
+    return jwt.encode(body, JWT_SECRET, algorithm="HS256", headers={"kid": "ehr-1"})
+
+
+def test_jwt_bearer_needs_iat_and_a_bounded_lifetime(iid_env: dict[str, Any]) -> None:
+    api = Client(iid_env["server"].http_url)
+    links = "/api/links?active=true"
+    assert api.request("GET", links, bearer=ehr_jwt()).status == 200
+    no_iat = api.request("GET", links, bearer=ehr_jwt(iat=None))
+    assert no_iat.status == 401 and "iat" in no_iat.json()["detail"]
+    now = int(time.time())
+    forever = api.request("GET", links, bearer=ehr_jwt(iat=now, exp=now + 30 * 86400))
+    assert forever.status == 401 and "lifetime" in forever.json()["detail"]
+    future = api.request("GET", links, bearer=ehr_jwt(iat=now + 3600, exp=now + 3900))
+    assert future.status == 401
+
+
+def test_gateway_refuses_to_serve_with_a_short_hs256_jwt_secret(
+        tmp_path: Path, database_url: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[auth.jwt_keys.weak]\nalgorithm = "HS256"\nkey = "guessable"\n')
+    env = {"GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_DATABASE_URL": database_url,
+           "GATEWAY_DIMSE_PORT": "0", "GATEWAY_HTTP_PORT": "0", "GATEWAY_CONFIG": str(config)}
+    process = GatewayProcess(env, tmp_path / "gateway.log")
+    with pytest.raises(RuntimeError, match="gateway exited") as refused:
+        try:
+            process.start()
+        finally:
+            process.stop()
+    assert "weak" in str(refused.value) and "32 bytes" in str(refused.value)
