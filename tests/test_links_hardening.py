@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,10 +14,15 @@ from urllib.parse import urlsplit
 
 import jwt
 import pytest
+from sqlalchemy import select
 
 from gateway.apikeys import ApiKeys
+from gateway.core import Gateway
+from gateway.models import AuditRecord
+from tests.conftest import LiveServer
 from tests.gateway_process import GatewayProcess
 from tests.links_helpers import (
+    STRANGER,
     Client,
     Reply,
     cookie_of,
@@ -207,3 +213,41 @@ def test_gateway_refuses_to_serve_with_a_short_hs256_jwt_secret(
         finally:
             process.stop()
     assert "weak" in str(refused.value) and "32 bytes" in str(refused.value)
+
+
+# -- 15. garbage at /view is limited and aggregated, not one trail row each -----------------------
+def _unverified_trail(gateway: Any) -> list[str]:
+    with gateway.index.Session() as session:
+        return list(session.scalars(select(AuditRecord.detail).where(
+            AuditRecord.action == "link.refuse", AuditRecord.actor == "unverified link")))
+
+
+def test_garbage_links_are_rate_limited_and_aggregated_in_the_trail(
+        tmp_path: Path, database_url: str) -> None:
+    limits = "refusal_window = 3600\nmax_unverified_refusals = 20\n"
+    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"),
+                              extra=limits)
+    gateway = Gateway(settings).open()
+    try:
+        study = load(gateway, small_study(PATIENT, "ACC1"))
+        with LiveServer(gateway) as server:
+            browser = Client(server.http_url)
+            statuses = Counter()
+            for n in range(200):
+                garbage = "not-a-token" if n % 2 else portal_token(study, key=STRANGER,
+                                                                   kid="stranger")
+                reply = browser.request("GET", f"/view/{garbage}")
+                statuses[reply.status] += 1
+                if reply.status == 429:
+                    assert 0 < int(reply.headers["Retry-After"]) <= 3600
+                    assert reply.headers["Content-Type"].startswith("text/html")
+            assert statuses == {400: 10, 403: 10, 429: 180}, statuses
+            assert len(_unverified_trail(gateway)) <= 1  # nothing per request
+        # The window is written when it ends, or when the node stops: one entry, counted.
+        trail = _unverified_trail(gateway)
+        assert len(trail) == 1, trail
+        assert trail[0].startswith("200 links that do not verify refused")
+        assert "malformed x10" in trail[0] and "unknown_kid x10" in trail[0]
+        assert "180 of them answered 429" in trail[0]
+    finally:
+        gateway.close()

@@ -42,12 +42,11 @@ from viewer_links.keys import (
     LinkRevoked,
     LinkUsedUp,
     MalformedLink,
-    NotYetValid,
     PolicyRefused,
     StudyUnavailable,
-    WrongAudience,
     signed_claims,
 )
+from viewer_links.refusals import UnverifiedRefusals
 from viewer_links.settings import LinkSettings
 
 logger = logging.getLogger(__name__)
@@ -55,6 +54,7 @@ logger = logging.getLogger(__name__)
 VIEWER_PATH = "/viewer"
 IID_RELATIONSHIP = "api"  # sessions opened by an IHE IID launch of an API principal
 MAX_SESSION_ID = 128
+UNVERIFIED_ACTOR = "unverified link"  # the trail's actor of refusals of unverifiable links
 
 
 class InvalidLinkRequest(InvalidQuery):
@@ -137,6 +137,8 @@ class LinkService:
         self.index = gateway.index
         self.registry = ViewerRegistry(gateway.index)
         self.authenticator = Authenticator(gateway.index, gateway.settings)
+        self.refusals = UnverifiedRefusals(settings.refusal_window,
+                                           settings.max_unverified_refusals)
         self.settings = settings
         self.keys = keys
         self.cookie_name = settings.cookie_name
@@ -308,14 +310,19 @@ class LinkService:
             claims, kid = self._claims(token)
         except LinkError as exc:
             # A genuine link refused for its time or audience still names its patient's study.
-            signed = (signed_claims(self.keys, token)
-                      if isinstance(exc, LinkExpired | NotYetValid | WrongAudience) else None)
-            study = signed.get("study") if signed else None
-            jti = signed.get("jti") if signed else None
+            signed = signed_claims(self.keys, token)
+            if signed is None:
+                # Not signed by a key we know: no link, no patient. Counted per address and
+                # written as one trail entry per window (viewer_links.refusals).
+                self.refusals.note(address, exc.reason)
+                logger.info("unverifiable link refused from %s: %s", address, exc.reason)
+                raise
+            study = signed.get("study")
+            jti = signed.get("jti")
             audit.record(self.index, audit.Action.LINK_REFUSE,
                          outcome=audit.Outcome.MINOR_FAILURE,
-                         actor=f"viewer:{signed.get('sub')}" if signed else "unverified link",
-                         relationship=str(signed.get("rel"))[:32] if signed else None,
+                         actor=f"viewer:{signed.get('sub')}",
+                         relationship=str(signed.get("rel"))[:32],
                          study_uid=study if isinstance(study, str) and is_valid_uid(study)
                          else None,
                          jti=jti[:64] if isinstance(jti, str) else None,
@@ -393,6 +400,22 @@ class LinkService:
             raise result
         logger.info("link %s opened from %s for study %s", jti, address, study)
         return result
+
+    def flush_refusals(self, *, everything: bool = False) -> int:
+        """Write the ended windows of unverifiable-link refusals to the trail (all of them when
+        ``everything``, at shutdown): one entry per address and window. Returns how many."""
+        closed = self.refusals.drain(everything=everything)
+        if not closed:
+            return 0
+
+        def work(unit: RegistryUnit) -> None:
+            for window in closed:
+                unit.audit(audit.Action.LINK_REFUSE, outcome=audit.Outcome.MINOR_FAILURE,
+                           actor=UNVERIFIED_ACTOR, address=window.address,
+                           detail=window.detail)
+
+        self.registry.write(work)
+        return len(closed)
 
     def open_iid(self, principal: Principal, study: str, *, key_images_only: bool,
                  address: str = "") -> OpenedSession:

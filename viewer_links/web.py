@@ -22,9 +22,10 @@ The landing exchanges a link for a viewer-session cookie:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,6 +59,8 @@ MEDIA_PROBLEM = "application/problem+json"
 MEDIA_FHIR = "application/fhir+json"
 
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+TOO_MANY = "too_many"  # the refusal page's reason for a 429 (viewer_links.refusals)
+REFUSAL_FLUSH_SECONDS = 5.0  # how often ended windows of refusals go to the trail
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -283,12 +286,14 @@ def create_api_app(gateway: Gateway, service: LinkService) -> web.Application:
 
 
 # -- the landing and the IID launch -------------------------------------------------------------
-def refusal(request: web.Request, reason: str, status: int) -> web.Response:
+def refusal(request: web.Request, reason: str, status: int,
+            headers: dict[str, str] | None = None) -> web.Response:
     language, page = refusal_page(reason, request.headers.get("Accept-Language"))
     return web.Response(status=status, text=page, content_type="text/html", charset="utf-8",
                         headers={**NO_STORE, "Content-Language": language,
                                  "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-                                 "X-Content-Type-Options": "nosniff", "Vary": "Accept-Language"})
+                                 "X-Content-Type-Options": "nosniff", "Vary": "Accept-Language",
+                                 **(headers or {})})
 
 
 def session_redirect(request: web.Request, opened: OpenedSession,
@@ -309,6 +314,9 @@ async def view(request: web.Request) -> web.Response:
     if not viewer.installed:
         return refusal(request, "no_viewer", 503)
     service = request.config_dict[SERVICE]
+    retry_after = service.refusals.retry_after(request.remote or "")
+    if retry_after is not None:  # too many links that do not verify from this address
+        return refusal(request, TOO_MANY, 429, {"Retry-After": str(retry_after)})
     try:
         opened = await asyncio.to_thread(service.open, request.match_info["token"],
                                          address=request.remote or "")
@@ -345,6 +353,29 @@ async def iid_launch(request: web.Request) -> web.StreamResponse:
     return session_redirect(request, opened, service.cookie_name)
 
 
+def _refusal_trail(
+        service: LinkService) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Write ended windows of unverifiable-link refusals every few seconds, and all at stop."""
+
+    async def flusher() -> None:
+        while True:
+            await asyncio.sleep(REFUSAL_FLUSH_SECONDS)
+            try:
+                await asyncio.to_thread(service.flush_refusals)
+            except Exception:  # the next round tries again; the counts are kept until written
+                logger.exception("writing refusals of unverifiable links to the trail failed")
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(flusher())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(service.flush_refusals, everything=True)
+
+    return context
+
+
 def add_landing_routes(app: web.Application, gateway: Gateway, service: LinkService,
                        viewer: ViewerFiles) -> None:
     """``/view/{token}`` and ``/iid`` on the root application."""
@@ -352,6 +383,7 @@ def add_landing_routes(app: web.Application, gateway: Gateway, service: LinkServ
     app[VIEWER] = viewer
     app[GATEWAY] = gateway
     app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)
+    app.cleanup_ctx.append(_refusal_trail(service))
     # GET only: a HEAD (link previews) must not spend a use.
     app.router.add_route("GET", "/view/{token}", view)
     app.router.add_route("GET", "/iid", iid_launch)
