@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from gateway.errors import Forbidden
@@ -25,6 +26,9 @@ class Scope(enum.StrEnum):
     DICOMWEB_WRITE = "dicomweb:write"
     LINKS_MINT = "links:mint"
     AUDIT_READ = "audit:read"
+    # Confidentiality levels and DSP creation dates: what the DSP rules decide on. Kept apart
+    # from links:mint, so that a credential that makes links cannot widen who they admit.
+    POLICY_WRITE = "policy:write"
     ADMIN = "admin"
 
 
@@ -51,6 +55,11 @@ class Principal:
         ``None``: any study; otherwise only these studies (a viewer session).
     instance_uids
         ``None``: every instance of the visible studies; otherwise only these (key images).
+    credential
+        The bearer credential that authenticated it, for what it opens to be bound to it:
+        ``api_key:<key id>`` or ``jwt:<kid>``; ``None`` for others. Never a secret.
+    expires_at
+        When that credential stops being valid (a JWT's ``exp``); ``None``: until revoked.
     """
 
     kind: PrincipalKind
@@ -63,6 +72,8 @@ class Principal:
     study_uids: frozenset[str] | None = None
     instance_uids: frozenset[str] | None = None
     attributes: Mapping[str, str] = field(default_factory=dict)
+    credential: str | None = None
+    expires_at: datetime | None = None
 
     def has(self, scope: Scope | str) -> bool:
         return Scope.ADMIN.value in self.scopes or str(scope) in self.scopes

@@ -27,6 +27,7 @@ from gateway.models import ApiKey
 logger = logging.getLogger(__name__)
 
 PREFIX = "dgw_"
+CREDENTIAL = "api_key:"  # Principal.credential of a key: "api_key:<key id>"
 _KEY_RE = re.compile(r"^dgw_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
 KNOWN_SCOPES = frozenset(s.value for s in Scope)
@@ -172,4 +173,10 @@ class ApiKeys:
             return None
         return Principal(kind=PrincipalKind.API_KEY, id=row.name,
                          scopes=frozenset(row.scopes.split()), display_name=row.name,
-                         institution=row.institution)
+                         institution=row.institution, credential=f"{CREDENTIAL}{row.key_id}")
+
+    def is_live(self, key_id: str) -> bool:
+        """Whether the key ``key_id`` exists and is not revoked (what it opened may go on)."""
+        with self.index.Session() as session:
+            return session.scalar(select(ApiKey.pk).where(
+                ApiKey.key_id == key_id, ApiKey.revoked_at.is_(None))) is not None

@@ -223,6 +223,23 @@ class ViewerLink(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Who minted it ("api_key:portal", "cli") or "portal:<kid>" for portal-signed links.
     minted_by: Mapped[str] = mapped_column(String(200), default="")
+    # An IHE IID launch's bearer credential (Principal.credential: "api_key:<key id>",
+    # "jwt:<kid>"): its sessions live only while it does (migration 0006_links_hardening).
+    credential: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class LinkRevocation(Base):
+    """A revoked ``jti``, kept whether or not a link of that ``jti`` is registered yet.
+
+    A portal-signed link is registered only when first opened; its revocation must hold before
+    that (migration 0006_links_hardening).
+    """
+
+    __tablename__ = "viewer_link_revocation"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_by: Mapped[str] = mapped_column(String(200), default="")
 
 
 class ViewerSession(Base):

@@ -157,12 +157,14 @@ def portal_token(study: str, *, key: Any = ED_PRIVATE, kid: str = "portal-ed",
 
 @contextmanager
 def live_links(settings: Settings) -> Iterator[tuple[LiveServer, Gateway, dict[str, str]]]:
-    """A live gateway with two API keys: ``portal`` (links:mint audit:read) and ``reader``."""
+    """A live gateway with two API keys: ``portal`` (links:mint audit:read policy:write) and
+    ``reader`` (dicomweb:read)."""
     gateway = Gateway(settings).open()
     try:
         keys = ApiKeys(gateway.index)
         suffix = uuid.uuid4().hex[:6]
-        tokens = {"portal": str(keys.create(f"portal-{suffix}", "links:mint,audit:read")),
+        tokens = {"portal": str(keys.create(f"portal-{suffix}",
+                                               "links:mint,audit:read,policy:write")),
                   "reader": str(keys.create(f"reader-{suffix}", "dicomweb:read"))}
         with LiveServer(gateway) as server:
             yield server, gateway, tokens

@@ -118,6 +118,7 @@ def jwt_live(tmp_path: Path, database_url: str):  # noqa: ANN201
 
 def token(**claims: object) -> str:
     body = {"sub": "ris-1", "aud": "dicom-gateway", "exp": int(time.time()) + 300,
+            "iat": int(time.time()),
             "scope": "dicomweb:read", **claims}
     return jwt.encode(body, SECRET, algorithm="HS256", headers={"kid": "k2026"})
 

@@ -2,6 +2,9 @@
 
 ``dimse``, ``dicomweb`` and ``viewer_links`` import ``gateway`` and never each other; ``gateway``
 imports none of them except in its composition root (``gateway/server.py``, ``gateway/cli.py``).
+The SQL stays in the core: no front end imports ``gateway.models`` or ``sqlalchemy`` (they read
+instances through ``gateway.instances``; the viewer links' registry is
+``gateway.viewer_registry``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,13 @@ def test_core_imports_no_front_end_outside_the_composition_root() -> None:
             continue
         wrong = imported_packages(path) & FRONT_ENDS
         assert not wrong, f"{relative} imports {sorted(wrong)}"
+
+
+def test_the_checker_sees_a_database_import_inside_a_function(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from gateway import models\n"
+                   "def f():\n    from sqlalchemy.orm import Session\n")
+    assert INDEX_INTERNALS <= imported_modules(bad)
 
 
 def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:

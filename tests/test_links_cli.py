@@ -67,7 +67,9 @@ def test_links_mint_list_revoke(env: dict[str, str]) -> None:
     refused = run(["links", "mint", "--study", study, "--viewer-id", "x",
                    "--relationship", "neighbour"], env)
     assert refused.returncode == 2 and "relationship" in refused.stderr
-    missing = run(["links", "revoke", "nope"], env)
+    ahead = run(["links", "revoke", "not-opened-yet"], env)
+    assert ahead.returncode == 0 and "not opened yet" in ahead.stdout
+    missing = run(["links", "revoke", "x" * 65], env)
     assert missing.returncode == 2 and "no link" in missing.stderr
 
 

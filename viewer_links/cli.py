@@ -12,7 +12,6 @@ from pathlib import Path
 
 from gateway.config import Settings, load_settings
 from gateway.core import Gateway
-from gateway.patients import dsp_created
 from viewer_links import build_service
 from viewer_links.service import MintRequest
 from viewer_links.settings import link_settings
@@ -49,8 +48,9 @@ def cmd_links_mint(args: argparse.Namespace) -> int:
 
 def cmd_links_revoke(args: argparse.Namespace) -> int:
     with Gateway(_settings(args)) as gateway:
-        build_service(gateway).revoke(args.jti, by=CLI_ACTOR)
-    print(f"link {args.jti} revoked")
+        registered = build_service(gateway).revoke(args.jti, by=CLI_ACTOR)
+    print(f"link {args.jti} revoked" + ("" if registered else
+                                        " (not opened yet: refused if it ever comes)"))
     return 0
 
 
@@ -89,9 +89,7 @@ def cmd_viewer_install(args: argparse.Namespace) -> int:
 def demo_link(gateway: Gateway, study_uid: str, patient_id: str) -> str:
     """For ``dicom-gateway demo``: record the sample patient's DSP and mint a link for them."""
     service = build_service(gateway)
-    with gateway.index.Session() as session:
-        created = dsp_created(session, patient_id)
-    if not created:
+    if not service.registry.dsp_created(patient_id):
         service.set_dsp_created(patient_id, "2020-01-01", by="demo")
     minted = service.mint(
         MintRequest(study=study_uid, viewer_id=patient_id, viewer_name="sample patient",

@@ -77,6 +77,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "de": "Diese Untersuchung ist nicht verfügbar.",
         "en": "This exam is not available.",
     },
+    "too_many": {
+        "fr": "Trop de liens invalides ont été reçus depuis cette adresse. Réessayez dans "
+              "quelques minutes.",
+        "de": "Von dieser Adresse kamen zu viele ungültige Links. Versuchen Sie es in einigen "
+              "Minuten erneut.",
+        "en": "Too many invalid links came from this address. Try again in a few minutes.",
+    },
     "no_viewer": {
         "fr": "La visionneuse n'est pas installée sur ce serveur. L'administrateur l'installe "
               "avec la commande : dicom-gateway viewer install",

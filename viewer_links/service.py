@@ -6,15 +6,16 @@ session is alive, that its link is not revoked, and that the DSP rules
 (:func:`gateway.confidentiality.decide`) still admit the viewer with the study's *current*
 confidentiality level and the patient's *current* DSP creation date.
 
-All writes go through ``Index.write``; each refusal and each success is recorded in the access
-trail in the same transaction as its effect (a use counted, a session created). Tokens are never
-stored or logged: links are known by their ``jti``, sessions by the SHA-256 of their id.
+The registry, the sessions and the facts the rules read are the core's
+(:mod:`gateway.viewer_registry`); this module decides. Each unit of work runs in one transaction
+(``ViewerRegistry.write``); each refusal and each success is recorded in the access trail in the
+same transaction as its effect (a use counted, a session created). Tokens are never stored or
+logged: links are known by their ``jti``, sessions by the SHA-256 of their id.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 import uuid
@@ -25,18 +26,15 @@ from typing import Any
 from urllib.parse import urlencode
 
 import jwt
-from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
 
 from gateway import audit
 from gateway.access import Principal, PrincipalKind, Scope
+from gateway.auth import Authenticator
 from gateway.confidentiality import Level, Relationship, decide, normalise_date
 from gateway.core import Gateway
-from gateway.errors import InvalidQuery, NotFound
-from gateway.keyimages import key_images
-from gateway.models import Patient, Study, ViewerLink, ViewerSession
-from gateway.patients import dsp_created, set_dsp_created
+from gateway.errors import Forbidden, InvalidQuery, NotFound
 from gateway.uids import is_valid_uid, validate_uid
+from gateway.viewer_registry import LinkRecord, RegistryUnit, ViewerRegistry, aware
 from viewer_links.keys import (
     KeyRing,
     LinkError,
@@ -44,12 +42,11 @@ from viewer_links.keys import (
     LinkRevoked,
     LinkUsedUp,
     MalformedLink,
-    NotYetValid,
     PolicyRefused,
     StudyUnavailable,
-    WrongAudience,
     signed_claims,
 )
+from viewer_links.refusals import UnverifiedRefusals
 from viewer_links.settings import LinkSettings
 
 logger = logging.getLogger(__name__)
@@ -57,6 +54,7 @@ logger = logging.getLogger(__name__)
 VIEWER_PATH = "/viewer"
 IID_RELATIONSHIP = "api"  # sessions opened by an IHE IID launch of an API principal
 MAX_SESSION_ID = 128
+UNVERIFIED_ACTOR = "unverified link"  # the trail's actor of refusals of unverifiable links
 
 
 class InvalidLinkRequest(InvalidQuery):
@@ -109,10 +107,6 @@ def hash_session_id(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _principal_name(by: Principal | str) -> str:
     return by.audit_name if isinstance(by, Principal) else by
 
@@ -141,25 +135,23 @@ class LinkService:
     def __init__(self, gateway: Gateway, settings: LinkSettings, keys: KeyRing) -> None:
         self.gateway = gateway
         self.index = gateway.index
+        self.registry = ViewerRegistry(gateway.index)
+        self.authenticator = Authenticator(gateway.index, gateway.settings)
+        self.refusals = UnverifiedRefusals(settings.refusal_window,
+                                           settings.max_unverified_refusals)
         self.settings = settings
         self.keys = keys
         self.cookie_name = settings.cookie_name
 
     # -- the rules -------------------------------------------------------------------------
-    def _check(self, session: Session, study_uid: str, relationship: str,
+    def _check(self, unit: RegistryUnit, study_uid: str, relationship: str,
                viewer_id: str) -> str | None:
         """Apply the DSP rules to a study as it is now; return the patient's ID."""
-        row = session.execute(
-            select(Study.study_date, Study.confidentiality, Study.author,
-                   Patient.patient_id, Patient.issuer_of_patient_id)
-            .join(Patient, Study.patient_pk == Patient.pk)
-            .where(Study.study_instance_uid == study_uid)
-        ).one_or_none()
+        row = unit.study(study_uid)
         if row is None:
             raise StudyUnavailable("the study is not in the archive")
-        created = dsp_created(session, row.patient_id, row.issuer_of_patient_id)
         decision = decide(relationship, row.confidentiality, study_date=row.study_date,
-                          dsp_created=created, viewer_id=viewer_id, author=row.author)
+                          dsp_created=row.dsp_created, viewer_id=viewer_id, author=row.author)
         if not decision:
             assert decision.reason is not None
             raise PolicyRefused(decision.detail, decision.reason.value)
@@ -205,35 +197,35 @@ class LinkService:
         jti = uuid.uuid4().hex
         actor = _principal_name(by)
 
-        def work(session: Session) -> LinkError | InvalidLinkRequest | None:
+        def work(unit: RegistryUnit) -> LinkError | InvalidLinkRequest | None:
             try:
-                self._check(session, request.study, request.relationship, request.viewer_id)
+                self._check(unit, request.study, request.relationship, request.viewer_id)
             except PolicyRefused as exc:
-                audit.add(session, audit.Action.LINK_MINT, outcome=audit.Outcome.MINOR_FAILURE,
-                          actor=actor, study_uid=request.study, address=address,
-                          relationship=request.relationship,
-                          detail=f"refused ({exc.rule}) for viewer {request.viewer_id}")
+                unit.audit(audit.Action.LINK_MINT, outcome=audit.Outcome.MINOR_FAILURE,
+                           actor=actor, study_uid=request.study, address=address,
+                           relationship=request.relationship,
+                           detail=f"refused ({exc.rule}) for viewer {request.viewer_id}")
                 return exc
             except StudyUnavailable as exc:
                 return exc
-            if request.key_images_only and not key_images(session, request.study):
+            if request.key_images_only and not unit.key_images(request.study):
                 return NoKeyImages("the study has no Key Object Selection document naming "
                                    "key images; mint a link to the whole study instead")
-            session.add(ViewerLink(
+            unit.add_link(LinkRecord(
                 jti=jti, kid=self.keys.signing_key.kid, study_instance_uid=request.study,
                 viewer_id=request.viewer_id, viewer_name=request.viewer_name,
                 viewer_relationship=request.relationship,
                 key_images_only=request.key_images_only, max_uses=request.max_uses, uses=0,
-                issued_at=issued, expires_at=expires, minted_by=actor[:200],
+                issued_at=issued, expires_at=expires, revoked_at=None, minted_by=actor[:200],
             ))
-            audit.add(session, audit.Action.LINK_MINT, actor=actor, study_uid=request.study,
-                      relationship=request.relationship, address=address, jti=jti,
-                      detail=f"link for viewer {request.viewer_id}, expires "
-                             f"{expires.isoformat()}"
-                             + (", key images only" if request.key_images_only else ""))
+            unit.audit(audit.Action.LINK_MINT, actor=actor, study_uid=request.study,
+                       relationship=request.relationship, address=address, jti=jti,
+                       detail=f"link for viewer {request.viewer_id}, expires "
+                              f"{expires.isoformat()}"
+                              + (", key images only" if request.key_images_only else ""))
             return None
 
-        error = self.index.write(work)
+        error = self.registry.write(work)
         if error is not None:
             raise error
         claims: dict[str, Any] = {
@@ -249,40 +241,36 @@ class LinkService:
         return MintedLink(f"{base_url.rstrip('/')}/view/{token}", jti, expires, token)
 
     # -- revoke and list ---------------------------------------------------------------------
-    def revoke(self, jti: str, *, by: Principal | str, address: str = "") -> None:
-        """Revoke a link; its open sessions stop at their next request.
+    def revoke(self, jti: str, *, by: Principal | str, address: str = "") -> bool:
+        """Revoke a link by its ``jti``; its open sessions stop at their next request.
+
+        Any ``jti`` can be revoked, registered or not: a link a portal signed is registered
+        only when first opened, and a revocation made before then refuses it when it comes.
+        Returns whether a registered link was revoked.
 
         Raises
         ------
         NotFound
-            No link with this ``jti`` is registered.
+            The ``jti`` is longer than any link's can be (64 characters).
         """
         actor = _principal_name(by)
-
-        def work(session: Session) -> bool:
-            link = session.get(ViewerLink, jti)
-            if link is None:
-                return False
-            if link.revoked_at is None:
-                link.revoked_at = datetime.now(UTC)
-            session.execute(delete(ViewerSession).where(ViewerSession.jti == jti))
-            audit.add(session, audit.Action.LINK_REVOKE, actor=actor, address=address, jti=jti,
-                      study_uid=link.study_instance_uid, detail="link revoked")
-            return True
-
-        if len(jti) > 64 or not self.index.write(work):
+        if not 0 < len(jti) <= 64:
             raise NotFound(f"no link with jti {jti[:64]!r}")
-        logger.info("link %s revoked by %s", jti, actor)
 
-    def list_links(self, *, study: str | None = None, active: bool = False) -> list[ViewerLink]:
-        with self.index.Session() as session:
-            query = select(ViewerLink).order_by(ViewerLink.issued_at.desc())
-            if study:
-                query = query.where(ViewerLink.study_instance_uid == study)
-            if active:
-                query = query.where(ViewerLink.revoked_at.is_(None),
-                                    ViewerLink.expires_at > datetime.now(UTC))
-            return list(session.scalars(query))
+        def work(unit: RegistryUnit) -> bool:
+            link = unit.revoke(jti, datetime.now(UTC), by=actor)
+            unit.audit(audit.Action.LINK_REVOKE, actor=actor, address=address, jti=jti,
+                       study_uid=link.study_instance_uid if link else None,
+                       detail="link revoked" if link else "link revoked before its first use")
+            return link is not None
+
+        registered = self.registry.write(work)
+        logger.info("link %s revoked by %s", jti, actor)
+        return registered
+
+    def list_links(self, *, study: str | None = None, active: bool = False) -> list[LinkRecord]:
+        """The registry, newest first (``GET /api/links``, ``links list``)."""
+        return self.registry.links(study=study, active=active)
 
     # -- open --------------------------------------------------------------------------------
     def _claims(self, token: str) -> tuple[dict[str, Any], str]:
@@ -308,6 +296,8 @@ class LinkService:
     def open(self, token: str, *, address: str = "") -> OpenedSession:
         """Verify a link, apply the rules, count the use and create a viewer session.
 
+        The session ends ``session_ttl`` after it opens or when the link expires, whichever
+        comes first; a link past its ``exp`` opens none, whatever the verification leeway.
         Every outcome is audited; the token itself never is.
 
         Raises
@@ -320,14 +310,19 @@ class LinkService:
             claims, kid = self._claims(token)
         except LinkError as exc:
             # A genuine link refused for its time or audience still names its patient's study.
-            signed = (signed_claims(self.keys, token)
-                      if isinstance(exc, LinkExpired | NotYetValid | WrongAudience) else None)
-            study = signed.get("study") if signed else None
-            jti = signed.get("jti") if signed else None
+            signed = signed_claims(self.keys, token)
+            if signed is None:
+                # Not signed by a key we know: no link, no patient. Counted per address and
+                # written as one trail entry per window (viewer_links.refusals).
+                self.refusals.note(address, exc.reason)
+                logger.info("unverifiable link refused from %s: %s", address, exc.reason)
+                raise
+            study = signed.get("study")
+            jti = signed.get("jti")
             audit.record(self.index, audit.Action.LINK_REFUSE,
                          outcome=audit.Outcome.MINOR_FAILURE,
-                         actor=f"viewer:{signed.get('sub')}" if signed else "unverified link",
-                         relationship=str(signed.get("rel"))[:32] if signed else None,
+                         actor=f"viewer:{signed.get('sub')}",
+                         relationship=str(signed.get("rel"))[:32],
                          study_uid=study if isinstance(study, str) and is_valid_uid(study)
                          else None,
                          jti=jti[:64] if isinstance(jti, str) else None,
@@ -340,21 +335,21 @@ class LinkService:
         session_id = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
 
-        def work(session: Session) -> OpenedSession | LinkError:
-            link = session.scalars(
-                select(ViewerLink).where(ViewerLink.jti == jti).with_for_update()
-            ).one_or_none()
+        def work(unit: RegistryUnit) -> OpenedSession | LinkError:
+            link = unit.link(jti, for_update=True)
             if link is None:  # a portal-signed link, seen for the first time
-                link = ViewerLink(
+                revoked = unit.revocation(jti)
+                link = LinkRecord(
                     jti=jti, kid=kid, study_instance_uid=study, viewer_id=viewer,
                     viewer_name=name, viewer_relationship=rel,
                     key_images_only=bool(claims.get("kio")), max_uses=claims.get("max_uses"),
                     uses=0, issued_at=datetime.fromtimestamp(claims.get("iat", claims["nbf"]), UTC),
-                    expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+                    expires_at=datetime.fromtimestamp(claims["exp"], UTC), revoked_at=revoked,
                     minted_by=f"portal:{kid}",
                 )
-                session.add(link)
-                session.flush()
+                unit.add_link(link)
+            link_expires = min(aware(link.expires_at),
+                               datetime.fromtimestamp(claims["exp"], UTC))
             error: LinkError | None = None
             patient_id: str | None = None
             keys: list[tuple[str, str]] = []
@@ -363,14 +358,18 @@ class LinkService:
                 error = MalformedLink("the link's jti is already used by another link")
             elif link.revoked_at is not None:
                 error = LinkRevoked("the link has been revoked")
+            elif now >= link_expires:
+                # The leeway tolerates clock skew in verifying a token, but no session opens
+                # past the link's exp: it could only end at once or outlive the link.
+                error = LinkExpired("the link has expired")
             elif link.max_uses is not None and link.uses >= link.max_uses:
                 error = LinkUsedUp(f"the link has been used {link.uses} times, its limit")
             else:
                 try:
-                    patient_id = self._check(session, study, rel, viewer)
+                    patient_id = self._check(unit, study, rel, viewer)
                     if link.key_images_only:
                         keys = [(k.series_instance_uid, k.sop_instance_uid)
-                                for k in key_images(session, study)]
+                                for k in unit.key_images(study)]
                         if not keys:
                             error = StudyUnavailable("the study has no key images any more")
                 except LinkError as exc:
@@ -379,37 +378,52 @@ class LinkService:
                 detail = f"refused: {error.reason}"
                 if isinstance(error, PolicyRefused):
                     detail += f" ({error.rule})"
-                audit.add(session, audit.Action.LINK_REFUSE, outcome=audit.Outcome.MINOR_FAILURE,
-                          actor=actor, actor_name=name, relationship=rel, study_uid=study,
-                          patient_id=patient_id, address=address, jti=jti, detail=detail)
+                unit.audit(audit.Action.LINK_REFUSE, outcome=audit.Outcome.MINOR_FAILURE,
+                           actor=actor, actor_name=name, relationship=rel, study_uid=study,
+                           patient_id=patient_id, address=address, jti=jti, detail=detail)
                 return error
-            link.uses += 1
-            lifetime = _aware(link.expires_at) - _aware(link.issued_at)
-            expires = now + min(lifetime, timedelta(seconds=self.settings.session_ttl))
-            session.execute(delete(ViewerSession).where(ViewerSession.expires_at < now))
-            session.add(ViewerSession(
-                id_hash=hash_session_id(session_id), jti=jti, study_instance_uid=study,
-                instance_uids=json.dumps([uid for _, uid in keys]) if link.key_images_only
-                else None,
-                address=address[:64], created_at=now, expires_at=expires,
-            ))
-            audit.add(session, audit.Action.LINK_OPEN, actor=actor, actor_name=name,
-                      relationship=rel, study_uid=study, patient_id=patient_id, address=address,
-                      jti=jti, instance_uids=[uid for _, uid in keys] if keys else None,
-                      detail=f"viewer session opened (use {link.uses}"
-                             + (f" of {link.max_uses})" if link.max_uses else ")"))
+            uses = unit.count_use(jti)
+            expires = min(now + timedelta(seconds=self.settings.session_ttl), link_expires)
+            unit.open_session(hash_session_id(session_id), jti, study,
+                              [uid for _, uid in keys] if link.key_images_only else None,
+                              address=address, created_at=now, expires_at=expires)
+            unit.audit(audit.Action.LINK_OPEN, actor=actor, actor_name=name,
+                       relationship=rel, study_uid=study, patient_id=patient_id, address=address,
+                       jti=jti, instance_uids=[uid for _, uid in keys] if keys else None,
+                       detail=f"viewer session opened (use {uses}"
+                              + (f" of {link.max_uses})" if link.max_uses else ")"))
             return OpenedSession(session_id, expires, study, jti, viewer_url(study, keys))
 
-        result = self.index.write(work)
+        result = self.registry.write(work)
         if isinstance(result, LinkError):
             logger.info("link %s refused from %s: %s", jti, address, result.reason)
             raise result
         logger.info("link %s opened from %s for study %s", jti, address, study)
         return result
 
+    def flush_refusals(self, *, everything: bool = False) -> int:
+        """Write the ended windows of unverifiable-link refusals to the trail (all of them when
+        ``everything``, at shutdown): one entry per address and window. Returns how many."""
+        closed = self.refusals.drain(everything=everything)
+        if not closed:
+            return 0
+
+        def work(unit: RegistryUnit) -> None:
+            for window in closed:
+                unit.audit(audit.Action.LINK_REFUSE, outcome=audit.Outcome.MINOR_FAILURE,
+                           actor=UNVERIFIED_ACTOR, address=window.address,
+                           detail=window.detail)
+
+        self.registry.write(work)
+        return len(closed)
+
     def open_iid(self, principal: Principal, study: str, *, key_images_only: bool,
                  address: str = "") -> OpenedSession:
         """IHE IID launch: a viewer session for an authenticated API principal.
+
+        The session is bound to the principal's credential: it ends when the credential does
+        (a JWT's ``exp``) and is refused from the first request after the credential is revoked
+        (an API key) or its key removed (a JWT's ``kid``), besides ``session_ttl``.
 
         Raises
         ------
@@ -420,69 +434,78 @@ class LinkService:
         """
         principal.require(Scope.DICOMWEB_READ)
         validate_uid(study, "studyUID")
-        if not principal.may_see_study(study):
-            from gateway.errors import Forbidden
-
+        if not principal.may_see_study(study) or principal.credential is None:
             raise Forbidden("this credential may not see the study")
         jti = "iid-" + uuid.uuid4().hex
         session_id = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         expires = now + timedelta(seconds=self.settings.session_ttl)
+        if principal.expires_at is not None:
+            expires = min(expires, principal.expires_at)
+        if expires <= now:
+            raise Forbidden("the credential has expired")
 
-        def work(session: Session) -> OpenedSession | LinkError:
-            if session.scalar(select(Study.pk).where(Study.study_instance_uid == study)) is None:
+        def work(unit: RegistryUnit) -> OpenedSession | LinkError:
+            if not unit.study_exists(study):
                 return StudyUnavailable("the study is not in the archive")
             keys = ([(k.series_instance_uid, k.sop_instance_uid)
-                     for k in key_images(session, study)] if key_images_only else [])
+                     for k in unit.key_images(study)] if key_images_only else [])
             if key_images_only and not keys:
                 return StudyUnavailable("the study has no key images")
             if principal.instance_uids is not None:
                 keys = [k for k in keys if k[1] in principal.instance_uids]
-            session.add(ViewerLink(
+            unit.add_link(LinkRecord(
                 jti=jti, kid="iid", study_instance_uid=study, viewer_id=principal.id[:128],
                 viewer_name=principal.display_name[:200], viewer_relationship=IID_RELATIONSHIP,
                 key_images_only=key_images_only, max_uses=1, uses=1, issued_at=now,
-                expires_at=expires, minted_by=principal.audit_name[:200],
+                expires_at=expires, revoked_at=None, minted_by=principal.audit_name[:200],
+                credential=principal.credential,
             ))
-            session.flush()
-            session.add(ViewerSession(
-                id_hash=hash_session_id(session_id), jti=jti, study_instance_uid=study,
-                instance_uids=json.dumps([u for _, u in keys]) if key_images_only else None,
-                address=address[:64], created_at=now, expires_at=expires,
-            ))
-            audit.add(session, audit.Action.LINK_OPEN, principal=principal, study_uid=study,
-                      address=address, jti=jti, detail="IHE IID launch")
+            unit.open_session(hash_session_id(session_id), jti, study,
+                              [u for _, u in keys] if key_images_only else None,
+                              address=address, created_at=now, expires_at=expires)
+            unit.audit(audit.Action.LINK_OPEN, principal=principal, study_uid=study,
+                       address=address, jti=jti, detail="IHE IID launch")
             return OpenedSession(session_id, expires, study, jti, viewer_url(study, keys))
 
-        result = self.index.write(work)
+        result = self.registry.write(work)
         if isinstance(result, LinkError):
             raise result
         return result
 
     # -- the AccessPolicy --------------------------------------------------------------------
     def principal_for_session(self, session_id: str, address: str) -> Principal | None:
-        """The principal of a live viewer session, the rules re-checked now; else ``None``."""
+        """The principal of a live viewer session, the rules re-checked now; else ``None``.
+
+        A link's session: the link neither revoked nor expired, the DSP rules still admitting
+        its viewer. An IID launch's session: its bearer credential still accepted.
+        """
         if not session_id or len(session_id) > MAX_SESSION_ID:
             return None
-        with self.index.Session() as session:
-            row = session.execute(
-                select(ViewerSession, ViewerLink)
-                .join(ViewerLink, ViewerSession.jti == ViewerLink.jti)
-                .where(ViewerSession.id_hash == hash_session_id(session_id))
-            ).one_or_none()
+
+        def work(unit: RegistryUnit) -> tuple[LinkRecord, str, frozenset[str] | None] | None:
+            row = unit.live_session(hash_session_id(session_id))
             if row is None:
                 return None
             viewer_session, link = row
-            if _aware(viewer_session.expires_at) <= datetime.now(UTC) or link.revoked_at:
+            now = datetime.now(UTC)
+            if viewer_session.expires_at <= now or link.expires_at <= now or link.revoked_at:
                 return None
             study = viewer_session.study_instance_uid
             if link.viewer_relationship != IID_RELATIONSHIP:
                 try:
-                    self._check(session, study, link.viewer_relationship, link.viewer_id)
+                    self._check(unit, study, link.viewer_relationship, link.viewer_id)
                 except LinkError:
                     return None
-            instances = (frozenset(json.loads(viewer_session.instance_uids))
-                         if viewer_session.instance_uids is not None else None)
+            return link, study, viewer_session.instance_uids
+
+        found = self.registry.read(work)
+        if found is None:
+            return None
+        link, study, instances = found
+        if (link.viewer_relationship == IID_RELATIONSHIP
+                and not self.authenticator.credential_alive(link.credential)):
+            return None  # the launch's credential was revoked or its key removed
         return Principal(
             kind=PrincipalKind.VIEWER_SESSION, id=link.viewer_id,
             scopes=frozenset({Scope.DICOMWEB_READ.value}), display_name=link.viewer_name,
@@ -506,22 +529,9 @@ class LinkService:
                 f"level {level!r} is not one of {', '.join(v.value for v in Level)}")
         if author is not None and not (0 < len(author) <= 128):
             raise InvalidLinkRequest("author is at most 128 characters")
-        values: dict[str, Any] = {"confidentiality": level}
-        if not keep_author:
-            values["author"] = author
-
-        def work(session: Session) -> bool:
-            result = session.execute(update(Study).where(Study.study_instance_uid == study_uid)
-                                     .values(**values))
-            if not result.rowcount:  # type: ignore[attr-defined]
-                return False
-            audit.add(session, audit.Action.POLICY_CHANGE, actor=_principal_name(by),
-                      study_uid=study_uid, address=address,
-                      detail=f"confidentiality set to {level}"
-                             + ("" if keep_author else f", author {author or 'none'}"))
-            return True
-
-        if not self.index.write(work):
+        if not self.registry.set_confidentiality(study_uid, level, author=author,
+                                                 keep_author=keep_author,
+                                                 actor=_principal_name(by), address=address):
             raise NotFound(f"no study {study_uid} in the archive")
 
     def set_dsp_created(self, patient_id: str, created: str, *, by: Principal | str,
@@ -544,15 +554,8 @@ class LinkService:
             raise InvalidLinkRequest("the patient ID is 1 to 64 characters")
         if len(issuer) > 64:
             raise InvalidLinkRequest("the issuer of the patient ID is at most 64 characters")
-
-        def work(session: Session) -> None:
-            set_dsp_created(session, patient_id, issuer, date)
-            audit.add(session, audit.Action.POLICY_CHANGE, actor=_principal_name(by),
-                      patient_id=patient_id, address=address,
-                      detail=f"DSP creation date set to {date}"
-                             + (f" (issuer {issuer})" if issuer else ""))
-
-        self.index.write(work)
+        self.registry.set_dsp_created(patient_id, date, actor=_principal_name(by),
+                                      address=address, issuer=issuer)
         return date
 
 

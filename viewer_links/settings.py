@@ -5,13 +5,14 @@
     [links]
     default_ttl = 1800          # seconds a minted link lives when the portal does not say
     max_ttl = 43200             # longest lifetime a link may have (minted or portal-signed)
-    session_ttl = 28800         # longest viewer session; never longer than the link's lifetime
-    leeway = 30                 # clock skew tolerated on exp / nbf, seconds
-    audience = "dicom-gateway"  # the aud every link must carry
+    session_ttl = 28800         # longest viewer session; it also ends when its link expires
+    leeway = 30                 # clock skew tolerated on nbf (no session opens past exp), seconds
     signing_kid = "gw-2026-11"  # the HS256 key new links are signed with
     viewer_dir = "viewer"       # the unpacked OHIF build (relative to the data folder)
     ohif_version = "3.13.2"     # the @ohif/app release `dicom-gateway viewer install` fetches
     cookie_name = "gw_session"
+    refusal_window = 60         # seconds of a window of refusals of unverifiable links
+    max_unverified_refusals = 30  # per source address and window, then 429 (per node)
 
     [[links.keys]]              # as many as needed: rotation keeps old ones verifying
     kid = "gw-2026-11"
@@ -53,9 +54,12 @@ class LinkSettings:
     ohif_version: str = OHIF_VERSION
     cookie_name: str = "gw_session"
     max_uses_limit: int = 1000
+    refusal_window: int = 60
+    max_unverified_refusals: int = 30
 
 
-_INTS = ("default_ttl", "max_ttl", "session_ttl", "max_uses_limit")
+_INTS = ("default_ttl", "max_ttl", "session_ttl", "max_uses_limit", "refusal_window",
+         "max_unverified_refusals")
 
 
 def link_settings(settings: Settings) -> tuple[LinkSettings, KeyRing]:
@@ -90,6 +94,8 @@ def link_settings(settings: Settings) -> tuple[LinkSettings, KeyRing]:
         raise SettingsError("[links] default_ttl must be positive and at most max_ttl")
     if link.session_ttl <= 0 or link.leeway < 0:
         raise SettingsError("[links] session_ttl must be positive and leeway not negative")
+    if link.refusal_window <= 0 or link.max_unverified_refusals <= 0:
+        raise SettingsError("[links] refusal_window and max_unverified_refusals must be positive")
     if not link.viewer_dir.is_absolute():
         link = LinkSettings(**{**link.__dict__, "viewer_dir": settings.data_dir / link.viewer_dir})
     try:

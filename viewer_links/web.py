@@ -23,9 +23,10 @@ The landing exchanges a link for a viewer-session cookie:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,6 +60,8 @@ MEDIA_PROBLEM = "application/problem+json"
 MEDIA_FHIR = "application/fhir+json"
 
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+TOO_MANY = "too_many"  # the refusal page's reason for a 429 (viewer_links.refusals)
+REFUSAL_FLUSH_SECONDS = 5.0  # how often ended windows of refusals go to the trail
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -197,7 +200,10 @@ async def list_links(request: web.Request) -> web.Response:
 
 
 async def revoke_link(request: web.Request) -> web.Response:
-    """``DELETE /api/links/{jti}``: revoke; the link's open sessions end at once."""
+    """``DELETE /api/links/{jti}``: revoke; the link's open sessions end at once.
+
+    Any ``jti`` may be revoked, registered or not (a portal-signed link before it is opened).
+    """
     who = _require(request, Scope.LINKS_MINT)
     await asyncio.to_thread(request.config_dict[SERVICE].revoke, request.match_info["jti"],
                             by=who, address=request.remote or "")
@@ -205,8 +211,12 @@ async def revoke_link(request: web.Request) -> web.Response:
 
 
 async def put_confidentiality(request: web.Request) -> web.Response:
-    """``PUT /api/studies/{uid}/confidentiality`` ``{"level": ..., "author": id|null}``."""
-    who = _require(request, Scope.LINKS_MINT)
+    """``PUT /api/studies/{uid}/confidentiality`` ``{"level": ..., "author": id|null}``.
+
+    Scope ``policy:write``: ``links:mint`` alone may not lower a level its links are checked
+    against.
+    """
+    who = _require(request, Scope.POLICY_WRITE)
     body = await _json(request)
     level, author = body.get("level"), body.get("author")
     if not isinstance(level, str):
@@ -222,8 +232,9 @@ async def put_confidentiality(request: web.Request) -> web.Response:
 
 async def put_dsp(request: web.Request) -> web.Response:
     """``PUT /api/patients/{id}/dsp`` ``{"created": "YYYY-MM-DD", "issuer": "..."}``
-    (``issuer`` optional): recorded whether or not a study of the patient is stored."""
-    who = _require(request, Scope.LINKS_MINT)
+    (``issuer`` optional; scope ``policy:write``): recorded whether or not a study of the
+    patient is stored."""
+    who = _require(request, Scope.POLICY_WRITE)
     body = await _json(request)
     created = body.get("created")
     if not isinstance(created, str):
@@ -289,12 +300,14 @@ def create_api_app(gateway: Gateway, service: LinkService) -> web.Application:
 
 
 # -- the landing and the IID launch -------------------------------------------------------------
-def refusal(request: web.Request, reason: str, status: int) -> web.Response:
+def refusal(request: web.Request, reason: str, status: int,
+            headers: dict[str, str] | None = None) -> web.Response:
     language, page = refusal_page(reason, request.headers.get("Accept-Language"))
     return web.Response(status=status, text=page, content_type="text/html", charset="utf-8",
                         headers={**NO_STORE, "Content-Language": language,
                                  "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-                                 "X-Content-Type-Options": "nosniff", "Vary": "Accept-Language"})
+                                 "X-Content-Type-Options": "nosniff", "Vary": "Accept-Language",
+                                 **(headers or {})})
 
 
 def session_redirect(request: web.Request, opened: OpenedSession,
@@ -317,6 +330,9 @@ async def view(request: web.Request) -> web.Response:
     if not viewer.installed:
         return refusal(request, "no_viewer", 503)
     service = request.config_dict[SERVICE]
+    retry_after = service.refusals.retry_after(request.remote or "")
+    if retry_after is not None:  # too many links that do not verify from this address
+        return refusal(request, TOO_MANY, 429, {"Retry-After": str(retry_after)})
     try:
         opened = await asyncio.to_thread(service.open, request.match_info["token"],
                                          address=request.remote or "")
@@ -353,6 +369,29 @@ async def iid_launch(request: web.Request) -> web.StreamResponse:
     return session_redirect(request, opened, service.cookie_name)
 
 
+def _refusal_trail(
+        service: LinkService) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Write ended windows of unverifiable-link refusals every few seconds, and all at stop."""
+
+    async def flusher() -> None:
+        while True:
+            await asyncio.sleep(REFUSAL_FLUSH_SECONDS)
+            try:
+                await asyncio.to_thread(service.flush_refusals)
+            except Exception:  # the next round tries again; the counts are kept until written
+                logger.exception("writing refusals of unverifiable links to the trail failed")
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(flusher())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(service.flush_refusals, everything=True)
+
+    return context
+
+
 def add_landing_routes(app: web.Application, gateway: Gateway, service: LinkService,
                        viewer: ViewerFiles) -> None:
     """``/view/{token}`` and ``/iid`` on the root application."""
@@ -360,6 +399,7 @@ def add_landing_routes(app: web.Application, gateway: Gateway, service: LinkServ
     app[VIEWER] = viewer
     app[GATEWAY] = gateway
     app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)
+    app.cleanup_ctx.append(_refusal_trail(service))
     # GET only: a HEAD (link previews) must not spend a use.
     app.router.add_route("GET", "/view/{token}", view)
     app.router.add_route("GET", "/iid", iid_launch)
