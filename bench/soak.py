@@ -57,7 +57,7 @@ from urllib.parse import quote, urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GatewayServer, percentile  # noqa: E402
+from common import GatewayServer, percentile, process_cpu_seconds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
@@ -472,22 +472,31 @@ def dicomweb_ops(http: Http, catalog: Catalog, rec: Recorder,
 
 
 def viewer_session(port: int, api: Http, catalog: Catalog, rec: Recorder, rng: random.Random,
-                   dsp_done: set[str], dsp_lock: threading.Lock) -> None:
-    """One viewer session: DSP date, mint, open the link, then OHIF's first requests."""
+                   dsp: dict[str, threading.Event], dsp_lock: threading.Lock) -> None:
+    """One viewer session: DSP date, mint, open the link, then OHIF's first requests.
+
+    The first loop to pick a patient records its DSP date; the others wait for that answer
+    before minting (a link minted before it is rightly refused).
+    """
     choice = catalog.pick(rng)
     assert choice is not None
     study, series, patient, _ = choice
     with dsp_lock:
-        new_patient = patient not in dsp_done
-        dsp_done.add(patient)
+        recorded = dsp.get(patient)
+        if recorded is None:
+            dsp[patient] = threading.Event()
     json_body = {"Content-Type": "application/json"}
-    if new_patient:
+    if recorded is None:
         body = json.dumps({"created": DSP_CREATED}).encode()
-        if not timed(rec, "PUT dsp", lambda: api.request(
-                "PUT", f"/api/patients/{quote(patient)}/dsp", json_body, body)):
-            with dsp_lock:
-                dsp_done.discard(patient)
-            return
+        ok = timed(rec, "PUT dsp", lambda: api.request(
+            "PUT", f"/api/patients/{quote(patient)}/dsp", json_body, body))
+        with dsp_lock:
+            dsp[patient].set()
+            if not ok:
+                del dsp[patient]
+                return
+    elif not recorded.wait(2 * HTTP_TIMEOUT) or dsp.get(patient) is not recorded:
+        return  # the other loop's PUT failed: counted there
     body = json.dumps({"study": study, "viewer": {"id": VIEWER_ID, "name": "Soak"},
                        "relationship": "trust_circle", "ttl": 3600}).encode()
     got = timed(rec, "POST link", lambda: api.request("POST", "/api/links", json_body, body),
@@ -562,7 +571,7 @@ def http_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
             time.sleep(rng.uniform(0, 2 * think))
         http.close()
 
-    dsp_done: set[str] = set()
+    dsp: dict[str, threading.Event] = {}
     dsp_lock = threading.Lock()
 
     def viewer(n: int) -> None:
@@ -571,7 +580,7 @@ def http_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
         for _ in range(MAX_LOOP):
             if time.time() >= deadline:
                 break
-            viewer_session(cfg["http_port"], api, catalog, rec, rng, dsp_done, dsp_lock)
+            viewer_session(cfg["http_port"], api, catalog, rec, rng, dsp, dsp_lock)
             time.sleep(rng.uniform(0, 2 * think))
         api.close()
 
@@ -598,31 +607,51 @@ class Sample:
     rss_kb: int
     fds: int
     threads: int
+    cpu: float = 0.0       # the gateway's CPU seconds (user + system) so far
+    wal_bytes: int = 0     # the size of SQLite's log (index.sqlite-wal), when SQLite
 
 
-def process_sample(pid: int, t: float) -> Sample:
+def descriptors(pid: int, data: Path) -> dict[str, int]:
+    """The gateway's open descriptors by what they are (sockets, the index, spool files...)."""
+    kinds: Counter[str] = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(data)):
+            relative = Path(target).relative_to(data)
+            target = "data/" + (relative.parts[0] + "/..." if len(relative.parts) > 1
+                                else relative.name)
+        kinds[target.split(":[")[0] if ":[" in target else target] += 1
+    return dict(kinds.most_common())
+
+
+def process_sample(pid: int, t: float, data: Path | None = None) -> Sample:
     rss = threads = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1])
         elif line.startswith("Threads:"):
             threads = int(line.split()[1])
-    return Sample(t, rss, len(os.listdir(f"/proc/{pid}/fd")), threads)
+    wal = data / "index.sqlite-wal" if data else None
+    return Sample(t, rss, len(os.listdir(f"/proc/{pid}/fd")), threads, process_cpu_seconds(pid),
+                  wal.stat().st_size if wal and wal.exists() else 0)
 
 
 class Sampler(threading.Thread):
     """The gateway's RSS, descriptors and threads, every second."""
 
-    def __init__(self, pid: int, t0: float) -> None:
+    def __init__(self, pid: int, t0: float, data: Path) -> None:
         super().__init__(daemon=True)
-        self.pid, self.t0 = pid, t0
+        self.pid, self.t0, self.data = pid, t0, data
         self.samples: list[Sample] = []
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.is_set():
             try:
-                self.samples.append(process_sample(self.pid, time.time() - self.t0))
+                self.samples.append(process_sample(self.pid, time.time() - self.t0, self.data))
             except (FileNotFoundError, ProcessLookupError):
                 return
             self.stopped.wait(1.0)
@@ -748,6 +777,28 @@ def latency_table(samples: list[tuple[float, str, float]], seconds: float
     return dict(sorted(table.items()))
 
 
+def per_minute(samples: list[tuple[float, str, float]], gateway: list[Sample],
+               seconds: float) -> list[dict[str, float]]:
+    """Requests, C-STOREs, the gateway's CPU per operation, RSS and SQLite's log, per minute:
+    a cost per operation that grows says more than latencies on a shared machine."""
+    rows = []
+    for minute in range(max(1, int(seconds // 60))):
+        lo, hi = minute * 60.0, min(seconds, (minute + 1) * 60.0)
+        inside = [g for g in gateway if lo <= g.t <= hi]
+        if len(inside) < 2:
+            continue
+        stores = sum(1 for t, op, _ in samples if lo <= t < hi and op.startswith("c-store"))
+        requests = sum(1 for t, op, _ in samples
+                       if lo <= t < hi and not op.startswith(("c-store", "associate")))
+        cpu = inside[-1].cpu - inside[0].cpu
+        rows.append({"minute": minute + 1, "c_stores": stores, "http_requests": requests,
+                     "gateway_cpu_percent": round(100 * cpu / (inside[-1].t - inside[0].t), 1),
+                     "cpu_ms_per_operation": round(1000 * cpu / max(1, stores + requests), 2),
+                     "rss_mb": round(inside[-1].rss_kb / 1024),
+                     "wal_mb": round(inside[-1].wal_bytes / 1e6, 1)})
+    return rows
+
+
 def slope_mb_per_min(samples: list[Sample]) -> float:
     if len(samples) < 3:
         return 0.0
@@ -796,10 +847,17 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"fds        before load {g['fds_before']}, start {g['fds_start']}, end "
           f"{g['fds_end']}, clients gone {g['fds_idle']}, after verification "
           f"{g['fds_after_verify']}")
+    print(f"             clients gone: {g['fds_idle_by_kind']}")
     print(f"threads    before load {g['threads_before']}, start {g['threads_start']}, end "
           f"{g['threads_end']}, clients gone {g['threads_idle']}, after verification "
           f"{g['threads_after_verify']}")
     print(f"stopped    {g['stopped']}")
+    print(f"\n{'minute':>6} {'C-STOREs':>9} {'HTTP':>7} {'gw CPU %':>9} {'CPU ms/op':>10} "
+          f"{'RSS MB':>7} {'WAL MB':>7}")
+    for row in r["per_minute"]:
+        print(f"{row['minute']:>6} {row['c_stores']:>9} {row['http_requests']:>7} "
+              f"{row['gateway_cpu_percent']:>9.1f} {row['cpu_ms_per_operation']:>10.2f} "
+              f"{row['rss_mb']:>7} {row['wal_mb']:>7.1f}")
     window = min(60.0, r["minutes"] * 30)
     print(f"\nlatency ms (first and last {window:.0f} s of load)")
     print(f"{'operation':28} {'n':>6} {'p50':>8} {'p95':>8}   {'n':>6} {'p50':>8} {'p95':>8}")
@@ -893,7 +951,7 @@ def run(args: argparse.Namespace, root: Path, spool: Path, url: str | None,
         start = time.time() + 0.5
         t0.value = start
         go.set()
-        sampler = Sampler(pid, start)
+        sampler = Sampler(pid, start, data)
         sampler.start()
         print(f"soak running for {args.minutes} min (gateway pid {pid}, data in {root})",
               flush=True)
@@ -906,10 +964,12 @@ def run(args: argparse.Namespace, root: Path, spool: Path, url: str | None,
         sampler.join()
         time.sleep(5)  # the gateway closes connections and ends association threads
         idle = process_sample(pid, time.time() - start)
+        idle_fds = descriptors(pid, data)
         acks = [json.loads(line) for line in (root / "acks.jsonl").read_text().splitlines()]
         print(f"load over; verifying {len(acks)} acknowledged instances", flush=True)
         lost, lost_examples, verify_seconds = verify(acks, gateway.http_port, api_key)
         after_verify = process_sample(pid, time.time() - start)
+        after_verify_fds = descriptors(pid, data)
         stop_started = time.time()
     stopped = f"on SIGTERM in {time.time() - stop_started:.1f} s"
     died = {"samples": [], "errors": {"client process died": 1}, "examples": [], "counts": {}}
@@ -951,9 +1011,11 @@ def run(args: argparse.Namespace, root: Path, spool: Path, url: str | None,
             "threads_start": settled[0].threads, "threads_end": during[-1].threads,
             "threads_idle": idle.threads, "fds_after_verify": after_verify.fds,
             "threads_after_verify": after_verify.threads, "stopped": stopped,
+            "fds_idle_by_kind": idle_fds, "fds_after_verify_by_kind": after_verify_fds,
             "rss_mb_every_10s": [round(s.rss_kb / 1024) for s in during[::10]],
         },
         "latency_ms": latency_table(samples, seconds),
+        "per_minute": per_minute(samples, during, seconds),
     }
 
 
