@@ -172,6 +172,11 @@ def store_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
     acks_lock = threading.Lock()
     shm = Path(cfg["spool"])
 
+    def unacknowledged(sop: str, series: str, study: str) -> None:
+        """A C-STORE that got no answer: the verification says whether it was stored."""
+        with acks_lock, open(cfg["unacked"], "a") as f:
+            f.write(json.dumps({"sop": sop, "series": series, "study": study}) + "\n")
+
     def worker(w: int) -> None:
         rng = random.Random(f"{cfg['seed']}:{w}")
         templates = {"small": _copy(small), "ct": _copy(ct)}
@@ -183,7 +188,7 @@ def store_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
         assoc = None
         study_n = 0
         pause = cfg["associations"] / cfg["store_rate"] if cfg["store_rate"] else 0.0
-        next_send = time.time()
+        next_send = last_ack = time.time()
         for _ in range(MAX_LOOP):
             if time.time() >= deadline:
                 break
@@ -232,13 +237,17 @@ def store_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
                         status = assoc.send_c_store(path)
                     except Exception as exc:  # noqa: BLE001
                         rec.error("exception", op, repr(exc))
+                        unacknowledged(sop, series, study)
                         assoc.abort()
                         assoc = None
                         break
                     ms = (time.time() - started) * 1000
                     code = getattr(status, "Status", None)
                     if code is None:
-                        rec.error("no response (association lost)", op, sop)
+                        rec.error("no response (association lost)", op,
+                                  f"{sop} sent at {started - rec.t0:.1f} s, previous ack at "
+                                  f"{last_ack - rec.t0:.1f} s, on SOAK{w:02d}")
+                        unacknowledged(sop, series, study)
                         assoc.abort()
                         assoc = None
                         break
@@ -247,6 +256,7 @@ def store_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
                         rec.error(f"status 0x{code:04X}", op, f"{sop} {comment}")
                         continue
                     rec.sample(op, started, ms)
+                    last_ack = time.time()
                     line = json.dumps({"sop": sop, "series": series, "study": study,
                                        "patient": patient, "name": name, "kind": kind,
                                        "digest": digest, "size": path.stat().st_size})
@@ -707,6 +717,20 @@ def verify(acks: list[dict[str, Any]], port: int, api_key: str, workers: int = 4
     return len(lost), lost[:EXAMPLES], time.time() - started
 
 
+def stored_anyway(unacked: list[dict[str, Any]], port: int, api_key: str) -> list[str]:
+    """Which C-STOREs that got no answer the gateway holds all the same (its answer lost on
+    the way, or never sent) rather than never received whole."""
+    http = Http(port, {"Authorization": f"Bearer {api_key}", "Accept": DICOM_JSON})
+    found = []
+    for u in unacked:
+        status, _, _ = http.request("GET", f"/dicomweb/studies/{u['study']}/series/"
+                                           f"{u['series']}/instances/{u['sop']}/metadata")
+        if status == 200:
+            found.append(u["sop"])
+    http.close()
+    return found
+
+
 # -- setup -------------------------------------------------------------------------------------
 def links_toml(viewer_dir: Path) -> str:
     return (f'[links]\nsigning_kid = "soak"\nmax_ttl = 7200\nviewer_dir = "{viewer_dir}"\n\n'
@@ -829,6 +853,10 @@ def print_report(r: dict[str, Any]) -> None:
           f"its data set compared byte for byte, {r['lost']['seconds']:.0f} s)")
     for example in r["lost"]["examples"][:5]:
         print(f"             {example}")
+    u = r["unacknowledged"]
+    if u["count"]:
+        print(f"unanswered {u['count']} C-STOREs without an answer, of which the gateway holds "
+              f"{len(u['stored_anyway'])}")
     print(f"errors     {r['errors']['total']}")
     for kind, n in sorted(r["errors"]["by_kind"].items()):
         print(f"             {n:6d}  {kind}")
@@ -935,7 +963,8 @@ def run(args: argparse.Namespace, root: Path, spool: Path, url: str | None,
                 "dimse_port": gateway.dimse_port, "ae_title": gateway.ae_title,
                 "http_port": gateway.http_port, "api_key": api_key}
         store_cfg = {**base, "associations": args.associations, "store_rate": args.store_rate,
-                     "spool": str(spool), "out": str(root / "store.json")}
+                     "spool": str(spool), "out": str(root / "store.json"),
+                     "unacked": str(root / "unacked.jsonl")}
         http_cfg = {**base, "http_clients": args.http_clients, "think": args.think,
                     "viewer_sessions": args.viewer_sessions, "out": str(root / "http.json")}
         before = process_sample(pid, 0.0)
@@ -968,6 +997,10 @@ def run(args: argparse.Namespace, root: Path, spool: Path, url: str | None,
         acks = [json.loads(line) for line in (root / "acks.jsonl").read_text().splitlines()]
         print(f"load over; verifying {len(acks)} acknowledged instances", flush=True)
         lost, lost_examples, verify_seconds = verify(acks, gateway.http_port, api_key)
+        unacked_path = root / "unacked.jsonl"
+        unacked = ([json.loads(line) for line in unacked_path.read_text().splitlines()]
+                   if unacked_path.exists() else [])
+        unacked_stored = stored_anyway(unacked, gateway.http_port, api_key)
         after_verify = process_sample(pid, time.time() - start)
         after_verify_fds = descriptors(pid, data)
         stop_started = time.time()
@@ -996,6 +1029,7 @@ def run(args: argparse.Namespace, root: Path, spool: Path, url: str | None,
         "http": {"requests": requests, "per_second": requests / seconds,
                  "viewer_sessions": http_counts["viewer sessions"]},
         "lost": {"count": lost, "examples": lost_examples, "seconds": verify_seconds},
+        "unacknowledged": {"count": len(unacked), "stored_anyway": unacked_stored},
         "errors": {"total": sum(errors.values()), "by_kind": dict(errors),
                    "examples": results[0]["examples"] + results[1]["examples"]},
         "server_log_errors": log_lines(log, "ERROR", "CRITICAL", "Traceback"),
