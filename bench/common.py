@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc")
                                       else None)
@@ -34,8 +35,10 @@ class GatewayServer:
     """
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
-                 source: Path | None = None) -> None:
+                 source: Path | None = None, log: Path | None = None) -> None:
         self.source = source
+        self.log_path = log
+        self.log: IO[str] | None = None
         self.env = {
             **os.environ,
             "GATEWAY_DATA_DIR": str(data_dir),
@@ -52,8 +55,11 @@ class GatewayServer:
 
     def __enter__(self) -> GatewayServer:
         # ``-m`` puts the working folder first on the path: the source's own, if given.
+        if self.log_path:
+            self.log = open(self.log_path, "w")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=self.env,
-                                     stdout=subprocess.PIPE, text=True, cwd=self.source)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     cwd=self.source)
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             match = READY.search(line)
@@ -68,6 +74,8 @@ class GatewayServer:
             self.proc.wait(timeout=60)
             if self.proc.stdout:
                 self.proc.stdout.close()
+        if self.log:
+            self.log.close()
 
     def rss_kb(self) -> int:
         assert self.proc is not None
