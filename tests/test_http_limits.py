@@ -2,7 +2,7 @@
 
 Slow request heads (slowloris), request bodies read whole, STOW-RS part counts and sizes,
 rendered-image work, frame numbers and QIDO-RS sequence keys, the demo mode's Host check
-and the session cookie's ``Secure`` attribute (docs/security-http-part.md).
+and the session cookie's ``Secure`` attribute (docs/security.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Attacks on viewer links, the IID launch and the portal API, replayed over real HTTP against a
-live gateway (docs/security-links-part.md): each test failed on the code before its fix."""
+live gateway (docs/security.md): each test failed on the code before its fix."""
 
 from __future__ import annotations
 
