@@ -22,7 +22,7 @@ from aiohttp import web
 
 from dicomweb.problems import problem_middleware, problem_response
 from gateway.access import DEMO_PRINCIPAL, AccessPolicy, NoSessions, Principal, Scope
-from gateway.audit import AuditAction, AuditEvent, AuditSink, LogAudit
+from gateway.audit import AuditAction, AuditEvent, AuditSink
 from gateway.auth import Authenticator
 from gateway.core import Gateway
 from gateway.errors import Unauthorized
@@ -184,7 +184,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     access_policy
         Resolves viewer-session cookies (``viewer_links``); :class:`NoSessions` when absent.
     audit_sink
-        Where accesses are recorded; ``gateway.audit`` if the core has one, else a log.
+        Where accesses are recorded; ``gateway.audit`` (the trail) unless given.
     """
     from dicomweb import capabilities, delete, pixels, qido, stow, wado
 
@@ -193,7 +193,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     app[GATEWAY] = gateway
     app[POLICY] = access_policy if access_policy is not None else NoSessions()
     app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)
-    app[AUDIT] = audit_sink or getattr(gateway, "audit", None) or LogAudit()
+    app[AUDIT] = audit_sink if audit_sink is not None else gateway.audit
     qido.add_routes(app)
     wado.add_routes(app)
     pixels.add_routes(app)
