@@ -22,7 +22,7 @@ from aiohttp import web
 
 from dicomweb.problems import problem_middleware, problem_response
 from gateway.access import DEMO_PRINCIPAL, AccessPolicy, NoSessions, Principal, Scope
-from gateway.audit import AuditAction, AuditEvent, AuditSink
+from gateway.audit import Action, AuditEvent, AuditSink, StoredInstances
 from gateway.auth import Authenticator
 from gateway.core import Gateway
 from gateway.errors import Unauthorized
@@ -73,20 +73,22 @@ def base_url(request: web.Request) -> str:
     return root + MOUNT
 
 
-async def audit(request: web.Request, action: AuditAction, study_uids: tuple[str, ...] = (),
-                detail: str = "", success: bool = True) -> None:
-    """Record an access in the trail (PS3.15 A.5) through the injected sink."""
+async def audit(request: web.Request, action: Action, study_uids: tuple[str, ...] = (),
+                detail: str = "", success: bool = True,
+                stored: StoredInstances | None = None) -> None:
+    """Record an access in the trail (PS3.15 A.5) through the injected sink; ``stored``
+    names the instances a STOW-RS request stored, per study."""
     who = request.get(PRINCIPAL)
     event = AuditEvent(
         action=action, principal=who.audit_name if who else "unauthenticated",
         address=request.remote or "", study_uids=study_uids, detail=detail, success=success,
-        jti=who.jti if who else None,
+        jti=who.jti if who else None, stored=stored,
     )
     sink = request.config_dict[AUDIT]
     try:
         await asyncio.to_thread(sink.record, event)
     except Exception:
-        logger.exception("audit sink failed for %s", action.name)
+        logger.exception("audit sink failed for %s", action.value)
 
 
 @web.middleware

@@ -36,7 +36,7 @@ from dicomweb.media import parse_accept
 from dicomweb.problems import HTTPProblem, status_of
 from gateway import fhir
 from gateway.access import AccessPolicy, NoSessions, Scope
-from gateway.audit import AuditAction, AuditSink
+from gateway.audit import Action, AuditSink
 from gateway.auth import Authenticator
 from gateway.core import Gateway
 from gateway.errors import GatewayError
@@ -144,7 +144,7 @@ async def search_imaging_studies(request: web.Request) -> web.Response:
     next_url = None
     if offset + count < result.total and count:
         next_url = f"{base}/ImagingStudy?{urlencode({**query, '_offset': offset + count})}"
-    await audit(request, AuditAction.QUERY, result.study_uids,
+    await audit(request, Action.QUERY, result.study_uids,
                 detail=f"FHIR ImagingStudy search, {len(result.resources)} matches")
     return fhir_response(fhir.bundle(result.resources, result.total, self_url, base, next_url))
 
@@ -157,7 +157,7 @@ async def read_imaging_study(request: web.Request) -> web.Response:
     gateway = request.config_dict[GATEWAY]
     resource = await asyncio.to_thread(fhir.read, gateway.index, who, study_uid,
                                        base_url(request))
-    await audit(request, AuditAction.QUERY, (study_uid,), detail="FHIR ImagingStudy read")
+    await audit(request, Action.QUERY, (study_uid,), detail="FHIR ImagingStudy read")
     return fhir_response(resource)
 
 
