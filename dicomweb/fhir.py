@@ -26,6 +26,7 @@ from dicomweb.app import (
     GATEWAY,
     POLICY,
     Handler,
+    _on_response_prepare,
     audit,
     auth_middleware,
     base_url,
@@ -34,7 +35,7 @@ from dicomweb.app import (
 )
 from dicomweb.media import parse_accept
 from dicomweb.problems import HTTPProblem, status_of
-from gateway import fhir
+from gateway import __version__, fhir
 from gateway.access import AccessPolicy, NoSessions, Scope
 from gateway.audit import Action, AuditSink
 from gateway.auth import Authenticator
@@ -161,6 +162,12 @@ async def read_imaging_study(request: web.Request) -> web.Response:
     return fhir_response(resource)
 
 
+async def capabilities(request: web.Request) -> web.Response:
+    """``GET /fhir/metadata``: the CapabilityStatement (any authenticated caller)."""
+    _negotiate(request)
+    return fhir_response(fhir.capability_statement(_fhir_base(request), __version__))
+
+
 def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
                audit_sink: AuditSink | None = None) -> web.Application:
     """Build the FHIR application (to be mounted at :data:`MOUNT` by the composition root).
@@ -168,12 +175,14 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     Parameters are those of :func:`dicomweb.app.create_app`: the same principals and trail.
     """
     app = web.Application(middlewares=[cors_middleware, outcome_middleware, auth_middleware])
+    app.on_response_prepare.append(_on_response_prepare)  # CORS headers, as on /dicomweb
     app[GATEWAY] = gateway
     app[POLICY] = access_policy if access_policy is not None else NoSessions()
     app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)
     app[AUDIT] = audit_sink if audit_sink is not None else gateway.audit
     app.router.add_get("/ImagingStudy", search_imaging_studies)
     app.router.add_get("/ImagingStudy/{id}", read_imaging_study)
+    app.router.add_get("/metadata", capabilities)
     return app
 
 

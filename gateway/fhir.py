@@ -315,6 +315,34 @@ def bundle(resources: Sequence[dict[str, Any]], total: int, self_url: str,
     }
 
 
+def capability_statement(fhir_base: str, software_version: str) -> dict[str, Any]:
+    """What this server does, as a FHIR R4 CapabilityStatement (``GET /fhir/metadata``,
+    http://hl7.org/fhir/R4/http.html#capabilities)."""
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-12-01",
+        "kind": "instance",
+        "software": {"name": "dicom-gateway", "version": software_version},
+        "implementation": {"description": "DICOM imaging gateway, FHIR read side",
+                           "url": fhir_base},
+        "fhirVersion": "4.0.1",
+        "format": [MEDIA_FHIR_JSON, "json"],
+        "rest": [{
+            "mode": "server",
+            "resource": [{
+                "type": "ImagingStudy",
+                "interaction": [{"code": "read"}, {"code": "search-type"}],
+                "searchParam": [
+                    {"name": "patient", "type": "reference",
+                     "documentation": "Patient ID, or system|value with the issuer"},
+                    {"name": "_id", "type": "token"},
+                ],
+            }],
+        }],
+    }
+
+
 # FHIR R4 IssueType codes (http://hl7.org/fhir/R4/valueset-issue-type.html) per HTTP status.
 ISSUE_TYPE = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found",
               406: "not-supported", 405: "not-supported", 500: "exception"}
@@ -334,5 +362,6 @@ def operation_outcome(status: int, diagnostics: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["MEDIA_FHIR_JSON", "PatientParameter", "SearchResult", "bundle", "imaging_study",
+__all__ = ["MEDIA_FHIR_JSON", "PatientParameter", "SearchResult", "bundle", "capability_statement",
+           "imaging_study",
            "operation_outcome", "patient_system", "read", "search", "started"]

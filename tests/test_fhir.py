@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
@@ -208,3 +209,12 @@ def test_reads_are_in_the_trail(env: dict[str, Any]) -> None:
                                                  "FHIR ImagingStudy search, 1 matches"]
     assert all(e.study_instance_uid == uid(env["theirs"]) and e.actor.startswith("api_key:")
                for e in queries)
+
+
+def test_capability_statement(env: dict[str, Any]) -> None:
+    body = fhir_json(env["reader"].request("GET", "/fhir/metadata", headers=FHIR_JSON))
+    CapabilityStatement.model_validate(body)
+    assert body["fhirVersion"] == "4.0.1"
+    (resource,) = body["rest"][0]["resource"]
+    assert resource["type"] == "ImagingStudy"
+    assert outcome(Client(env["server"].http_url).request("GET", "/fhir/metadata"), 401)
