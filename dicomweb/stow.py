@@ -310,7 +310,7 @@ async def store_instances(request: web.Request) -> web.Response:
         # Parts stored before a refusal of the rest of the body (413, malformed, nested) are
         # kept, so the trail must name them whatever the answer is.
         # One "DICOM Instances Transferred" entry per study for the whole request (PS3.15
-        # A.5.3.4), each listing the instances stored in its study.
+        # A.5.3), each listing the instances stored in its study.
         stored = [o for o in outcomes if o.failure is None]
         if outcomes:
             instances = StoredInstances()

@@ -65,7 +65,7 @@ def store_instance(gateway: Gateway, policy: PeerPolicy, ae_title: str, address:
 def record_association(gateway: Gateway, stored: StoredInstances, ae_title: str,
                        address: str) -> None:
     """Put what one association stored in the access trail: one "DICOM Instances
-    Transferred" entry per study (PS3.15 A.5.3.4), written once, on release or abort, so the
+    Transferred" entry per study (PS3.15 A.5.3), written once, on release or abort, so the
     C-STORE path itself writes nothing more than the instance's row."""
     record_stored(gateway.audit, stored, principal=f"dimse:{ae_title}", address=address,
                   detail=f"C-STORE: {len(stored)} instances stored in the association")

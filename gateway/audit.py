@@ -275,7 +275,7 @@ class StoredInstances:
     """The instances stored by one association, STOW-RS request or ingest run, per study.
 
     Stores are recorded as one "DICOM Instances Transferred" entry per study when the unit of
-    work ends (PS3.15 A.5.3.4: one message may name many instances), never one per instance:
+    work ends (PS3.15 A.5.3: one message may name many instances), never one per instance:
     :meth:`add` is a dictionary append on the C-STORE path, and the trail is written once, on
     release or abort. At most :data:`MAX_INSTANCES` UIDs are kept per study, the rest counted.
     Not thread-safe: one unit of work adds from one thread.

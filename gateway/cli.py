@@ -85,7 +85,7 @@ def ingest_paths(gateway: Gateway, paths: Sequence[str], *, progress: bool = Tru
     """Ingest files and folders (recursively); return outcome counts and the rejections.
 
     The run is one entry per study in the access trail ("DICOM Instances Transferred",
-    PS3.15 A.5.3.4), naming the instances stored, written when the run ends (or stops).
+    PS3.15 A.5.3), naming the instances stored, written when the run ends (or stops).
     """
     from tqdm import tqdm
 
