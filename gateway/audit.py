@@ -474,11 +474,16 @@ def dicom_audit_message(event: AuditRecord) -> str:
         requestor["UserName"] = event.actor_name
     if event.address:
         requestor.update(NetworkAccessPointID=event.address, NetworkAccessPointTypeCode="2")
+    # A store sends instances from the requestor to the gateway; every other access sends
+    # them (or what is known of them) from the gateway to the requestor (PS3.15 A.5.3).
+    destination, source = ("110152", "Destination Role ID"), ("110153", "Source Role ID")
+    requestor_role, gateway_role = ((source, destination) if event.action == Action.STORE.value
+                                    else (destination, source))
     participant = ET.SubElement(root, "ActiveParticipant", requestor)
-    _coded(participant, "RoleIDCode", "110152", DCM, "Destination Role ID")
-    source = ET.SubElement(root, "ActiveParticipant",
-                           {"UserID": AUDIT_SOURCE_ID, "UserIsRequestor": "false"})
-    _coded(source, "RoleIDCode", "110153", DCM, "Source Role ID")
+    _coded(participant, "RoleIDCode", requestor_role[0], DCM, requestor_role[1])
+    gateway = ET.SubElement(root, "ActiveParticipant",
+                            {"UserID": AUDIT_SOURCE_ID, "UserIsRequestor": "false"})
+    _coded(gateway, "RoleIDCode", gateway_role[0], DCM, gateway_role[1])
     ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": AUDIT_SOURCE_ID})
     if event.study_instance_uid:
         study = ET.SubElement(root, "ParticipantObjectIdentification", {

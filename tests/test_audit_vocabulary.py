@@ -77,6 +77,11 @@ def test_every_action_is_exported_with_the_event_of_the_conformance_statement(
         assert event_id is not None
         assert (event_id.get("csd-code"), event_id.get("codeSystemName"),
                 event_id.get("originalText")) == (code, "DCM", meaning), entry.action
+        roles = [p.find("RoleIDCode").get("csd-code")  # type: ignore[union-attr]
+                 for p in message.findall("ActiveParticipant")]
+        # the requestor sends a store to the gateway; every other event goes the other way
+        assert roles == (["110153", "110152"] if entry.action == "store"
+                         else ["110152", "110153"]), entry.action
 
 
 def identity_association(port: int) -> Any:
