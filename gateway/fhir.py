@@ -39,6 +39,7 @@ from gateway.errors import NotFound
 from gateway.index import Index
 from gateway.instances import visible_conditions, visible_instance_condition
 from gateway.models import Instance, Patient, Series, Study
+from gateway.query import InvalidQueryParameter
 from gateway.uids import is_valid_uid, validate_uid
 
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"  # PS3.16 coding scheme "DCM"
@@ -101,8 +102,6 @@ class PatientParameter:
         InvalidQueryParameter
             An empty value, or one longer than a Patient ID may be (PS3.5 LO, 64).
         """
-        from gateway.query import InvalidQueryParameter
-
         system: str | None = None
         if "|" in text:
             system, _, text = text.partition("|")
