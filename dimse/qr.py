@@ -39,7 +39,7 @@ from pynetdicom.presentation import PresentationContext
 from dimse.peers import PeerPolicy, Service
 from dimse.storage_scu import StorageRequestor, StoredFile
 from dimse.transport import install_fast_recv, tune_socket
-from gateway.audit import Action, AuditEvent
+from gateway.audit import EVENTS, Action, AuditEvent
 from gateway.config import Destination, DimseSettings
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
@@ -85,7 +85,7 @@ def record_access(gateway: Gateway, action: Action, ae_title: str, address: str,
     shown = ",".join(studies[:TRAIL_STUDIES])
     if len(studies) > TRAIL_STUDIES:
         shown += f",+{len(studies) - TRAIL_STUDIES}"
-    trail_logger.info("audit %s %s by dimse:%s from %s studies=[%s] %s", action.value,
+    trail_logger.info("audit %s %s by dimse:%s from %s studies=[%s] %s", EVENTS[action].code,
                       "success" if success else "failure", ae_title, address, shown, detail)
     event = AuditEvent(action=action, principal=f"dimse:{ae_title}", address=address,
                        study_uids=studies, detail=detail, success=success)
