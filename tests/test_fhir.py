@@ -163,6 +163,9 @@ def test_read_by_id_and_errors(env: dict[str, Any]) -> None:
     assert outcome(reader.request("GET", "/fhir/ImagingStudy?_count=x"), 400)
     assert outcome(reader.request("GET", "/fhir/ImagingStudy",
                                   headers={"Accept": "application/fhir+xml"}), 406)
+    assert outcome(reader.request("GET", "/fhir/Patient/1"), 404)
+    refused = reader.request("POST", "/fhir/ImagingStudy", body={"resourceType": "ImagingStudy"})
+    assert outcome(refused, 405) and "GET" in refused.headers["Allow"]
 
 
 def test_scope_enforced(env: dict[str, Any]) -> None:
