@@ -126,6 +126,7 @@ async def search_imaging_studies(request: web.Request) -> web.Response:
                 name, f"unknown search parameter {name!r}; ImagingStudy supports "
                       f"{', '.join(sorted(SEARCH_PARAMETERS))}")
     settings = request.config_dict[GATEWAY].settings
+    # The largest page, as for QIDO-RS; FHIR pages stay bounded even where QIDO-RS's are not.
     maximum = settings.http.max_results or fhir.DEFAULT_COUNT
     count = _integer("_count", request.query.get("_count", str(min(fhir.DEFAULT_COUNT,
                                                                      maximum))), maximum)
