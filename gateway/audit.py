@@ -1,7 +1,10 @@
 """The access trail: who accessed which patient's images, when, from where, with what outcome.
 
-Every viewer link made, opened or refused, and every DICOMweb query or retrieval by a viewer
-session or an API principal, is one row of ``audit_event`` in the index database. The table is
+Every viewer link made, opened or refused, every DICOMweb, FHIR or DIMSE query or retrieval,
+and every store (per STOW-RS request, DIMSE association or ingest run: :class:`StoredInstances`)
+is one row per study of ``audit_event`` in the index database, in one vocabulary
+(:class:`Action`, mapped once to PS3.15 events by :data:`EVENTS`). Front ends record through
+``Gateway.audit`` (:class:`DatabaseAudit`). The table is
 append-only: nothing in the code updates or deletes it, and the migration installs triggers that
 make the database refuse to (DSP: "patients can see who accessed their record").
 
