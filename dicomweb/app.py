@@ -22,7 +22,7 @@ from aiohttp import web
 
 from dicomweb.problems import problem_middleware, problem_response
 from gateway.access import DEMO_PRINCIPAL, AccessPolicy, NoSessions, Principal, Scope
-from gateway.audit import AuditAction, AuditEvent, AuditSink, LogAudit
+from gateway.audit import Action, AuditEvent, AuditSink, StoredInstances
 from gateway.auth import Authenticator
 from gateway.core import Gateway
 from gateway.errors import Unauthorized
@@ -73,20 +73,22 @@ def base_url(request: web.Request) -> str:
     return root + MOUNT
 
 
-async def audit(request: web.Request, action: AuditAction, study_uids: tuple[str, ...] = (),
-                detail: str = "", success: bool = True) -> None:
-    """Record an access in the trail (PS3.15 A.5) through the injected sink."""
+async def audit(request: web.Request, action: Action, study_uids: tuple[str, ...] = (),
+                detail: str = "", success: bool = True,
+                stored: StoredInstances | None = None) -> None:
+    """Record an access in the trail (PS3.15 A.5) through the injected sink; ``stored``
+    names the instances a STOW-RS request stored, per study."""
     who = request.get(PRINCIPAL)
     event = AuditEvent(
         action=action, principal=who.audit_name if who else "unauthenticated",
         address=request.remote or "", study_uids=study_uids, detail=detail, success=success,
-        jti=who.jti if who else None,
+        jti=who.jti if who else None, stored=stored,
     )
     sink = request.config_dict[AUDIT]
     try:
         await asyncio.to_thread(sink.record, event)
     except Exception:
-        logger.exception("audit sink failed for %s", action.name)
+        logger.exception("audit sink failed for %s", action.value)
 
 
 @web.middleware
@@ -184,7 +186,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     access_policy
         Resolves viewer-session cookies (``viewer_links``); :class:`NoSessions` when absent.
     audit_sink
-        Where accesses are recorded; ``gateway.audit`` if the core has one, else a log.
+        Where accesses are recorded; ``gateway.audit`` (the trail) unless given.
     """
     from dicomweb import capabilities, delete, pixels, qido, stow, wado
 
@@ -193,7 +195,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
     app[GATEWAY] = gateway
     app[POLICY] = access_policy if access_policy is not None else NoSessions()
     app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)
-    app[AUDIT] = audit_sink or getattr(gateway, "audit", None) or LogAudit()
+    app[AUDIT] = audit_sink if audit_sink is not None else gateway.audit
     qido.add_routes(app)
     wado.add_routes(app)
     pixels.add_routes(app)

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from dicomweb.app import audit, gateway_of, require
 from gateway.access import Scope
-from gateway.audit import AuditAction
+from gateway.audit import Action
 from gateway.instances import remove_instances, validate_path, visible_instances
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ async def _delete(request: web.Request, study: str, series: str | None = None,
     # Files after the commit; a path indexed again meanwhile (a re-send) keeps its file.
     await asyncio.to_thread(gateway.storage.delete_unindexed, paths, gateway.index.has_file)
     logger.info("deleted %d instances of study %s (by %s)", len(pks), study, who.audit_name)
-    await audit(request, AuditAction.STUDY_DELETED, (study,),
+    await audit(request, Action.DELETE, (study,),
                 detail=f"deleted {len(pks)} instances"
                 + (f" of series {series}" if series else "")
                 + (f", instance {instance}" if instance else ""))

@@ -41,7 +41,7 @@ from dicomweb.app import GATEWAY, PRINCIPAL, audit, require
 from dicomweb.media import MediaRange, accept_of
 from dicomweb.problems import HTTPProblem
 from gateway.access import Principal, Scope
-from gateway.audit import AuditAction
+from gateway.audit import Action
 from gateway.core import Gateway
 from gateway.errors import NotFound
 from gateway.instances import InstanceRef, visible_instances
@@ -130,7 +130,7 @@ class AuditCoalescer:
             return True
 
 
-async def _audit(request: web.Request, services: PixelServices, action: AuditAction,
+async def _audit(request: web.Request, services: PixelServices, action: Action,
                  study: str, kind: str) -> None:
     """Record a successful pixel access, once per viewer, study and kind a window."""
     if services.audit_window.due(request[PRINCIPAL], study, kind):
@@ -318,7 +318,7 @@ async def retrieve_instance_frames(request: web.Request) -> web.StreamResponse:
                        first, batch)
 
     found = await _off_loop(services, work)
-    await _audit(request, services, AuditAction.INSTANCES_TRANSFERRED, study, "frames")
+    await _audit(request, services, Action.TRANSFER, study, "frames")
     choice = found.choice
     part_type = f"{choice.media_type}; transfer-syntax={found.syntax_out}"
     if not choice.multipart:
@@ -467,7 +467,7 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
         return images, [_render_one(services, images[0], frame, params)]
 
     images, rendered = await _off_loop(services, work)
-    await _audit(request, services, AuditAction.INSTANCES_ACCESSED, study, "rendered")
+    await _audit(request, services, Action.RETRIEVE, study, "rendered")
     if sop is None:
         if len(images) > MAX_RENDERED_INSTANCES:
             raise HTTPProblem(413, f"{len(images)} instances: at most {MAX_RENDERED_INSTANCES} "
@@ -519,7 +519,7 @@ async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
         return _render_one(services, image, frame, params)
 
     rendered = await _off_loop(services, work)
-    await _audit(request, services, AuditAction.INSTANCES_ACCESSED, study, "thumbnail")
+    await _audit(request, services, Action.RETRIEVE, study, "thumbnail")
     _store_later(services, [rendered])
     return web.Response(body=rendered[0], headers={"Content-Type": params.media_type,
                                                    "Cache-Control": "private, max-age=300"})

@@ -28,7 +28,7 @@ from dicomweb.media import (
 )
 from dicomweb.xml import to_native_xml
 from gateway.access import Scope
-from gateway.audit import AuditAction
+from gateway.audit import Action
 from gateway.query import Level, QueryEngine, QueryResult, parse_qido
 from gateway.uids import validate_uid
 
@@ -76,7 +76,7 @@ async def _search(request: web.Request, level: Level, study: str | None = None,
     # The trail entry is written while the body is encoded; it is committed before the
     # response leaves (the record precedes the disclosure).
     recording = asyncio.create_task(audit(
-        request, AuditAction.QUERY, result.study_uids,
+        request, Action.QUERY, result.study_uids,
         detail=f"{level.value} query, {len(result.matches)} matches"))
     try:
         # PS3.18 §8.3.4.4.1 as corrected by CP-2473: a search with no match answers 200 (OK)

@@ -39,7 +39,7 @@ from dicomweb.media import (
 from dicomweb.problems import HTTPProblem
 from dicomweb.xml import to_native_xml
 from gateway.access import Scope
-from gateway.audit import AuditAction
+from gateway.audit import Action, StoredInstances
 from gateway.dicom_json import Unsupported, read_file_meta
 from gateway.errors import (
     Forbidden,
@@ -309,13 +309,17 @@ async def store_instances(request: web.Request) -> web.Response:
     finally:
         # Parts stored before a refusal of the rest of the body (413, malformed, nested) are
         # kept, so the trail must name them whatever the answer is.
+        # One "DICOM Instances Transferred" entry per study for the whole request (PS3.15
+        # A.5.3), each listing the instances stored in its study.
         stored = [o for o in outcomes if o.failure is None]
         if outcomes:
-            await audit(request, AuditAction.INSTANCES_TRANSFERRED,
-                        tuple(sorted({o.study_instance_uid for o in stored})),
+            instances = StoredInstances()
+            for o in stored:
+                instances.add(o.study_instance_uid, o.sop_instance_uid)
+            await audit(request, Action.STORE, tuple(instances.studies),
                         detail=f"STOW-RS: {len(stored)} stored, "
                                f"{len(outcomes) - len(stored)} refused",
-                        success=bool(stored))
+                        success=bool(stored), stored=instances if stored else None)
     if not outcomes:
         raise HTTPProblem(400, "the multipart body holds no part")
     status = 200 if len(stored) == len(outcomes) else 202 if stored else 409

@@ -47,7 +47,7 @@ from dicomweb.media import (
 )
 from dicomweb.problems import HTTPProblem
 from gateway.access import Scope
-from gateway.audit import AuditAction
+from gateway.audit import Action
 from gateway.errors import NotFound
 from gateway.instances import (
     InstanceRef,
@@ -225,7 +225,7 @@ async def _retrieve(request: web.Request, study: str, series: str | None = None,
         response.content_length = (sum(len(h) + r.file_size + 2 for h, r in zip(headers, refs,
                                                                                  strict=True))
                                    + len(closing_delimiter(boundary)))
-    await audit(request, AuditAction.INSTANCES_TRANSFERRED, (study,),
+    await audit(request, Action.TRANSFER, (study,),
                 detail=f"WADO-RS retrieve of {len(refs)} instances")
     await response.prepare(request)
     if request.method == "HEAD":
@@ -249,7 +249,7 @@ async def _retrieve(request: web.Request, study: str, series: str | None = None,
 async def _single_instance(request: web.Request, ref: InstanceRef, syntax: str,
                            base: str) -> web.StreamResponse:
     path = gateway_of(request).storage.path(ref.file_path)
-    await audit(request, AuditAction.INSTANCES_TRANSFERRED, (ref.study_instance_uid,),
+    await audit(request, Action.TRANSFER, (ref.study_instance_uid,),
                 detail="WADO-RS retrieve of 1 instance")
     headers = {"Content-Type": _part_type(syntax), "Content-Location": _location(base, ref)}
     if syntax == ref.transfer_syntax_uid:
@@ -329,7 +329,7 @@ async def _metadata(request: web.Request, study: str, series: str | None = None,
         return web.Response(status=304, headers=headers)
     documents = await asyncio.to_thread(visible_metadata, index, who, study, series, instance)
     body = await asyncio.to_thread(join_metadata, documents, base)
-    await audit(request, AuditAction.INSTANCES_ACCESSED, (study,),
+    await audit(request, Action.RETRIEVE, (study,),
                 detail=f"metadata of {len(documents)} instances")
     headers["Content-Type"] = MEDIA_DICOM_JSON
     return web.Response(body=body, headers=headers)
@@ -430,7 +430,7 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
                              'type="application/octet-stream" or application/octet-stream')
     parts, syntax = await asyncio.to_thread(read_bulk,
                                             gateway.storage.path(refs[0].file_path), tag_path)
-    await audit(request, AuditAction.INSTANCES_ACCESSED, (study,), detail="bulk data")
+    await audit(request, Action.RETRIEVE, (study,), detail="bulk data")
     encapsulated = UID(syntax).is_encapsulated and tag_path == ["7FE00010"]
     part_type = (f"{MEDIA_OCTET_STREAM}; transfer-syntax={syntax}" if encapsulated
                  else MEDIA_OCTET_STREAM)

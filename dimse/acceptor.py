@@ -49,8 +49,9 @@ from dimse.peers import PeerPolicy
 from dimse.qr import MoveProgress, get_progress, move_progress
 from dimse.status import NOT_AUTHORIZED, OUT_OF_RESOURCES, SUCCESS
 from dimse.storage_scu import encoded_for_peer
-from dimse.store import store_instance
+from dimse.store import record_association, store_instance
 from dimse.transport import tune_socket, use_kernel_timeouts
+from gateway.audit import StoredInstances
 from gateway.core import Gateway
 from gateway.metrics import METRICS
 
@@ -177,6 +178,8 @@ class Association:
     cancelled: set[int] = field(default_factory=set)
     # The fragments of a command set still arriving while an operation runs.
     pending_command: list[bytes] = field(default_factory=list)
+    # What C-STORE stored here, for the trail entry written when the association ends.
+    stored: StoredInstances = field(default_factory=StoredInstances)
 
     def send(self, context_id: int, command: bytes,
              data_set: bytes | bytearray | memoryview | None = None) -> None:
@@ -411,7 +414,10 @@ class Acceptor:
             sock.sendall(accept_pdu)
             METRICS.inc("gateway_dimse_associations_total")
             logger.info("association from %s at %s accepted", calling, host)
-            self._serve(assoc)
+            try:
+                self._serve(assoc)
+            finally:
+                record_association(self.gateway, assoc.stored, calling, host)
         finally:
             self.slots.release()
 
@@ -525,7 +531,7 @@ class Acceptor:
             sop_instance = command_set.text(command, command_set.AFFECTED_SOP_INSTANCE_UID) or ""
             status, comment = store_instance(
                 self.gateway, self.policy, assoc.calling_ae_title, assoc.host, sop_class,
-                sop_instance, transfer_syntax, data_fragments)
+                sop_instance, transfer_syntax, data_fragments, assoc.stored)
             assoc.send(context_id, command_set.store_response(
                 sop_class, sop_instance, message_id, status, comment))
         elif command_field == command_set.C_FIND_RQ and data_fragments is not None:

@@ -39,7 +39,7 @@ from pynetdicom.presentation import PresentationContext
 from dimse.peers import PeerPolicy, Service
 from dimse.storage_scu import StorageRequestor, StoredFile
 from dimse.transport import install_fast_recv, tune_socket
-from gateway.audit import AuditAction, AuditEvent, AuditSink, DatabaseAudit
+from gateway.audit import EVENTS, Action, AuditEvent
 from gateway.config import Destination, DimseSettings
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
@@ -67,19 +67,13 @@ UNCOMPRESSED_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 # PS3.15 A.5.3 events of the access trail.
-QUERY_EVENT = AuditAction.QUERY  # 110112 Query (C-FIND)
-INSTANCES_ACCESSED = AuditAction.INSTANCES_ACCESSED  # 110103 (C-GET)
-INSTANCES_TRANSFERRED = AuditAction.INSTANCES_TRANSFERRED  # 110104 (C-MOVE)
+QUERY_EVENT = Action.QUERY  # 110112 Query (C-FIND)
+INSTANCES_ACCESSED = Action.RETRIEVE  # 110103 DICOM Instances Accessed (C-GET)
+INSTANCES_TRANSFERRED = Action.TRANSFER  # 110104 DICOM Instances Transferred (C-MOVE)
 TRAIL_STUDIES = 20  # study UIDs named per log line; more are counted
 
 
-def audit_sink(gateway: Gateway) -> AuditSink:
-    """The access trail the composition root set on the core, else the database trail."""
-    sink = getattr(gateway, "audit", None)
-    return sink if sink is not None else DatabaseAudit(gateway.index)
-
-
-def record_access(gateway: Gateway, action: AuditAction, ae_title: str, address: str,
+def record_access(gateway: Gateway, action: Action, ae_title: str, address: str,
                   study_uids: Iterable[str], detail: str, *, success: bool = True) -> None:
     """Record one query or retrieval in the access trail (DESIGN.md, PS3.15 A.5).
 
@@ -91,12 +85,12 @@ def record_access(gateway: Gateway, action: AuditAction, ae_title: str, address:
     shown = ",".join(studies[:TRAIL_STUDIES])
     if len(studies) > TRAIL_STUDIES:
         shown += f",+{len(studies) - TRAIL_STUDIES}"
-    trail_logger.info("audit %s %s by dimse:%s from %s studies=[%s] %s", action.value,
+    trail_logger.info("audit %s %s by dimse:%s from %s studies=[%s] %s", EVENTS[action].code,
                       "success" if success else "failure", ae_title, address, shown, detail)
     event = AuditEvent(action=action, principal=f"dimse:{ae_title}", address=address,
                        study_uids=studies, detail=detail, success=success)
     try:
-        audit_sink(gateway).record(event)
+        gateway.audit.record(event)
     except Exception:  # noqa: BLE001 - a sink must not fail the access it records
         logger.exception("audit sink failed for %s", action.name)
 

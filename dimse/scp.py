@@ -43,8 +43,9 @@ from dimse.peers import PeerPolicy, is_loopback
 from dimse.qr import handle_get, handle_move
 from dimse.status import NOT_AUTHORIZED, SUCCESS
 from dimse.storage_scu import StorageRequestor
-from dimse.store import store_instance
+from dimse.store import record_association, store_instance
 from dimse.transport import install_fast_recv, tune_socket
+from gateway.audit import StoredInstances
 from gateway.core import Gateway
 from gateway.metrics import METRICS
 from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -135,6 +136,14 @@ def handle_accepted(event: Any) -> None:
     logger.info("association from %s at %s accepted", ae_title, address)
 
 
+def handle_close(event: Any, gateway: Gateway, tallies: StoreTallies) -> None:
+    """The connection ended (released, aborted or dropped): record what it stored."""
+    stored = tallies.pop(event.assoc)
+    if stored:
+        ae_title, address = peer_of(event)
+        record_association(gateway, stored, ae_title, address)
+
+
 def handle_echo(event: Any, policy: PeerPolicy) -> int:
     """C-ECHO (PS3.4 Annex A)."""
     ae_title, address = peer_of(event)
@@ -143,14 +152,36 @@ def handle_echo(event: Any, policy: PeerPolicy) -> int:
     return SUCCESS
 
 
-def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy) -> Any:
+class StoreTallies:
+    """What each association pynetdicom runs has stored, until it ends (then one trail entry:
+    :func:`dimse.store.record_association`). Keyed by the association object; its C-STOREs
+    arrive on its own thread, so only the dictionary needs the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tallies: dict[Any, StoredInstances] = {}
+
+    def of(self, assoc: Any) -> StoredInstances:
+        with self._lock:
+            tally = self._tallies.get(assoc)
+            if tally is None:
+                tally = self._tallies[assoc] = StoredInstances()
+            return tally
+
+    def pop(self, assoc: Any) -> StoredInstances | None:
+        with self._lock:
+            return self._tallies.pop(assoc, None)
+
+
+def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy,
+                 tallies: StoreTallies) -> Any:
     """C-STORE (PS3.4 Annex B) on an association pynetdicom runs."""
     ae_title, address = peer_of(event)
     request = event.request
     status, comment = store_instance(
         gateway, policy, ae_title, address, str(request.AffectedSOPClassUID),
         str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
-        event.encoded_dataset(include_meta=False))
+        event.encoded_dataset(include_meta=False), tallies.of(event.assoc))
     if not comment:
         return status
     response = Dataset()
@@ -227,12 +258,14 @@ def build_ae(gateway: Gateway) -> AE:
 
 
 def handlers(gateway: Gateway, policy: PeerPolicy) -> list[Any]:
+    tallies = StoreTallies()
     return [
         (evt.EVT_CONN_OPEN, handle_open),
         (evt.EVT_REQUESTED, handle_requested, [policy]),
         (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_C_ECHO, handle_echo, [policy]),
-        (evt.EVT_C_STORE, handle_store, [gateway, policy]),
+        (evt.EVT_C_STORE, handle_store, [gateway, policy, tallies]),
+        (evt.EVT_CONN_CLOSE, handle_close, [gateway, tallies]),
         (evt.EVT_C_FIND, handle_find, [gateway, policy]),
         (evt.EVT_C_MOVE, handle_move, [gateway, policy]),
         (evt.EVT_C_GET, handle_get, [gateway, policy]),

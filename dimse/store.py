@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from dimse.peers import PeerPolicy
 from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
+from gateway.audit import StoredInstances, record_stored
 from gateway.core import Gateway
 from gateway.errors import GatewayError
 from gateway.metrics import METRICS
@@ -21,12 +22,15 @@ logger = logging.getLogger(__name__)
 
 def store_instance(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
                    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-                   data_set: bytes | Sequence[bytes | memoryview]) -> tuple[int, str]:
+                   data_set: bytes | Sequence[bytes | memoryview],
+                   stored: StoredInstances | None = None) -> tuple[int, str]:
     """Store one data set received under a C-STORE request; ``(status, error comment)``.
 
     Success is returned only once the instance is durable and indexed
     (:meth:`gateway.ingest.Ingestor.ingest`). ``data_set`` is the encoded data set, whole or as
     the fragments it arrived in; it is joined once behind its Part 10 file meta information.
+    A stored instance is added to ``stored``, the association's tally, which
+    :func:`record_association` writes to the trail when the association ends.
     """
     if not policy.allows("store", ae_title, address):
         logger.warning("refused C-STORE from %s at %s: not in the store allow-list",
@@ -53,4 +57,15 @@ def store_instance(gateway: Gateway, policy: PeerPolicy, ae_title: str, address:
         return store_status(exc), "processing failure"
     logger.debug("C-STORE %s from %s: %s", result.sop_instance_uid, ae_title,
                  result.outcome.value)
+    if stored is not None:
+        stored.add(result.study_instance_uid, result.sop_instance_uid)
     return SUCCESS, ""
+
+
+def record_association(gateway: Gateway, stored: StoredInstances, ae_title: str,
+                       address: str) -> None:
+    """Put what one association stored in the access trail: one "DICOM Instances
+    Transferred" entry per study (PS3.15 A.5.3), written once, on release or abort, so the
+    C-STORE path itself writes nothing more than the instance's row."""
+    record_stored(gateway.audit, stored, principal=f"dimse:{ae_title}", address=address,
+                  detail=f"C-STORE: {len(stored)} instances stored in the association")

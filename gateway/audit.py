@@ -1,7 +1,10 @@
 """The access trail: who accessed which patient's images, when, from where, with what outcome.
 
-Every viewer link made, opened or refused, and every DICOMweb query or retrieval by a viewer
-session or an API principal, is one row of ``audit_event`` in the index database. The table is
+Every viewer link made, opened or refused, every DICOMweb, FHIR or DIMSE query or retrieval,
+and every store (per STOW-RS request, DIMSE association or ingest run: :class:`StoredInstances`)
+is one row per study of ``audit_event`` in the index database, in one vocabulary
+(:class:`Action`, mapped once to PS3.15 events by :data:`EVENTS`). Front ends record through
+``Gateway.audit`` (:class:`DatabaseAudit`). The table is
 append-only: nothing in the code updates or deletes it, and the migration installs triggers that
 make the database refuse to (DSP: "patients can see who accessed their record").
 
@@ -44,18 +47,21 @@ MAX_INSTANCES = 1000  # instance UIDs kept per entry; more are counted in the de
 
 
 class Action(enum.StrEnum):
-    """What was done. Each maps to a PS3.15 A.5.3 event (see :data:`EVENTS`)."""
+    """What was done: the trail's one vocabulary, used by every front end.
+
+    Each maps to a PS3.15 A.5.3 event (:data:`EVENTS`, the table of docs/conformance.md).
+    """
 
     LINK_MINT = "link.mint"
     LINK_REVOKE = "link.revoke"
     LINK_OPEN = "link.open"
     LINK_REFUSE = "link.refuse"
     POLICY_CHANGE = "policy.change"  # confidentiality level or DSP creation date set
-    QUERY = "query"  # QIDO-RS, C-FIND
-    RETRIEVE = "retrieve"  # WADO-RS metadata, frames, instances, rendered; C-GET
-    TRANSFER = "transfer"  # C-MOVE to another node
-    STORE = "store"  # STOW-RS, C-STORE
-    DELETE = "delete"
+    QUERY = "query"  # QIDO-RS, C-FIND, FHIR ImagingStudy search and read
+    RETRIEVE = "retrieve"  # WADO-RS metadata, bulk data, rendered, thumbnails; C-GET
+    TRANSFER = "transfer"  # WADO-RS instances and frames; C-MOVE to another node
+    STORE = "store"  # STOW-RS, C-STORE, CLI ingest (one entry per request, association, run)
+    DELETE = "delete"  # DICOMweb DELETE
     REJECT = "reject"  # an IHE IOCM rejection note took instances out of the archive
     AUDIT_READ = "audit.read"
 
@@ -88,7 +94,7 @@ EVENTS: dict[Action, EventCode] = {
     Action.RETRIEVE: EventCode("110103", "DICOM Instances Accessed", "R"),
     Action.TRANSFER: EventCode("110104", "DICOM Instances Transferred", "R"),
     Action.STORE: EventCode("110104", "DICOM Instances Transferred", "C"),
-    Action.DELETE: EventCode("110103", "DICOM Instances Accessed", "D"),
+    Action.DELETE: EventCode("110105", "DICOM Study Deleted", "D"),
     Action.REJECT: EventCode("110103", "DICOM Instances Accessed", "U"),
     Action.AUDIT_READ: EventCode("110101", "Audit Log Used", "R"),
 }
@@ -177,8 +183,12 @@ def add_many(
     address: str | None = None,
     jti: str | None = None,
     detail: str = "",
+    stored: StoredInstances | None = None,
 ) -> None:
     """Append one entry per study in one statement; the same fields as :func:`add`.
+
+    With ``stored``, each study's entry lists the instances stored in it (and says how many
+    there were) instead of ``instance_uids``.
 
     The patients of all the studies are looked up in one SELECT (per 500 studies) and the rows
     written with one multi-row INSERT, instead of a lookup and an ORM flush per study: a C-FIND
@@ -211,6 +221,14 @@ def add_many(
     }
     rows = [{**common, "patient_id": patients.get(uid) if uid else None,
              "study_instance_uid": uid} for uid in study_uids]
+    if stored is not None:
+        for row, uid in zip(rows, study_uids, strict=True):
+            count = stored.counts.get(uid or "", 0)
+            listed = stored.studies.get(uid or "", [])
+            note = f"{count} instances" + (f", first {len(listed)} listed"
+                                           if count > len(listed) else "")
+            row["instance_uids"] = json.dumps(listed)
+            row["detail"] = f"{detail} ({note})".strip()[:500]
     if rows:
         session.execute(insert(AuditRecord), rows)
 
@@ -228,21 +246,17 @@ def record(index: Index, action: Action | str, **fields: Any) -> None:
     index.write(work)
 
 
-# -- the sink interface the front ends call (DICOMweb, DIMSE) -----------------------------------
-class AuditAction(enum.StrEnum):
-    """PS3.15 A.5.3 event identifiers, named after the standard's messages."""
-
-    QUERY = "110112"                 # Query
-    INSTANCES_ACCESSED = "110103"    # DICOM Instances Accessed (metadata, rendered views)
-    INSTANCES_TRANSFERRED = "110104"  # DICOM Instances Transferred (retrieve, store)
-    STUDY_DELETED = "110105"         # DICOM Study Deleted
-
-
+# -- the sink interface the front ends call (DICOMweb, DIMSE, the CLI) ---------------------------
 @dataclass(frozen=True)
 class AuditEvent:
-    """One access, as a front end reports it (never a token; the ``jti`` names a link)."""
+    """One access, as a front end reports it (never a token; the ``jti`` names a link).
 
-    action: AuditAction
+    ``study_uids`` with ``instance_uids`` names what was accessed (the same instances for
+    each study); ``stored`` instead names, per study, the instances a unit of work stored
+    (:class:`StoredInstances`), so that each study's entry lists its own.
+    """
+
+    action: Action
     principal: str
     address: str
     study_uids: tuple[str, ...] = ()
@@ -251,6 +265,7 @@ class AuditEvent:
     jti: str | None = None
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
     instance_uids: tuple[str, ...] = ()
+    stored: StoredInstances | None = None
 
 
 class AuditSink(Protocol):
@@ -259,20 +274,51 @@ class AuditSink(Protocol):
     def record(self, event: AuditEvent) -> None: ...
 
 
-class LogAudit:
-    """A sink that only logs at DEBUG (no patient names or IDs); for tools without an index."""
+class StoredInstances:
+    """The instances stored by one association, STOW-RS request or ingest run, per study.
 
-    def record(self, event: AuditEvent) -> None:
-        logger.debug("audit %s by %s from %s studies=%s %s", event.action.name,
-                     event.principal, event.address, ",".join(event.study_uids), event.detail)
+    Stores are recorded as one "DICOM Instances Transferred" entry per study when the unit of
+    work ends (PS3.15 A.5.3: one message may name many instances), never one per instance:
+    :meth:`add` is a dictionary append on the C-STORE path, and the trail is written once, on
+    release or abort. At most :data:`MAX_INSTANCES` UIDs are kept per study, the rest counted.
+    Not thread-safe: one unit of work adds from one thread.
+    """
+
+    __slots__ = ("counts", "studies")
+
+    def __init__(self) -> None:
+        self.studies: dict[str, list[str]] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, study_uid: str, sop_instance_uid: str) -> None:
+        uids = self.studies.get(study_uid)
+        if uids is None:
+            uids = self.studies[study_uid] = []
+            self.counts[study_uid] = 0
+        self.counts[study_uid] += 1
+        if len(uids) < MAX_INSTANCES:
+            uids.append(sop_instance_uid)
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.studies)
 
 
-SINK_ACTIONS: dict[AuditAction, Action] = {
-    AuditAction.QUERY: Action.QUERY,
-    AuditAction.INSTANCES_ACCESSED: Action.RETRIEVE,
-    AuditAction.INSTANCES_TRANSFERRED: Action.TRANSFER,
-    AuditAction.STUDY_DELETED: Action.DELETE,
-}
+def record_stored(sink: AuditSink, stored: StoredInstances, *, principal: str, address: str,
+                  detail: str, jti: str | None = None) -> None:
+    """Record what a unit of work stored (nothing if it stored nothing); never raises."""
+    if not stored:
+        return
+    event = AuditEvent(action=Action.STORE, principal=principal, address=address,
+                       study_uids=tuple(stored.studies), detail=detail, jti=jti,
+                       stored=stored)
+    try:
+        sink.record(event)
+    except Exception:  # noqa: BLE001 - the trail must not fail the stores it records
+        logger.exception("audit entry of %d stored instances could not be written",
+                         len(stored))
 
 
 class DatabaseAudit:
@@ -294,17 +340,17 @@ class DatabaseAudit:
                     name, relationship = link.viewer_name, link.viewer_relationship
             # One SELECT for the patients of all the studies named (a QIDO-RS search or a
             # C-FIND names hundreds) and one multi-row INSERT (add_many).
-            add_many(session, SINK_ACTIONS.get(event.action, Action.RETRIEVE),
-                     list(event.study_uids) or [None],
+            add_many(session, event.action, list(event.study_uids) or [None],
                      outcome=Outcome.SUCCESS if event.success else Outcome.MINOR_FAILURE,
                      actor=event.principal, actor_name=name, relationship=relationship,
                      address=event.address, jti=event.jti,
-                     instance_uids=event.instance_uids or None, detail=event.detail)
+                     instance_uids=event.instance_uids or None, detail=event.detail,
+                     stored=event.stored)
 
         try:
             self.index.write(work)
         except Exception:  # the sink must not fail the access it records
-            logger.exception("audit entry could not be written (%s)", event.action.name)
+            logger.exception("audit entry could not be written (%s)", event.action.value)
 
 
 def events_for_patient(index: Index, patient_id: str, *, limit: int = 1000,
@@ -431,11 +477,16 @@ def dicom_audit_message(event: AuditRecord) -> str:
         requestor["UserName"] = event.actor_name
     if event.address:
         requestor.update(NetworkAccessPointID=event.address, NetworkAccessPointTypeCode="2")
+    # A store sends instances from the requestor to the gateway; every other access sends
+    # them (or what is known of them) from the gateway to the requestor (PS3.15 A.5.3).
+    destination, source = ("110152", "Destination Role ID"), ("110153", "Source Role ID")
+    requestor_role, gateway_role = ((source, destination) if event.action == Action.STORE.value
+                                    else (destination, source))
     participant = ET.SubElement(root, "ActiveParticipant", requestor)
-    _coded(participant, "RoleIDCode", "110152", DCM, "Destination Role ID")
-    source = ET.SubElement(root, "ActiveParticipant",
-                           {"UserID": AUDIT_SOURCE_ID, "UserIsRequestor": "false"})
-    _coded(source, "RoleIDCode", "110153", DCM, "Source Role ID")
+    _coded(participant, "RoleIDCode", requestor_role[0], DCM, requestor_role[1])
+    gateway = ET.SubElement(root, "ActiveParticipant",
+                            {"UserID": AUDIT_SOURCE_ID, "UserIsRequestor": "false"})
+    _coded(gateway, "RoleIDCode", gateway_role[0], DCM, gateway_role[1])
     ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": AUDIT_SOURCE_ID})
     if event.study_instance_uid:
         study = ET.SubElement(root, "ParticipantObjectIdentification", {
@@ -458,6 +509,6 @@ def dicom_audit_message(event: AuditRecord) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-__all__ = ["Action", "AuditAction", "AuditEvent", "AuditSink", "DatabaseAudit", "EVENTS",
-           "LogAudit", "Outcome", "add", "add_many", "dicom_audit_message", "events_for_patient",
-           "fhir_audit_event", "fhir_bundle", "record"]
+__all__ = ["EVENTS", "Action", "AuditEvent", "AuditSink", "DatabaseAudit", "Outcome",
+           "StoredInstances", "add", "add_many", "dicom_audit_message", "events_for_patient",
+           "fhir_audit_event", "fhir_bundle", "record", "record_stored"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from gateway.audit import AuditSink, DatabaseAudit
 from gateway.config import Settings
 from gateway.errors import Conflict, InvalidInstance, TooLarge
 from gateway.index import Index
@@ -31,6 +32,8 @@ class Gateway:
             direct_io=settings.storage.direct_io,
             flush_index=self.index.flush,
         )
+        # The access trail (PS3.15 A.5): every front end records through this one sink.
+        self.audit: AuditSink = DatabaseAudit(self.index)
         self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite,
                                  max_inflated_bytes=settings.storage.max_inflated_bytes)
 

@@ -22,10 +22,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 import viewer_links
 from dicomweb.app import MOUNT as DICOMWEB_MOUNT
 from dicomweb.app import create_app as create_dicomweb_app
+from dicomweb.fhir import MOUNT as FHIR_MOUNT
+from dicomweb.fhir import create_app as create_fhir_app
 from dimse.peers import is_loopback
 from dimse.scp import start_server as start_dimse
 from gateway.access import AccessPolicy
-from gateway.audit import DatabaseAudit
 from gateway.config import Settings
 from gateway.core import Gateway
 from gateway.errors import GatewayError
@@ -109,9 +110,9 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     # resolves viewer-session cookies, and the trail is the persistent audit sink.
     links = viewer_links.build_service(gateway)
     viewer_links.mount_api(app, gateway, links)
-    audit_sink = getattr(gateway, "audit", None) or DatabaseAudit(gateway.index)
-    app.add_subapp(DICOMWEB_MOUNT, create_dicomweb_app(
-        gateway, access_policy or links, audit_sink=audit_sink))
+    app.add_subapp(DICOMWEB_MOUNT, create_dicomweb_app(gateway, access_policy or links))
+    # FHIR R4 ImagingStudy over the same index, principals and trail (DESIGN.md).
+    app.add_subapp(FHIR_MOUNT, create_fhir_app(gateway, access_policy or links))
     viewer_links.mount_viewer(app, links)  # last: OHIF answers every path left (SPA)
     return app
 

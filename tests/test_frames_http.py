@@ -32,7 +32,7 @@ from dicomweb.app import create_app as create_dicomweb_app
 from dicomweb.pixels import AuditCoalescer
 from gateway.access import Principal, PrincipalKind
 from gateway.apikeys import ApiKeys
-from gateway.audit import AuditAction, AuditEvent
+from gateway.audit import Action, AuditEvent
 from gateway.core import Gateway
 from gateway.pixels import read_pixel_file
 from gateway.render import Window, apply_window
@@ -561,9 +561,9 @@ async def test_accesses_are_audited(gateway: Gateway) -> None:
     finally:
         await runner.cleanup()
     assert [(e.action, e.study_uids, e.jti, e.success) for e in sink.events] == [
-        (AuditAction.INSTANCES_TRANSFERRED, (STUDY,), "link-1", True),
-        (AuditAction.INSTANCES_ACCESSED, (STUDY,), "link-1", True),
-        (AuditAction.INSTANCES_ACCESSED, (STUDY,), "link-1", True),
+        (Action.TRANSFER, (STUDY,), "link-1", True),
+        (Action.RETRIEVE, (STUDY,), "link-1", True),
+        (Action.RETRIEVE, (STUDY,), "link-1", True),
     ]
     assert all(e.principal == "viewer_session:viewer-1" for e in sink.events)
     assert sink.events[0].detail == "WADO-RS frames (one entry per study and 60 s)"
