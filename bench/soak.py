@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -152,6 +153,48 @@ class Recorder:
 
 
 # -- the store process -----------------------------------------------------------------------
+def keep_responses_for_sender(assoc: Any) -> None:
+    """Work around a race in pynetdicom's (3.0.4) requestor association: its reactor thread may
+    take the C-STORE-RSP off the DIMSE queue, leaving ``send_c_store`` to wait for nothing.
+
+    ``send_c_store`` clears ``_reactor_checkpoint`` and waits until ``_is_paused`` is true; but
+    the reactor sets ``_is_paused`` just *before* ``_reactor_checkpoint.wait()``, which returns
+    at once while the checkpoint is still set from the previous request, and clears it only
+    after. Between the two it reads the flag as paused, sends, and the reactor, running on,
+    calls ``dimse.get_msg(block=False)``: if the response has come by then, it takes it, logs
+    "Received unexpected C-STORE service message" and drops it (docs/benchmarks.md, Soak).
+    Here a response the reactor's non-blocking read takes is put back at the head of the queue
+    for the blocked sender; requests still reach the reactor as before.
+    """
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        item = take(block)
+        msg = item[1]
+        if block or msg is None or getattr(msg, "MessageIDBeingRespondedTo", None) is None:
+            return item
+        queue = dimse.msg_queue
+        with queue.not_empty:  # the queue's own lock: a blocked get() wakes up with it
+            queue.queue.appendleft(item)
+            queue.not_empty.notify()
+        return None, None
+
+    dimse.get_msg = get_msg
+
+
+class LibraryWarnings(logging.Handler):
+    """pynetdicom's warnings and errors (it logs nowhere by default), recorded as errors."""
+
+    def __init__(self, rec: Recorder) -> None:
+        super().__init__(logging.WARNING)
+        self.rec = rec
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.rec.error("pynetdicom " + record.levelname.lower(), "c-store",
+                       f"{threading.current_thread().name}: {record.getMessage()}")
+
+
 def store_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
     """``cfg["associations"]`` threads sending studies until the deadline."""
     import pydicom.config  # noqa: F401  (imported before pynetdicom reads it)
@@ -167,6 +210,9 @@ def store_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
     ready.set()
     go.wait(120)
     rec = Recorder(t0.value)
+    library = logging.getLogger("pynetdicom")
+    library.addHandler(LibraryWarnings(rec))
+    library.setLevel(logging.WARNING)
     deadline = rec.t0 + cfg["seconds"]
     acks = open(cfg["acks"], "a", buffering=1)  # noqa: SIM115
     acks_lock = threading.Lock()
@@ -204,6 +250,7 @@ def store_process(cfg: dict[str, Any], ready: Any, go: Any, t0: Any) -> None:
                     assoc = None
                     time.sleep(1)
                     continue
+                keep_responses_for_sender(assoc)
                 rec.sample("associate", started, (time.time() - started) * 1000)
             patient = f"SOAK-{w:02d}-{study_n // 2:05d}"
             name = f"SOAK{w:02d}^P{study_n // 2:05d}"
