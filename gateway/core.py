@@ -8,7 +8,8 @@ from pathlib import Path
 from gateway.config import Settings
 from gateway.errors import Conflict, InvalidInstance, TooLarge
 from gateway.index import Index
-from gateway.ingest import Ingestor, stored_relpath
+from gateway.ingest import Ingestor
+from gateway.recovery import RecoveryReader
 from gateway.storage import FileStorage, make_private_folders
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,12 @@ class Gateway:
             self.index.upgrade()
         # Recovery only when no other process (serve, a worker, a CLI command) uses the folder.
         if recover:
-            self.storage.attach(self.index.has_file, stored_relpath, self._restore)
+            # Each spool file is read in a worker process, within [storage]
+            # recovery_file_seconds of CPU: what it cannot read goes to the quarantine folder.
+            storage = self.settings.storage
+            with RecoveryReader(storage.recovery_file_seconds,
+                                storage.max_inflated_bytes) as reader:
+                self.storage.attach(self.index.has_file, reader.identify, self._restore)
         else:
             self.storage.attach()
         return self
