@@ -221,6 +221,8 @@ def check_plausible(data: bytes) -> None:
     if ts == DEFLATED or not is_valid_uid(ts):
         return
     uid = UID(ts)
+    if not uid.is_transfer_syntax:  # a private or unknown one: its encoding is unknown
+        return
     explicit = not uid.is_implicit_VR
     order = "<" if uid.is_little_endian else ">"
     pos, previous, end = offset, -1, len(data)
@@ -373,11 +375,23 @@ def read_with_pydicom(data: bytes) -> ParsedInstance:
     except Exception as exc:  # pydicom raises many kinds on corrupt input
         raise InvalidInstance(f"unreadable DICOM data: {type(exc).__name__}: {exc}") from None
 
+    _check_complete(ds)  # on the raw elements, before they are converted
     meta = ds.file_meta
+    try:
+        # pydicom converts a value when it is first asked for, and a malformed one raises
+        # whatever its converter raises (NotImplementedError for an unknown VR, among
+        # others): every element is converted here, once, so that none raises later.
+        for dataset in (meta, ds):
+            for _ in dataset.iterall():
+                pass
+    except Exception as exc:
+        raise InvalidInstance(f"the data set cannot be decoded: {type(exc).__name__}: "
+                              f"{exc}"[:200]) from None
     ts = str(meta.get("TransferSyntaxUID", "") or "")
     if not is_valid_uid(ts):
         raise InvalidInstance("the file meta information has no valid TransferSyntaxUID")
-    _check_complete(ds)
+    if not UID(ts).is_transfer_syntax:  # PS3.5 Annex A: its encoding is unknown
+        raise InvalidInstance(f"TransferSyntaxUID {ts} is not a known transfer syntax")
     uids = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         try:
