@@ -50,15 +50,17 @@ def regression_inputs(name: str) -> list[Path]:
 def main(name: str, seeds: Callable[[], Iterable[bytes]],
          check: Callable[[bytes], None]) -> None:
     """Run libFuzzer (atheris) on ``check`` over the target's corpus; libFuzzer's options
-    (``-max_total_time=60``, ``-runs=N``, ``-seed=1``) pass through from the command line."""
+    (``-max_total_time=60``, ``-runs=N``, ``-seed=1``) pass through from the command line.
+    Files named on the command line are run once each instead (a crash's replay)."""
     import atheris
 
     quiet()
-    corpus = write_seeds(name, seeds())
     args = [sys.argv[0], *sys.argv[1:]]
+    if not any(not a.startswith("-") for a in args[1:]):  # no inputs named: the corpus
+        args.append(str(write_seeds(name, seeds())))
     if not any(a.startswith("-artifact_prefix=") for a in args):
         artifacts = CORPUS / f"{name}-crashes"
         artifacts.mkdir(parents=True, exist_ok=True)
         args.append(f"-artifact_prefix={artifacts}/")
-    atheris.Setup([*args, str(corpus)], check)
+    atheris.Setup(args, check)
     atheris.Fuzz()
