@@ -30,6 +30,7 @@ from pynetdicom import build_context
 
 from dimse.negotiation import Negotiated, Negotiations, negotiate
 from dimse.scp import AssociationServer
+from dimse.upper_layer import A_ABORT, INVALID_PDU_PARAMETER, SERVICE_PROVIDER, ProtocolError
 from gateway.core import Gateway
 
 UNSUPPORTED_SYNTAX = "1.2.840.10008.1.2.999"
@@ -179,3 +180,33 @@ def test_what_pynetdicom_must_answer_is_not_negotiated_here() -> None:
     assert negotiate(b"\x01\x00\x00\x00\x00\x04abcd", SUPPORTED, 16384) is None
     assert negotiate(associate_request_pdu([], calling="SCU", called="DICOMGW"),
                      SUPPORTED, 16384) is None
+
+
+def _without_abstract_syntax(request: bytes) -> bytes:
+    """``request`` with the Abstract Syntax sub-item (0x30) of its first presentation context
+    item (0x20) cut out, the lengths of the item and the PDU made to agree (PS3.8 9.3.2.2)."""
+    item = request.index(b"\x20\x00", 74)
+    sub = item + 8
+    assert request[sub] == 0x30
+    cut = 4 + int.from_bytes(request[sub + 2:sub + 4], "big")
+    item_length = int.from_bytes(request[item + 2:item + 4], "big") - cut
+    out = (request[:item + 2] + item_length.to_bytes(2, "big") + request[item + 4:sub]
+           + request[sub + cut:])
+    return out[:2] + (len(out) - 6).to_bytes(4, "big") + out[6:]
+
+
+def test_a_context_without_its_abstract_syntax_is_aborted_and_the_server_goes_on(
+        live: LiveServer) -> None:
+    """pynetdicom decodes such an item; its negotiation then raised TypeError inside the
+    gateway's accept path (found by fuzz/fuzz_pdu.py), and its own acceptor fails on it too:
+    the peer got no answer. Now it is aborted (PS3.8 9.3.8: service provider, invalid PDU
+    parameter value), and the next association is served."""
+    malformed = _without_abstract_syntax(request(contexts=1))
+    with pytest.raises(ProtocolError, match="no abstract syntax"):
+        negotiate(malformed, SUPPORTED, 16384)
+    with socket.create_connection(("127.0.0.1", live.dimse_port), timeout=10) as sock:
+        raw = RawAssociation(sock, {})
+        sock.sendall(malformed)
+        pdu_type, body = raw.read_pdu()
+    assert (pdu_type, body[2:4]) == (A_ABORT, bytes([SERVICE_PROVIDER, INVALID_PDU_PARAMETER]))
+    accept_pdu(live.dimse_port, request())
