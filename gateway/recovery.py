@@ -10,7 +10,10 @@ would hold the node down at every start. So the files are read here in a worker 
 2. for each file it is sent the path and given :attr:`StorageSettings.recovery_file_seconds`
    CPU seconds more (``RLIMIT_CPU``: the kernel stops it past them, whatever it is doing);
    it answers the file's relative path, or why it holds no readable instance;
-3. a worker that does not answer (stopped by the kernel, killed, or still going after
+3. a worker that does not start is reported at ERROR and the files are read in this process,
+   unbounded (quarantining them all would take their final names from instances whose index
+   rows exist);
+4. a worker that does not answer (stopped by the kernel, killed, or still going after
    :data:`WALL_FACTOR` times the CPU bound in wall-clock time, as when it waits for a slow
    disk) is killed; the file is reported unreadable and the next file gets a new worker.
 
@@ -82,6 +85,7 @@ class RecoveryReader:
         self.max_inflated_bytes = max_inflated_bytes
         self._worker: subprocess.Popen[bytes] | None = None
         self._pending = b""
+        self._failed = False  # the worker could not start: not tried again
 
     def __enter__(self) -> RecoveryReader:
         return self
@@ -95,7 +99,9 @@ class RecoveryReader:
         file holds no instance readable within the bound (the reason is logged)."""
         worker = self._start()
         if worker is None:
-            return None
+            # No worker: read here, unbounded, rather than quarantine every file (one whose
+            # index row exists would lose its final name).
+            return stored_relpath(path, max_inflated_bytes=self.max_inflated_bytes)
         assert worker.stdin is not None
         try:
             worker.stdin.write(path.encode() + b"\n")
@@ -121,7 +127,7 @@ class RecoveryReader:
         self._stop()
 
     def _start(self) -> subprocess.Popen[bytes] | None:
-        if self._worker is not None:
+        if self._worker is not None or self._failed:
             return self._worker
         self._pending = b""
         self._worker = subprocess.Popen(
@@ -130,7 +136,9 @@ class RecoveryReader:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         if self._read_line(START_SECONDS) != READY:
             self._stop()
-            logger.error("recovery: the worker reading spool files did not start")
+            self._failed = True
+            logger.error("recovery: the worker reading spool files did not start: they are "
+                         "read without a time bound")
             return None
         return self._worker
 
