@@ -182,27 +182,32 @@ def test_what_pynetdicom_must_answer_is_not_negotiated_here() -> None:
                      SUPPORTED, 16384) is None
 
 
-def _without_abstract_syntax(request: bytes) -> bytes:
-    """``request`` with the Abstract Syntax sub-item (0x30) of its first presentation context
-    item (0x20) cut out, the lengths of the item and the PDU made to agree (PS3.8 9.3.2.2)."""
+def _without_sub_items(request: bytes, sub_type: int) -> bytes:
+    """``request`` with the sub-items of type ``sub_type`` (0x30 abstract syntax, 0x40
+    transfer syntax) of its first presentation context item (0x20) cut out, the lengths of the
+    item and the PDU made to agree (PS3.8 9.3.2.2)."""
     item = request.index(b"\x20\x00", 74)
-    sub = item + 8
-    assert request[sub] == 0x30
-    cut = 4 + int.from_bytes(request[sub + 2:sub + 4], "big")
-    item_length = int.from_bytes(request[item + 2:item + 4], "big") - cut
-    out = (request[:item + 2] + item_length.to_bytes(2, "big") + request[item + 4:sub]
-           + request[sub + cut:])
+    end = item + 4 + int.from_bytes(request[item + 2:item + 4], "big")
+    kept, sub = b"", item + 8
+    while sub < end:
+        size = 4 + int.from_bytes(request[sub + 2:sub + 4], "big")
+        if request[sub] != sub_type:
+            kept += request[sub:sub + size]
+        sub += size
+    body = request[item + 4:item + 8] + kept
+    out = request[:item + 2] + len(body).to_bytes(2, "big") + body + request[end:]
     return out[:2] + (len(out) - 6).to_bytes(4, "big") + out[6:]
 
 
-def test_a_context_without_its_abstract_syntax_is_aborted_and_the_server_goes_on(
-        live: LiveServer) -> None:
-    """pynetdicom decodes such an item; its negotiation then raised TypeError inside the
-    gateway's accept path (found by fuzz/fuzz_pdu.py), and its own acceptor fails on it too:
-    the peer got no answer. Now it is aborted (PS3.8 9.3.8: service provider, invalid PDU
-    parameter value), and the next association is served."""
-    malformed = _without_abstract_syntax(request(contexts=1))
-    with pytest.raises(ProtocolError, match="no abstract syntax"):
+@pytest.mark.parametrize(("sub_type", "missing"), [(0x30, "abstract"), (0x40, "transfer")])
+def test_a_context_without_its_syntaxes_is_aborted_and_the_server_goes_on(
+        live: LiveServer, sub_type: int, missing: str) -> None:
+    """pynetdicom decodes such an item; its negotiation then raised TypeError or IndexError
+    inside the gateway's accept path (found by fuzz/fuzz_pdu.py), and its own acceptor fails
+    on it too: the peer got no answer. Now it is aborted (PS3.8 9.3.8: service provider,
+    invalid PDU parameter value), and the next association is served."""
+    malformed = _without_sub_items(request(contexts=1), sub_type)
+    with pytest.raises(ProtocolError, match=f"no {missing} syntax"):
         negotiate(malformed, SUPPORTED, 16384)
     with socket.create_connection(("127.0.0.1", live.dimse_port), timeout=10) as sock:
         raw = RawAssociation(sock, {})
