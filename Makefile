@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OHIF_VERSION := 3.13.2
 VIEWER_CACHE := .viewer-cache/ohif-$(OHIF_VERSION)
 
-.PHONY: run test install system-deps viewer-cache bench lint typecheck clean
+.PHONY: run test install system-deps viewer-cache bench fuzz lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,11 +60,21 @@ bench: $(STAMP) system-deps
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/pixels.py
 
+# `make fuzz`: each fuzz target (fuzz/fuzz_*.py) for FUZZ_SECONDS; the corpus grows in
+# .fuzz-corpus/, crashes land in .fuzz-corpus/<target>-crashes/ (fuzz/README.md).
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	@for target in fuzz/fuzz_*.py; do \
+	  echo "== $$target ($(FUZZ_SECONDS) s)"; \
+	  $(BIN)/python $$target -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
+	    -print_final_stats=1 || exit 1; \
+	done
+
 lint: $(STAMP)
-	$(BIN)/ruff check gateway dimse dicomweb viewer_links sample_dicom tests bench
+	$(BIN)/ruff check gateway dimse dicomweb viewer_links sample_dicom tests bench fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .viewer-cache
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .viewer-cache .fuzz-corpus

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 from pydicom import dcmread
 
 from dicomweb.app import audit, base_url, gateway_of, require
@@ -129,6 +130,12 @@ def _identify(data: bytes) -> tuple[str, str]:
         return str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
     except Exception:
         return "", ""
+
+
+def _brief(exc: Exception) -> str:
+    """An error of the multipart reader, short and printable (it may quote the body)."""
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def with_part10_header(chunks: list[bytes]) -> list[bytes]:
@@ -271,8 +278,10 @@ async def store_instances(request: web.Request) -> web.Response:
         while True:
             try:
                 part = await reader.next()
-            except ValueError as exc:
-                raise HTTPProblem(400, f"malformed multipart body: {exc}") from None
+            except (ValueError, BadHttpMessage) as exc:
+                # A part's headers are parsed as HTTP headers (RFC 2046 §5.1.1): a malformed
+                # one raises aiohttp's BadHttpMessage (InvalidHeader, LineTooLong).
+                raise HTTPProblem(400, f"malformed multipart body: {_brief(exc)}") from None
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):

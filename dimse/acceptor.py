@@ -361,7 +361,20 @@ class Acceptor:
         if peeked is None:
             return self._leave_to_pynetdicom(sock)
         titles = ae_titles(peeked)
-        negotiated = self.negotiations.get(peeked) if titles is not None else None
+        try:
+            negotiated = self.negotiations.get(peeked) if titles is not None else None
+        except Exception as exc:  # malformed past what pynetdicom answers, or a defect
+            if isinstance(exc, upper_layer.ProtocolError):
+                logger.warning("A-ASSOCIATE-RQ from %s aborted: %s", host, exc)
+                reason = exc.reason
+            else:
+                logger.exception("A-ASSOCIATE-RQ from %s aborted after an unexpected error",
+                                 host)
+                reason = upper_layer.REASON_NOT_SPECIFIED
+            upper_layer.send_quietly(sock, upper_layer.abort_pdu(
+                upper_layer.SERVICE_PROVIDER, reason))
+            upper_layer.close(sock)
+            return True
         if titles is None or negotiated is None:
             return self._leave_to_pynetdicom(sock)
         use_kernel_timeouts(sock, self.settings.network_timeout)

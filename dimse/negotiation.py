@@ -36,6 +36,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from dimse.upper_layer import ProtocolError
 from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 # User Information items an association may carry and still be run by dimse.acceptor.
@@ -134,6 +135,13 @@ def negotiate(request: bytes, supported: list[PresentationContext],
     request cannot be run by :mod:`dimse.acceptor` (malformed, no context proposed, or a
     User Information item other than :data:`PLAIN_USER_ITEMS`): pynetdicom reads and answers
     it then.
+
+    Raises
+    ------
+    ProtocolError
+        A presentation context item without its abstract syntax or transfer syntaxes,
+        which pynetdicom decodes but cannot answer: the caller aborts the association
+        (PS3.8 9.3.8, invalid PDU parameter value).
     """
     try:
         pdu = AssociateRqPDU()
@@ -145,6 +153,15 @@ def negotiate(request: bytes, supported: list[PresentationContext],
             isinstance(item, PLAIN_USER_ITEMS) for item in primitive.user_information):
         return None
     proposed = primitive.presentation_context_definition_list
+    for context in proposed:
+        # PS3.8 9.3.2.2: each item has one Abstract Syntax sub-item and one or more Transfer
+        # Syntax sub-items. pynetdicom decodes an item without them, then fails on it
+        # (TypeError, IndexError), in its own acceptor as in its negotiation, leaving the
+        # peer unanswered (fuzz/fuzz_pdu.py): the request is aborted here.
+        if context.abstract_syntax is None:
+            raise ProtocolError("a presentation context item has no abstract syntax")
+        if not context.transfer_syntax:
+            raise ProtocolError("a presentation context item has no transfer syntax")
     roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
              for item in primitive.user_information
              if isinstance(item, SCP_SCU_RoleSelectionNegotiation)

@@ -129,6 +129,10 @@ class StorageSettings:
     # (0xA700) and nothing kept: it is inflated as a stream to learn its size, and held whole
     # only when under the bound.
     max_inflated_bytes: int = 64 * 1024**2
+    # Crash recovery reads each spool file left behind in a worker process given this many
+    # CPU seconds per file; a file it cannot read, or not within them, is moved to
+    # <data>/quarantine (never deleted), so that the node always comes up.
+    recovery_file_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_STORAGE_MIN_FREE_BYTES": ("storage", "min_free_bytes"),
     "GATEWAY_STORAGE_DIRECT_IO": ("storage", "direct_io"),
     "GATEWAY_STORAGE_MAX_INFLATED_BYTES": ("storage", "max_inflated_bytes"),
+    "GATEWAY_STORAGE_RECOVERY_FILE_SECONDS": ("storage", "recovery_file_seconds"),
 }
 
 _SECTIONS: dict[str, type] = {
@@ -313,5 +318,9 @@ def _check(settings: Settings) -> None:
             or dimse.max_pending_per_address < 1:
         raise SettingsError("dimse.association_request_timeout, max_pending_associations and "
                             "max_pending_per_address must be positive")
+    seconds = settings.storage.recovery_file_seconds
+    if not seconds >= 1:
+        raise SettingsError(f"storage.recovery_file_seconds {seconds} must be at least 1 "
+                            "(CPU seconds, counted in whole seconds)")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

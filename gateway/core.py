@@ -7,9 +7,16 @@ from pathlib import Path
 
 from gateway.audit import AuditSink, DatabaseAudit
 from gateway.config import Settings
-from gateway.errors import Conflict, InvalidInstance, TooLarge
+from gateway.errors import (
+    Conflict,
+    IdentityConflict,
+    InstanceRejected,
+    InvalidInstance,
+    TooLarge,
+)
 from gateway.index import Index
-from gateway.ingest import Ingestor, stored_relpath
+from gateway.ingest import Ingestor
+from gateway.recovery import RecoveryReader
 from gateway.storage import FileStorage, make_private_folders
 
 logger = logging.getLogger(__name__)
@@ -47,7 +54,12 @@ class Gateway:
             self.index.upgrade()
         # Recovery only when no other process (serve, a worker, a CLI command) uses the folder.
         if recover:
-            self.storage.attach(self.index.has_file, stored_relpath, self._restore)
+            # Each spool file is read in a worker process, within [storage]
+            # recovery_file_seconds of CPU: what it cannot read goes to the quarantine folder.
+            storage = self.settings.storage
+            with RecoveryReader(storage.recovery_file_seconds,
+                                storage.max_inflated_bytes) as reader:
+                self.storage.attach(self.index.has_file, reader.identify, self._restore)
         else:
             self.storage.attach()
         return self
@@ -55,10 +67,11 @@ class Gateway:
     def _restore(self, path: str) -> bool:
         """Store again an instance found by recovery in a spool file without its index row
         (the row of a write that may have been acknowledged, lost in a power failure);
-        ``False`` if it is refused (another instance is stored under its SOP Instance UID)."""
+        ``False`` if it is refused (another instance is stored under its SOP Instance UID, its
+        study belongs to another patient, an IOCM rejection note rejected it...)."""
         try:
             self.ingestor.ingest(Path(path).read_bytes(), source="recovery")
-        except (Conflict, InvalidInstance, TooLarge) as exc:
+        except (Conflict, IdentityConflict, InstanceRejected, InvalidInstance, TooLarge) as exc:
             logger.warning("recovery did not store the instance in %s again: %s", path, exc)
             return False
         return True

@@ -37,6 +37,8 @@ _US_OR_SS = frozenset({0x00280106, 0x00280107, 0x00280108, 0x00280109, 0x0028012
                        0x00280121})
 ITEM, ITEM_DELIMITATION, SEQUENCE_DELIMITATION = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# Sequences nested deeper than this are refused (gateway.metadata.MAX_NESTING says why).
+MAX_NESTING = 64
 
 # Explicit VRs with a 4-byte length (PS3.5 Table 7.1-1).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
@@ -118,6 +120,7 @@ class _Reader:
         self.top = top
         self.codec = "latin_1"
         self.text_read = False  # a text value decoded: too late to change the character set
+        self.depth = 0  # sequences open
 
     def header(self, pos: int) -> tuple[int, str | None, int, int]:
         """Tag, VR (``None`` for item tags), value length, value offset.
@@ -249,6 +252,16 @@ class _Reader:
         end = len(data) if length == UNDEFINED_LENGTH else pos + length
         if end > len(data):
             raise Unsupported("sequence cut short")
+        if self.depth >= MAX_NESTING:
+            raise Unsupported(f"sequences nested deeper than {MAX_NESTING}")
+        self.depth += 1
+        try:
+            return self._read_items_of(items, pos, end, length, path)
+        finally:
+            self.depth -= 1
+
+    def _read_items_of(self, items: list[dict[str, Any]], pos: int, end: int, length: int,
+                       path: str) -> int:
         while pos < end:
             tag, _vr, item_length, pos = self.header(pos)
             if tag == SEQUENCE_DELIMITATION and length == UNDEFINED_LENGTH:

@@ -36,7 +36,6 @@ from gateway.errors import (
     InstanceRejected,
     InvalidInstance,
     SOPClassMismatch,
-    TooLarge,
 )
 from gateway.index import Index
 from gateway.iocm import KEY_OBJECT_SELECTION, Rejection, rejection_of
@@ -425,21 +424,6 @@ class Ingestor:
             audit.record(self.index, audit.Action.STORE, outcome=audit.Outcome.SERIOUS_FAILURE,
                          actor=source, patient_id=patient_id, study_uid=study_uid,
                          instance_uids=[parsed.sop_instance_uid], detail=detail)
-
-
-def stored_relpath(path: str) -> str | None:
-    """The relative path the instance in the file at ``path`` is stored under (from its UIDs
-    and data set digest, as :meth:`Ingestor.ingest` names it), or ``None`` if the file holds
-    no readable instance: crash recovery's way to know what a spool file held
-    (:meth:`FileStorage.recover`).
-    """
-    data = Path(path).read_bytes()
-    try:
-        parsed = parse_instance(data, digest=False)
-        return relative_path(parsed.study_instance_uid, parsed.series_instance_uid,
-                             parsed.sop_instance_uid, dataset_digest(data))
-    except (InvalidInstance, TooLarge, ValueError):
-        return None
 
 
 def read_part10(path: Path) -> bytes:

@@ -42,6 +42,10 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian (PS3.5 A.5)
 # Default of [storage] max_inflated_bytes, and what recovery applies.
 DEFAULT_MAX_INFLATED_BYTES = 64 * 1024**2
+# Sequences nested deeper than this are refused: real objects (SR content trees included) stay
+# far below, and deeper ones exhaust the interpreter's recursion in pydicom, in the DICOM
+# JSON writers (orjson stops at 255 JSON levels, three per sequence) and in every later read.
+MAX_NESTING = dicom_json.MAX_NESTING
 INFLATE_CHUNK = 1024 * 1024  # the most inflated bytes held at once while measuring
 
 # Patient and study level attributes kept with the study (returned by study-level QIDO-RS,
@@ -221,6 +225,8 @@ def check_plausible(data: bytes) -> None:
     if ts == DEFLATED or not is_valid_uid(ts):
         return
     uid = UID(ts)
+    if not uid.is_transfer_syntax:  # a private or unknown one: its encoding is unknown
+        return
     explicit = not uid.is_implicit_VR
     order = "<" if uid.is_little_endian else ">"
     pos, previous, end = offset, -1, len(data)
@@ -373,11 +379,25 @@ def read_with_pydicom(data: bytes) -> ParsedInstance:
     except Exception as exc:  # pydicom raises many kinds on corrupt input
         raise InvalidInstance(f"unreadable DICOM data: {type(exc).__name__}: {exc}") from None
 
+    _check_complete(ds)  # on the raw elements, before they are converted
     meta = ds.file_meta
+    try:
+        # pydicom converts a value when it is first asked for, and a malformed one raises
+        # whatever its converter raises (NotImplementedError for an unknown VR, among
+        # others): every element is converted here, once, so that none raises later.
+        for dataset in (meta, ds):
+            for _ in dataset.iterall():
+                pass
+    except Exception as exc:
+        raise InvalidInstance(f"the data set cannot be decoded: {type(exc).__name__}: "
+                              f"{exc}"[:200]) from None
+    if _nesting(ds) > MAX_NESTING:
+        raise InvalidInstance(f"sequences are nested deeper than {MAX_NESTING} levels")
     ts = str(meta.get("TransferSyntaxUID", "") or "")
     if not is_valid_uid(ts):
         raise InvalidInstance("the file meta information has no valid TransferSyntaxUID")
-    _check_complete(ds)
+    if not UID(ts).is_transfer_syntax:  # PS3.5 Annex A: its encoding is unknown
+        raise InvalidInstance(f"TransferSyntaxUID {ts} is not a known transfer syntax")
     uids = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         try:
@@ -402,6 +422,21 @@ def read_with_pydicom(data: bytes) -> ParsedInstance:
     except Exception as exc:
         raise InvalidInstance(f"the data set cannot be decoded: {exc}") from None
     return parsed
+
+
+def _nesting(ds: Dataset, depth: int = 0) -> int:
+    """How deep sequences nest in ``ds`` (its elements converted), counted up to just past
+    :data:`MAX_NESTING`."""
+    deepest = depth
+    for elem in ds._dict.values():  # noqa: SLF001 - converted by read_with_pydicom
+        if getattr(elem, "VR", None) == "SQ" and deepest <= MAX_NESTING:
+            for item in elem.value or ():
+                if not isinstance(item, Dataset):
+                    continue
+                deepest = max(deepest, _nesting(item, depth + 1))
+                if deepest > MAX_NESTING:
+                    return deepest
+    return deepest
 
 
 def _check_complete(ds: Dataset) -> None:

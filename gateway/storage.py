@@ -22,11 +22,14 @@ So at the acknowledgement the content is on stable storage under a name on stabl
 waits for a folder's or the index's flush. After a crash or a power failure,
 :meth:`FileStorage.recover` reads each file left in ``.incoming``: an instance whose row is
 there gets its final name back (and flushed); one whose row is not (lost with the log's tail)
-is stored again (``restore``), in the order the files were written; a file holding no instance
-is removed. No other part of the store has to be scanned. A refused instance's spool file is
-removed, and the removal flushed, before the refusal is answered, so that recovery cannot store
-it. A final name found taken is kept only if its file holds the same data set; else this
-write's file replaces it.
+is stored again (``restore``), in the order the files were written; a file whose content
+never reached the disk (only zero bytes) is removed. A file holding no instance that can be
+read (in the time :class:`gateway.recovery.RecoveryReader` gives it), or whose storing fails
+unexpectedly, is moved to ``<data>/quarantine`` (never deleted: it may be patient data), so
+that the node always comes up. No other part of the store has to be scanned. A refused
+instance's spool file is removed, and the removal flushed, before the refusal is answered, so
+that recovery cannot store it. A final name found taken is kept only if its file holds the
+same data set; else this write's file replaces it.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from gateway.uids import validate_uid
 logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+QUARANTINE = "quarantine"  # beside the files folder: <data>/quarantine
 # Modes of what holds patient data: the gateway's user only (the umask can only narrow them).
 PRIVATE_FILE = 0o600
 PRIVATE_FOLDER = 0o700
@@ -155,12 +159,17 @@ class FileStorage:
         Put the index's commits so far on stable storage (:meth:`gateway.index.Index.flush`):
         called before the spool names of finished writes are dropped, since until then their
         rows may be lost in a power failure and recovery needs the files to write them again.
+    quarantine
+        Where recovery moves the spool files it cannot read (default: :data:`QUARANTINE`
+        beside ``root``), created when first needed.
     """
 
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
                  direct_io: bool = True, background_flush: bool = True,
-                 flush_index: Callable[[], None] | None = None) -> None:
+                 flush_index: Callable[[], None] | None = None,
+                 quarantine: Path | None = None) -> None:
         self.root = root
+        self.quarantine = quarantine if quarantine is not None else root.parent / QUARANTINE
         self.flush_index = flush_index
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
@@ -668,7 +677,7 @@ class FileStorage:
     # -- recovery -----------------------------------------------------------------------------
     def recover(self, is_indexed: Callable[[str], bool],
                 identify: Callable[[str], str | None],
-                restore: Callable[[str], bool] | None = None) -> tuple[int, int, int]:
+                restore: Callable[[str], bool] | None = None) -> tuple[int, int, int, int]:
         """Finish the writes a crash or a power failure left in ``.incoming``, or undo them.
 
         Parameters
@@ -677,8 +686,8 @@ class FileStorage:
             Tells whether the index holds a row for a relative path.
         identify
             The relative path of the instance a file holds (from its UIDs and digest), or
-            ``None`` if it holds none: a write whose content never reached the disk, which
-            was never linked to a final name either.
+            ``None`` if it holds none that can be read: a write cut short, garbage, or a data
+            set the reader gave up on (:class:`gateway.recovery.RecoveryReader`).
         restore
             Store the instance in a file again, through the whole ingest path; ``False`` if
             it is refused (another instance holds its SOP Instance UID). Called for each file
@@ -689,9 +698,10 @@ class FileStorage:
         Returns
         -------
         tuple of int
-            How many writes were confirmed (their row exists), stored again, and undone.
+            How many writes were confirmed (their row exists), stored again, undone, and
+            how many files were moved to :attr:`quarantine`.
         """
-        kept = undone = 0
+        kept = undone = quarantined = 0
         unindexed: list[tuple[int, str, str]] = []  # (written at, spool file, relative path)
         # This process's own ready spool files, once it writes, are in its stock: left alone.
         adopt = self._housekeeper is None and not self._closed
@@ -708,8 +718,16 @@ class FileStorage:
             if _is_empty(spool):
                 _unlink(spool)
                 continue
+            if _is_zeros(spool):  # the content never reached the disk: nothing to keep
+                self._undo(spool, None)
+                undone += 1
+                continue
             relpath = identify(spool)
-            if relpath is not None and is_indexed(relpath):
+            if relpath is None:
+                self._quarantine(spool, None)
+                quarantined += 1
+                continue
+            if is_indexed(relpath):
                 final = self._final(relpath)
                 made = False
                 if not os.path.exists(final):
@@ -717,7 +735,7 @@ class FileStorage:
                 self._flush_folders([PendingWrite(relpath, spool, made)])
                 kept += 1
                 continue
-            if relpath is not None and restore is not None:
+            if restore is not None:
                 unindexed.append((os.stat(spool).st_mtime_ns, spool, relpath))
                 continue
             self._undo(spool, relpath)
@@ -733,16 +751,37 @@ class FileStorage:
                 logger.error("cannot store again the instance in %s (%s): left for the next "
                              "start", spool, exc)
                 continue
+            except Exception:  # a defect must not keep the node down: kept aside
+                logger.exception("cannot store again the instance in %s", spool)
+                self._quarantine(spool, relpath)
+                quarantined += 1
+                continue
             if stored:
                 _unlink(spool)  # its new write has a spool name of its own
                 restored += 1
             else:
                 self._undo(spool, relpath)
                 undone += 1
-        if kept or restored or undone:
+        if kept or restored or undone or quarantined:
             logger.warning("recovered storage: %d writes confirmed, %d stored again, "
-                           "%d unfinished writes removed", kept, restored, undone)
-        return kept, restored, undone
+                           "%d unfinished writes removed, %d unreadable files moved to %s",
+                           kept, restored, undone, quarantined, self.quarantine)
+        return kept, restored, undone, quarantined
+
+    def _quarantine(self, spool: str, relpath: str | None) -> None:
+        """Move a spool file recovery cannot store to :attr:`quarantine` (never deleted: it
+        may be patient data), the final name it may have been given removed."""
+        if relpath is not None and _unlink_if_same(self._final(relpath), spool):
+            _fsync_if_exists(os.path.dirname(self._final(relpath)))
+        make_private_folders(self.quarantine)
+        target = self.quarantine / os.path.basename(spool)
+        while target.exists():  # a name left by an earlier start
+            target = target.with_name(f"{secrets.token_hex(8)}.part")
+        os.chmod(spool, PRIVATE_FILE)
+        os.rename(spool, target)
+        if self.fsync:
+            _fsync(str(self.quarantine))
+            self._flush_removal()
 
     def _undo(self, spool: str, relpath: str | None) -> None:
         """Remove a spool file left by a write not to be kept, and the final name it may have
@@ -829,6 +868,16 @@ def _is_ready_spool_file(path: str) -> bool:
         return False
     return (path.endswith(".part") and stat.S_ISREG(status.st_mode) and status.st_size == 0
             and status.st_nlink == 1)
+
+
+def _is_zeros(path: str) -> bool:
+    """Whether a file holds only zero bytes (its blocks allocated, its content never
+    written: a power failure before the flush)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True
 
 
 def _is_empty(path: str | Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -29,16 +30,24 @@ class GatewayProcess:
         )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
+        # Read the raw pipe with a deadline: a gateway stuck before it listens must fail the
+        # test, not hang it.
+        fd = self.proc.stdout.fileno()
+        said = b""
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
                 self._closed()
                 raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-2000:]}")
-            match = READY.search(line)
+            said += chunk
+            match = READY.search(said.decode(errors="replace"))
             if match:
                 self.dimse_port, self.http_port = int(match[1]), int(match[2])
                 return self
-        raise RuntimeError("gateway did not become ready")
+        self.stop()
+        raise RuntimeError(f"gateway did not become ready within {timeout} s")
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -30,6 +30,7 @@ from pynetdicom import build_context
 
 from dimse.negotiation import Negotiated, Negotiations, negotiate
 from dimse.scp import AssociationServer
+from dimse.upper_layer import A_ABORT, INVALID_PDU_PARAMETER, SERVICE_PROVIDER, ProtocolError
 from gateway.core import Gateway
 
 UNSUPPORTED_SYNTAX = "1.2.840.10008.1.2.999"
@@ -179,3 +180,38 @@ def test_what_pynetdicom_must_answer_is_not_negotiated_here() -> None:
     assert negotiate(b"\x01\x00\x00\x00\x00\x04abcd", SUPPORTED, 16384) is None
     assert negotiate(associate_request_pdu([], calling="SCU", called="DICOMGW"),
                      SUPPORTED, 16384) is None
+
+
+def _without_sub_items(request: bytes, sub_type: int) -> bytes:
+    """``request`` with the sub-items of type ``sub_type`` (0x30 abstract syntax, 0x40
+    transfer syntax) of its first presentation context item (0x20) cut out, the lengths of the
+    item and the PDU made to agree (PS3.8 9.3.2.2)."""
+    item = request.index(b"\x20\x00", 74)
+    end = item + 4 + int.from_bytes(request[item + 2:item + 4], "big")
+    kept, sub = b"", item + 8
+    while sub < end:
+        size = 4 + int.from_bytes(request[sub + 2:sub + 4], "big")
+        if request[sub] != sub_type:
+            kept += request[sub:sub + size]
+        sub += size
+    body = request[item + 4:item + 8] + kept
+    out = request[:item + 2] + len(body).to_bytes(2, "big") + body + request[end:]
+    return out[:2] + (len(out) - 6).to_bytes(4, "big") + out[6:]
+
+
+@pytest.mark.parametrize(("sub_type", "missing"), [(0x30, "abstract"), (0x40, "transfer")])
+def test_a_context_without_its_syntaxes_is_aborted_and_the_server_goes_on(
+        live: LiveServer, sub_type: int, missing: str) -> None:
+    """pynetdicom decodes such an item; its negotiation then raised TypeError or IndexError
+    inside the gateway's accept path (found by fuzz/fuzz_pdu.py), and its own acceptor fails
+    on it too: the peer got no answer. Now it is aborted (PS3.8 9.3.8: service provider,
+    invalid PDU parameter value), and the next association is served."""
+    malformed = _without_sub_items(request(contexts=1), sub_type)
+    with pytest.raises(ProtocolError, match=f"no {missing} syntax"):
+        negotiate(malformed, SUPPORTED, 16384)
+    with socket.create_connection(("127.0.0.1", live.dimse_port), timeout=10) as sock:
+        raw = RawAssociation(sock, {})
+        sock.sendall(malformed)
+        pdu_type, body = raw.read_pdu()
+    assert (pdu_type, body[2:4]) == (A_ABORT, bytes([SERVICE_PROVIDER, INVALID_PDU_PARAMETER]))
+    accept_pdu(live.dimse_port, request())

@@ -197,23 +197,50 @@ def test_two_lost_rows_of_one_sop_instance_uid_are_stored_in_the_order_written(
         gateway.close()
 
 
-@pytest.mark.parametrize("content", ["zeros", "cut short", "garbage"])
 def test_a_spool_file_whose_content_never_reached_the_disk_is_removed(
-        tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture,
-        content: str) -> None:
+        tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """The power failed before the content was flushed: no final name was given to it and
-    no row written; whatever the file holds, nothing of it is kept or indexed."""
+    no row written; a file of zero bytes holds nothing, and is removed."""
     settings = make_settings(tmp_path, database_url)
     data = part10(ct_dataset(1))
     with Gateway(settings) as gateway:
         kept_file = _store(gateway, part10(ct_dataset(0)))
         spool = gateway.storage.incoming / SPOOL
-        spool.write_bytes({"zeros": bytes(len(data)), "cut short": data[:len(data) // 3],
-                           "garbage": os.urandom(len(data))}[content])
+        spool.write_bytes(bytes(len(data)))
     gateway = _restart(settings, caplog)
     try:
-        assert "0 writes confirmed, 0 stored again, 1 unfinished writes removed" in caplog.text
+        assert "0 writes confirmed, 0 stored again, 1 unfinished writes removed, " \
+               "0 unreadable files" in caplog.text
         assert not spool.exists()
+        assert not (settings.data_dir / "quarantine").exists()
+        assert kept_file.exists() and _instances(gateway) == 1
+    finally:
+        gateway.close()
+
+
+@pytest.mark.parametrize("content", ["cut short", "garbage"])
+def test_an_unreadable_spool_file_is_quarantined_not_deleted(
+        tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture,
+        content: str) -> None:
+    """A spool file holding bytes but no readable instance (a write cut short, garbage) is
+    neither stored nor indexed; it may be patient data, so it is moved to the quarantine
+    folder (0700, the file 0600), never deleted."""
+    settings = make_settings(tmp_path, database_url)
+    data = part10(ct_dataset(1))
+    held = {"cut short": data[:len(data) // 3], "garbage": os.urandom(len(data))}[content]
+    with Gateway(settings) as gateway:
+        kept_file = _store(gateway, part10(ct_dataset(0)))
+        spool = gateway.storage.incoming / SPOOL
+        spool.write_bytes(held)
+    gateway = _restart(settings, caplog)
+    try:
+        assert "0 writes confirmed, 0 stored again, 0 unfinished writes removed, " \
+               "1 unreadable files moved to" in caplog.text
+        assert not spool.exists()
+        quarantine = settings.data_dir / "quarantine"
+        assert (quarantine / SPOOL).read_bytes() == held
+        assert quarantine.stat().st_mode & 0o777 == 0o700
+        assert (quarantine / SPOOL).stat().st_mode & 0o777 == 0o600
         assert kept_file.exists() and _instances(gateway) == 1
     finally:
         gateway.close()

@@ -11,8 +11,8 @@ from pathlib import Path
 from conftest import ct_dataset, make_settings, only_ready_spool_files, part10
 
 from gateway.core import Gateway
-from gateway.ingest import stored_relpath
 from gateway.metadata import parse_instance
+from gateway.recovery import stored_relpath
 from gateway.storage import SPOOL_STOCK, relative_path
 
 
@@ -50,7 +50,7 @@ def test_recovery_runs_when_no_other_process_is_attached(tmp_path: Path,
             restarted.storage.sync()
             assert only_ready_spool_files(restarted.storage.incoming)
     with Gateway(settings) as again:  # ...and nothing left for a recovery to do
-        assert again.storage.recover(again.index.has_file, stored_relpath) == (0, 0, 0)
+        assert again.storage.recover(again.index.has_file, stored_relpath) == (0, 0, 0, 0)
 
 
 def test_a_write_finished_after_a_racing_delete_keeps_its_file(tmp_path: Path,
@@ -115,7 +115,7 @@ def test_spool_files_made_ahead_are_not_writes(tmp_path: Path, database_url: str
         assert len(made_ahead - now) == 3  # three of them used, not three new ones made
     # not counted as writes by a recovery
     with Gateway(settings) as again:
-        assert again.storage.recover(lambda relpath: False, stored_relpath) == (0, 0, 0)
+        assert again.storage.recover(lambda relpath: False, stored_relpath) == (0, 0, 0, 0)
 
 
 def test_a_series_folder_removed_meanwhile_is_made_again(tmp_path: Path,

@@ -185,3 +185,19 @@ def test_empty_body_is_400(live: LiveServer) -> None:
     token = api_key(live.gateway, "writer", "dicomweb:write")
     reply = post(live, token, b"--XyZzYboundary--\r\n")
     assert reply.status == 400
+
+
+@pytest.mark.parametrize("head", [b"Content\x00Type: application/dicom",
+                                  b"Content-Type: application/dicom\r\nno colon here",
+                                  b"X-Long: " + b"a" * 70000])
+def test_a_part_with_malformed_headers_is_400_naming_it(live: LiveServer, head: bytes) -> None:
+    """A part's headers are HTTP headers (RFC 2046 §5.1.1); one aiohttp cannot parse is a
+    malformed body, not a server error (found by fuzz/fuzz_stow.py)."""
+    token = api_key(live.gateway, "writer", "dicomweb:write")
+    body = (b"--XyZzYboundary\r\n" + head + b"\r\n\r\n" + part10(ct_dataset(0))
+            + b"\r\n--XyZzYboundary--\r\n")
+    reply = post(live, token, body)
+    assert reply.status == 400
+    assert reply.headers["Content-Type"] == "application/problem+json"
+    assert json.loads(reply.body)["detail"].startswith("malformed multipart body")
+    assert count(live) == 0
