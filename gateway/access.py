@@ -25,6 +25,7 @@ class Scope(enum.StrEnum):
     DICOMWEB_WRITE = "dicomweb:write"
     LINKS_MINT = "links:mint"
     AUDIT_READ = "audit:read"
+    EVENTS_READ = "events:read"
     ADMIN = "admin"
 
 
