@@ -308,6 +308,14 @@ def announce(index: Index, stable_seconds: float) -> int:
     return index.write(work)
 
 
+def next_quiet(index: Index, stable_seconds: float) -> datetime | None:
+    """When the next pending study becomes quiet (the scan sleeps until then), if any."""
+    with index.Session() as session:
+        oldest = session.scalar(select(func.min(EventStudy.last_instance_at)).where(
+            EventStudy.pending.is_(True)))
+    return None if oldest is None else _aware(oldest) + timedelta(seconds=stable_seconds)
+
+
 # -- deliveries ---------------------------------------------------------------------------------
 def webhook_key(url: str) -> str:
     """The name a webhook's deliveries and cursor are kept under: a digest of its URL.
@@ -568,15 +576,21 @@ class EventService:
             self._client = None
 
     async def _scan_forever(self) -> None:
+        stable = self.settings.stable_seconds
         while True:
+            wait = self.interval
             try:
                 await asyncio.to_thread(discover, self.index)
-                if await asyncio.to_thread(announce, self.index, self.settings.stable_seconds):
+                if await asyncio.to_thread(announce, self.index, stable):
                     for wake in self._wake.values():
                         wake.set()
+                # Wake when the next study's quiet time ends, not up to an interval later.
+                quiet = await asyncio.to_thread(next_quiet, self.index, stable)
+                if quiet is not None:
+                    wait = min(wait, max(0.01, (quiet - now()).total_seconds()))
             except Exception:
                 logger.exception("event scan failed; trying again")
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(wait)
 
     async def _deliver_forever(self, hook: Webhook, key: str) -> None:
         wake = self._wake[key]

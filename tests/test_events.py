@@ -317,6 +317,44 @@ def test_a_study_received_just_before_a_crash_is_announced_once_after_restart(
             assert connection.exec_driver_sql("SELECT COUNT(*) FROM event").scalar() == 1
 
 
+def test_a_rejection_note_announces_the_rejected_instances(
+        tmp_path: Path, database_url: str, receivers: Any) -> None:
+    from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
+
+    from sample_dicom.generator import SeriesSpec, StudySpec, generate_study, key_object
+
+    receiver = receivers.make()
+    settings = make_settings(tmp_path, database_url,
+                             GATEWAY_CONFIG=str(events_toml(tmp_path, receiver.url)))
+    spec = StudySpec(patient_id="LU0000042", accession_number="IOCM1", key_object=False,
+                     series=(SeriesSpec(instances=3, rows=32, columns=32),))
+    images = generate_study(spec, seed=5)
+    uid = str(images[0].StudyInstanceUID)
+    note = key_object(spec, images[1:], 5, uid,
+                      title=("113001", "DCM", "Rejected for Quality Reasons"))
+    with Gateway(settings) as gateway, LiveServer(gateway) as live:
+        ae = AE(ae_title="MODALITY")
+        for sop_class in (CTImageStorage, KeyObjectSelectionDocumentStorage):
+            ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", live.dimse_port, ae_title="DICOMGW")
+        try:
+            assert [int(assoc.send_c_store(ds).Status) for ds in [*images, note]] == [0] * 4
+        finally:
+            assoc.release()
+        # The rejection's event, then (after the quiet time) the study with what is left.
+        assert wait_until(lambda: len(receiver.acknowledged()) == 2, WAIT)
+        rejected, stable = receiver.acknowledged()
+        assert rejected["type"] == "instances.rejected"
+        assert rejected["data"]["study"] == uid
+        assert rejected["data"]["instances"] == sorted(str(ds.SOPInstanceUID)
+                                                       for ds in images[1:])
+        assert rejected["data"]["rejection"] == {"code": "113001",
+                                                 "meaning": "Rejected for Quality Reasons"}
+        assert rejected["data"]["note"] == str(note.SOPInstanceUID)
+        assert stable["type"] == "study.stable" and stable["data"]["instances"] == 1
+        assert rejected["data"]["seq"] < stable["data"]["seq"]
+
+
 @pytest.mark.parametrize(("hook", "words"), [
     ('url = "ftp://portal.example/x"\nsecret = "SECRET"', "not an http:// or https:// URL"),
     ('url = "https://portal.example/x"\nsecret = "portal-secret"', "Standard Webhooks' format"),
