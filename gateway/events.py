@@ -241,6 +241,10 @@ def discover(index: Index) -> int:
     of ``event_study`` written per such study, none per instance.
     """
     postgres = index.dialect == "postgresql"
+    with index.Session() as session:  # most polls find nothing: no write, no lock taken
+        cursor = _cursor(session, INSTANCES_CURSOR) or 0
+        if session.scalar(select(Instance.pk).where(Instance.pk > cursor).limit(1)) is None:
+            return 0
 
     def work(session: Session) -> int:
         cursor = _cursor(session, INSTANCES_CURSOR) or 0
@@ -271,7 +275,9 @@ def discover(index: Index) -> int:
             _move_cursor(session, INSTANCES_CURSOR, _cursor(session, INSTANCES_CURSOR), newest)
         return len(found)
 
-    return index.write(work)
+    # Not flushed at once: after a power failure that loses it, the scan reads the same
+    # instances again (their rows are flushed with the ingest's, by Index.flush).
+    return index.write(work, durable=False)
 
 
 def announce(index: Index, stable_seconds: float) -> int:
