@@ -487,7 +487,7 @@ async def send(client: aiohttp.ClientSession, hook: Webhook, claimed: Claimed,
             return f"HTTP {response.status}"
     except TimeoutError:
         return f"no answer within {timeout:g} s"
-    except aiohttp.ClientError as exc:
+    except (aiohttp.ClientError, OSError, ValueError) as exc:  # refused, reset, bad answer
         return f"{type(exc).__name__}: {exc}"
 
 
