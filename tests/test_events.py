@@ -13,19 +13,23 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from standardwebhooks import Webhook as Verifier
 
+from gateway import events
 from gateway.config import SettingsError, load_settings
 from gateway.core import Gateway
-from tests.conftest import LiveServer, ct_dataset, make_settings
+from sample_dicom.generator import SeriesSpec, StudySpec, generate_study, key_object
+from tests.conftest import LiveServer, ct_dataset, make_settings, part10
 from tests.dicomweb_helpers import api_key, raw
 from tests.dimse_helpers import wait_until
 from tests.gateway_process import GatewayProcess
@@ -319,10 +323,6 @@ def test_a_study_received_just_before_a_crash_is_announced_once_after_restart(
 
 def test_a_rejection_note_announces_the_rejected_instances(
         tmp_path: Path, database_url: str, receivers: Any) -> None:
-    from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
-
-    from sample_dicom.generator import SeriesSpec, StudySpec, generate_study, key_object
-
     receiver = receivers.make()
     settings = make_settings(tmp_path, database_url,
                              GATEWAY_CONFIG=str(events_toml(tmp_path, receiver.url)))
@@ -381,3 +381,33 @@ def test_a_secret_file_is_read(tmp_path: Path) -> None:
                       f'secret_file = "{secret}"\n')
     (hook,) = load_settings(config, environ={}).events.webhooks
     assert hook.secret == SECRET and SECRET not in repr(hook)
+
+
+def test_two_nodes_announce_a_study_once_and_claim_each_delivery_once(
+        tmp_path: Path, database_url: str) -> None:
+    """Two gateways on one database (two nodes of a cluster) run the scan and claim
+    deliveries at the same time: one event per study, each delivery claimed by one."""
+    settings = make_settings(tmp_path, database_url)
+    with Gateway(settings) as first, Gateway(settings) as second:
+        uids = [f"1.2.826.0.1.3680043.8.498.2{k:02d}" for k in range(12)]
+        for uid in uids:
+            first.ingestor.ingest(part10(ct_dataset(0, study=uid, rows=8)), source="test")
+        events.start_webhook(first.index, "hook")
+        time.sleep(0.3)  # the instances' quiet time (0.2 s below) is over: no race to lose
+
+        def node(gateway: Gateway) -> list[int]:
+            claimed: list[int] = []
+            for _ in range(20):
+                events.discover(gateway.index)
+                events.announce(gateway.index, 0.2)
+                events.fan_out(gateway.index, "hook")
+                claimed += [c.seq for c in events.claim(gateway.index, "hook", 60, limit=3)]
+            return claimed
+
+        with ThreadPoolExecutor(2) as pool:
+            mine, theirs = pool.map(node, [first, second])
+        page = events.changes(first.index, 0, 100)
+        assert sorted(c["data"]["study"] for c in page["changes"]) == sorted(uids)
+        assert {c["type"] for c in page["changes"]} == {"study.stable"}
+        assert not set(mine) & set(theirs)
+        assert sorted(mine + theirs) == [c["data"]["seq"] for c in page["changes"]]
