@@ -61,6 +61,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import aiohttp
 from sqlalchemy import CursorResult, and_, delete, func, select, text, update
@@ -323,6 +324,18 @@ def next_quiet(index: Index, stable_seconds: float) -> datetime | None:
 
 
 # -- deliveries ---------------------------------------------------------------------------------
+def shown(url: str) -> str:
+    """A receiver's URL as logged: without user information or query, which may hold a
+    credential.
+
+    >>> shown("https://user:pw@portal.example:8443/hooks/imaging?token=x")
+    'https://portal.example:8443/hooks/imaging'
+    """
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
 def webhook_key(url: str) -> str:
     """The name a webhook's deliveries and cursor are kept under: a digest of its URL.
 
@@ -616,7 +629,7 @@ class EventService:
                     for claimed, error in outcomes:
                         if error is not None:
                             logger.warning("webhook %s: event %s (%s) attempt %d failed: %s; "
-                                           "retried", hook.url, claimed.seq, claimed.type,
+                                           "retried", shown(hook.url), claimed.seq, claimed.type,
                                            claimed.attempt, error)
                     await asyncio.to_thread(settle, self.index, key, outcomes,
                                             self.settings.retry_max_seconds)
@@ -625,7 +638,7 @@ class EventService:
                 if due is not None:
                     wait = min(wait, max(0.05, (due - now()).total_seconds()))
             except Exception:
-                logger.exception("webhook %s: delivery failed; trying again", hook.url)
+                logger.exception("webhook %s: delivery failed; trying again", shown(hook.url))
                 wait = 1.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), wait)
