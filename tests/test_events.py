@@ -355,6 +355,32 @@ def test_a_rejection_note_announces_the_rejected_instances(
         assert rejected["data"]["seq"] < stable["data"]["seq"]
 
 
+def test_a_delivery_not_acknowledged_before_a_crash_is_made_after_restart(
+        tmp_path: Path, database_url: str, receivers: Any) -> None:
+    receiver = receivers.make(failures=10**9)  # 500 to everything, until told otherwise
+    config = events_toml(tmp_path, receiver.url, timeout=2.0)
+    env = {"GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_DATABASE_URL": database_url,
+           "GATEWAY_DIMSE_PORT": "0", "GATEWAY_HTTP_PORT": "0",
+           "GATEWAY_STORAGE_MIN_FREE_BYTES": "0", "GATEWAY_CONFIG": str(config)}
+    process = GatewayProcess(env, tmp_path / "gateway.log").start()
+    try:
+        store(process.dimse_port, study(STUDY_A, 1, 1))
+        assert wait_until(lambda: len(receiver.requests) >= 2, WAIT)
+    finally:
+        process.kill()
+    failed_ids = {r.headers["webhook-id"] for r in receiver.requests}
+    receiver.failures = 0
+    restarted = GatewayProcess(env, tmp_path / "gateway.log").start()
+    try:
+        # Within the lease of an attempt the kill may have cut short (delivery_timeout + 30 s).
+        assert wait_until(lambda: len(receiver.acknowledged()) == 1, WAIT + 40)
+    finally:
+        restarted.stop()
+    (done,) = [r for r in receiver.requests if r.status == 204]
+    assert failed_ids == {done.headers["webhook-id"]}
+    assert verify(done)["type"] == "study.stable"
+
+
 @pytest.mark.parametrize(("hook", "words"), [
     ('url = "ftp://portal.example/x"\nsecret = "SECRET"', "not an http:// or https:// URL"),
     ('url = "https://portal.example/x"\nsecret = "portal-secret"', "Standard Webhooks' format"),
