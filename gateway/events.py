@@ -152,6 +152,14 @@ def study_summary(session: Session, study_uid: str) -> dict[str, Any] | None:
     }
 
 
+def serialize(session: Session) -> None:
+    """On PostgreSQL, take the lock that writers of events hold to their commit, so that
+    events commit one transaction at a time, in seq order. A unit that will lock rows before
+    it records an event takes it first (lock order: this lock, then rows)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_EVENT_LOCK})
+
+
 def record(session: Session, event_type: str, study_uid: str, data: Mapping[str, Any]) -> None:
     """Insert an event into the outbox, inside the caller's unit of work.
 
@@ -164,9 +172,7 @@ def record(session: Session, event_type: str, study_uid: str, data: Mapping[str,
         event is served).
     """
     assert event_type in EVENT_TYPES, event_type
-    if session.get_bind().dialect.name == "postgresql":
-        # Held to the commit: events commit one at a time, in seq order.
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_EVENT_LOCK})
+    serialize(session)
     body = {**data, "study": study_uid}
     session.add(Event(id=f"msg_{uuid.uuid4().hex}", type=event_type,
                       study_instance_uid=study_uid, created_at=now(),
@@ -253,7 +259,8 @@ def discover(index: Index) -> int:
             select(Study.study_instance_uid, func.max(Instance.pk), func.max(Instance.created_at))
             .select_from(Instance).join(Series, Series.pk == Instance.series_pk)
             .join(Study, Study.pk == Series.study_pk)
-            .where(Instance.pk > cursor).group_by(Study.study_instance_uid)).all()
+            .where(Instance.pk > cursor).group_by(Study.study_instance_uid)
+            .order_by(Study.study_instance_uid)).all()  # rows locked in one order on all nodes
         if not found:
             return 0
         table = EventStudy.__table__
@@ -293,8 +300,9 @@ def announce(index: Index, stable_seconds: float) -> int:
         return 0
 
     def work(session: Session) -> int:
+        serialize(session)  # before the rows: two nodes announcing never wait on each other
         recorded = 0
-        for uid, last_pk in due:
+        for uid, last_pk in sorted(due):  # rows locked in the order discover() locks them
             announced = session.scalar(select(EventStudy.announced).where(
                 EventStudy.study_instance_uid == uid))
             won = _changed(session.execute(
