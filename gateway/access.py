@@ -29,6 +29,7 @@ class Scope(enum.StrEnum):
     # Confidentiality levels and DSP creation dates: what the DSP rules decide on. Kept apart
     # from links:mint, so that a credential that makes links cannot widen who they admit.
     POLICY_WRITE = "policy:write"
+    EVENTS_READ = "events:read"
     ADMIN = "admin"
 
 

@@ -256,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="a unique name for the key's holder")
     create.add_argument("--scopes", required=True,
                         help="comma-separated: dicomweb:read, dicomweb:write, links:mint, "
-                             "audit:read, policy:write (confidentiality and DSP dates), "
-                             "admin")
+                             "audit:read, events:read, policy:write (confidentiality and DSP "
+                             "dates), admin")
     create.add_argument("--institution", help="the holder's institution, for the audit trail")
     create.set_defaults(func=cmd_apikey_create)
     listing = apikey_sub.add_parser("list", help="list keys (never their secrets)")

@@ -7,12 +7,15 @@ environment variables below is the one place where names are mapped; README.md l
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.errors import GatewayError
 
@@ -135,6 +138,43 @@ class StorageSettings:
     recovery_file_seconds: float = 30.0
 
 
+# Standard Webhooks: a signing secret is "whsec_" and the base64 of 24 to 64 random bytes.
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_BYTES = (24, 64)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A receiver of events (``[[events.webhooks]]``): its URL and Standard Webhooks secret.
+
+    ``secret`` is ``whsec_`` followed by base64; ``secret_file`` names a file holding it
+    instead (read once, at start). The secret never appears in a ``repr``.
+    """
+
+    url: str
+    secret: str | None = field(default=None, repr=False)
+    secret_file: Path | None = None
+
+    @property
+    def key(self) -> bytes:
+        """The HMAC key: the secret's base64 part, decoded (checked at start)."""
+        assert self.secret is not None
+        return base64.b64decode(self.secret.removeprefix(WEBHOOK_SECRET_PREFIX))
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    # Seconds without a new instance after which a study is announced (study.stable, or
+    # study.updated for a study announced before).
+    stable_seconds: float = 60.0
+    # Seconds a webhook receiver has to answer one delivery; a later answer counts as a failure.
+    delivery_timeout: float = 10.0
+    # Longest wait between two attempts of a delivery (the backoff doubles up to it).
+    retry_max_seconds: float = 300.0
+    # From TOML only: [[events.webhooks]] url = ..., secret = ... (or secret_file = ...).
+    webhooks: tuple[Webhook, ...] = ()
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("./data")
@@ -144,6 +184,7 @@ class Settings:
     dimse: DimseSettings = field(default_factory=DimseSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
     # Free-form tables of the other front ends ([links], [auth], ...), read by them.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -187,12 +228,16 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_STORAGE_DIRECT_IO": ("storage", "direct_io"),
     "GATEWAY_STORAGE_MAX_INFLATED_BYTES": ("storage", "max_inflated_bytes"),
     "GATEWAY_STORAGE_RECOVERY_FILE_SECONDS": ("storage", "recovery_file_seconds"),
+    "GATEWAY_EVENTS_STABLE_SECONDS": ("events", "stable_seconds"),
+    "GATEWAY_EVENTS_DELIVERY_TIMEOUT": ("events", "delivery_timeout"),
+    "GATEWAY_EVENTS_RETRY_MAX_SECONDS": ("events", "retry_max_seconds"),
 }
 
 _SECTIONS: dict[str, type] = {
     "dimse": DimseSettings,
     "http": HttpSettings,
     "storage": StorageSettings,
+    "events": EventsSettings,
 }
 
 
@@ -243,6 +288,12 @@ def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
                 str(ae): _build(Destination, v, f"{where}destinations.{ae}.")
                 for ae, v in value.items()
             }
+        elif key == "webhooks":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise SettingsError(f"{where}webhooks: give each receiver as a [[events.webhooks]]"
+                                    " table with url and secret (or secret_file)")
+            values[key] = tuple(_webhook(v, f"{where}webhooks[{i}].")
+                                for i, v in enumerate(value))
         else:
             values[key] = _coerce(where + key, value, annotation)
     missing = [f.name for f in known.values()
@@ -250,6 +301,42 @@ def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
     if missing:
         raise SettingsError(f"settings {where.rstrip('.') or 'top level'}: missing {missing}")
     return cls(**values)
+
+
+def _webhook(table: Mapping[str, Any], where: str) -> Webhook:
+    """Build and check one webhook: an http(s) URL, and exactly one of ``secret`` and
+    ``secret_file`` holding a Standard Webhooks secret (``whsec_`` + base64 of 24-64 bytes)."""
+    hook: Webhook = _build(Webhook, table, where)
+    parts = urlsplit(hook.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{where}url {hook.url!r} is not an http:// or https:// URL")
+    if (hook.secret is None) == (hook.secret_file is None):
+        raise SettingsError(f"{where}: give the receiver's signing secret as secret or as "
+                            "secret_file, not both nor neither")
+    secret = hook.secret
+    if hook.secret_file is not None:
+        try:
+            secret = hook.secret_file.read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"{where}secret_file {hook.secret_file}: cannot read it "
+                                f"({exc.strerror})") from None
+    assert secret is not None
+    low, high = WEBHOOK_SECRET_BYTES
+    try:
+        if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+            raise ValueError(secret)
+        key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+        if not low <= len(key) <= high:
+            raise ValueError(secret)
+    except (ValueError, binascii.Error):
+        # The message never repeats the secret.
+        raise SettingsError(
+            f"{where}: the signing secret is not in Standard Webhooks' format: "
+            f"'{WEBHOOK_SECRET_PREFIX}' followed by the base64 of {low} to {high} random bytes "
+            "(e.g. from `python -c \"import base64, secrets; "
+            "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\"`)"
+        ) from None
+    return replace(hook, secret=secret)
 
 
 def load_settings(
@@ -322,5 +409,12 @@ def _check(settings: Settings) -> None:
     if not seconds >= 1:
         raise SettingsError(f"storage.recovery_file_seconds {seconds} must be at least 1 "
                             "(CPU seconds, counted in whole seconds)")
+    events = settings.events
+    if not (events.stable_seconds > 0 and events.delivery_timeout > 0
+            and events.retry_max_seconds >= 1):
+        raise SettingsError("events.stable_seconds and events.delivery_timeout must be positive "
+                            "numbers of seconds, events.retry_max_seconds at least 1")
+    if len({hook.url for hook in events.webhooks}) != len(events.webhooks):
+        raise SettingsError("events.webhooks: a URL is listed twice")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.errors import IdentityConflict
 from gateway.metadata import ParsedInstance
-from gateway.models import Base, Instance, Patient, Series, Study
+from gateway.models import Base, EventCursor, Instance, Patient, Series, Study
 from gateway.patients import same_patient
 from gateway.storage import PRIVATE_FILE
 
@@ -649,6 +649,13 @@ class Index:
         paths = [r.file_path for r in rows]
         series_pks = {r.series_pk for r in rows}
         session.execute(delete(Instance).where(Instance.pk.in_(pks)))
+        if self.dialect == "sqlite":
+            # SQLite gives the largest key again once it is deleted: the event scan's cursor
+            # (gateway.events) goes back to the largest key left, so it reads such a row.
+            largest = select(func.coalesce(func.max(Instance.pk), 0)).scalar_subquery()
+            session.execute(update(EventCursor).where(
+                EventCursor.name == "instances", EventCursor.value > largest)
+                .values(value=largest))
         for series_pk in series_pks:
             self._refresh_series(session, series_pk)
         return paths

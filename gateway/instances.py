@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, bindparam, exists, false, select
+from sqlalchemy.orm import Session
 
+from gateway import events
 from gateway.access import Principal
 from gateway.errors import NotFound
 from gateway.index import Index
@@ -229,9 +231,20 @@ def retrieve_instances(index: Index, principal: Principal, *, patient_id: str | 
 def remove_instances(index: Index, refs: Sequence[InstanceRef]) -> list[str]:
     """Delete the index rows of ``refs`` in one committed transaction (series, studies and
     patients left empty go too); return the relative paths of their files, to delete after
-    the commit (:meth:`gateway.storage.FileStorage.delete_unindexed`)."""
+    the commit (:meth:`gateway.storage.FileStorage.delete_unindexed`).
+
+    The events of the deletion (``study.deleted`` for a study left empty, :mod:`gateway.events`)
+    are written to the outbox in the same transaction.
+    """
     pks = [ref.pk for ref in refs]
-    return index.write(lambda session: index.remove_instances(session, pks))
+
+    def work(session: Session) -> list[str]:
+        before = events.before_removal(session, {ref.study_instance_uid for ref in refs})
+        paths = index.remove_instances(session, pks)
+        events.after_removal(session, before)
+        return paths
+
+    return index.write(work)
 
 
 __all__ = [

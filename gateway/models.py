@@ -284,3 +284,67 @@ class AuditRecord(Base):
     instance_uids: Mapped[str | None] = mapped_column(Text, nullable=True)
     jti: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     detail: Mapped[str] = mapped_column(String(500), default="")
+
+
+# -- events: the outbox, webhook deliveries and the stable-study scan (migration 0006_events) ---
+class Event(Base):
+    """One announced change (the outbox, :mod:`gateway.events`), written in the transaction of
+    the change itself; ``seq`` orders the change feed and is never reused."""
+
+    __tablename__ = "event"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    # The Standard Webhooks message id (``webhook-id``), the same on every delivery attempt.
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    type: Mapped[str] = mapped_column(String(32))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The event's ``data`` object (JSON) without ``seq``, which is added when it is served.
+    data: Mapped[str] = mapped_column(Text)
+
+
+class EventDelivery(Base):
+    """The delivery of one event to one webhook (``webhook``: a digest of its URL)."""
+
+    __tablename__ = "event_delivery"
+    __table_args__ = (
+        Index("ix_event_delivery_due", "webhook", "delivered_at", "next_attempt_at"),
+        Index("ix_event_delivery_study", "webhook", "study_instance_uid", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("event.seq", ondelete="CASCADE"), primary_key=True)
+    webhook: Mapped[str] = mapped_column(String(32), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When it may be tried next; while a node sends it, the end of that node's lease.
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_error: Mapped[str] = mapped_column(String(500), default="")
+
+
+class EventStudy(Base):
+    """What the stable-study scan knows of a study: the newest instance seen and whether that
+    has been announced (``pending`` false) and ever was (``announced``)."""
+
+    __tablename__ = "event_study"
+    __table_args__ = (Index("ix_event_study_pending", "pending", "last_instance_at"),)
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_instance_pk: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    last_instance_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    pending: Mapped[bool] = mapped_column(Boolean, default=True)
+    announced: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class EventCursor(Base):
+    """A named position: how far the scan has read ``instance`` (``instances``), how far each
+    webhook's deliveries have been made from the outbox (``webhook:<digest>``)."""
+
+    __tablename__ = "event_cursor"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), default=0)

@@ -22,7 +22,9 @@ How the gateway does it, inside the one transaction that stores the note
    that reads the index (QIDO-RS and its counts, WADO-RS, metadata, frames, rendered,
    thumbnails, C-FIND, C-MOVE, C-GET, viewer sessions, key images) stops seeing them at once,
    with no condition to add to any of them;
-5. after the commit, for 113039, the rejected files are deleted (:func:`files_to_delete`).
+5. ``instances.rejected`` for each study it took instances out of, and ``study.deleted`` for
+   a study left empty, go to the outbox in the same transaction (:mod:`gateway.events`);
+6. after the commit, for 113039, the rejected files are deleted (:func:`files_to_delete`).
 
 The rows in ``rejected_instance`` are what makes a re-send refused
 (:class:`~gateway.errors.InstanceRejected`, C-STORE 0xA771), checked by the hot path's insert
@@ -38,6 +40,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gateway import events
 from gateway.errors import IdentityConflict
 from gateway.index import Index, now
 from gateway.iocm import Rejection, references
@@ -138,7 +141,13 @@ def reject(session: Session, index: Index, note: ParsedInstance, rejection: Reje
             patient_id=patient_id, issuer_of_patient_id=issuer, code=rejection.value,
             note_uid=note.sop_instance_uid, file_path=None, digest=None, rejected_at=stamp))
         result.pending.append(uid)
+    before = events.before_removal(session, {row.study_instance_uid for row in stored})
     result.files = index.remove_instances(session, [row.pk for row in stored])
+    removed: dict[str, list[str]] = {}
+    for row in stored:
+        removed.setdefault(row.study_instance_uid, []).append(row.sop_instance_uid)
+    events.record_rejection(session, before, removed, rejection.value, rejection.meaning,
+                            note.sop_instance_uid)
     return result
 
 

@@ -30,6 +30,7 @@ from gateway.access import AccessPolicy
 from gateway.config import Settings
 from gateway.core import Gateway
 from gateway.errors import GatewayError
+from gateway.events import EventService
 from gateway.http import GATEWAY, add_routes
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class Server:
         self.http_port: int | None = None
         self.dimse_port: int | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.events: EventService | None = None
 
     async def start(self) -> None:
         settings = self.gateway.settings
@@ -172,10 +174,16 @@ class Server:
         sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else settings.http.port
         logger.info("HTTP listening on http://%s:%s", settings.http.host, self.http_port)
+        # The stable-study scan and the webhook deliveries (gateway.events).
+        self.events = EventService(self.gateway.index, settings.events)
+        await self.events.start()
         # One line a supervisor (or a test) can wait for.
         print(f"gateway ready: dimse={self.dimse_port} http={self.http_port}", flush=True)
 
     async def stop(self) -> None:
+        if self.events is not None:
+            await self.events.stop()
+            self.events = None
         for worker in self.workers:
             await asyncio.to_thread(stop_dimse_worker, worker)
         self.workers = []

@@ -32,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import audit
+from gateway import audit, events
 from gateway.access import Principal, Scope
 from gateway.auth import Authenticator
 from gateway.core import Gateway
@@ -284,6 +284,18 @@ async def get_audit(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
+async def get_changes(request: web.Request) -> web.Response:
+    """``GET /api/changes?after=SEQ&limit=N``: the events after ``SEQ``, in seq order
+    (``{"changes": [...], "last": SEQ}``), to catch up after missing webhooks (docs/events.md).
+    """
+    _require(request, Scope.EVENTS_READ)
+    after, limit = events.parse_changes_query(request.query.get("after"),
+                                              request.query.get("limit"))
+    index = request.config_dict[GATEWAY].index
+    page = await asyncio.to_thread(events.changes, index, after, limit)
+    return web.json_response(page, headers={"Cache-Control": "no-store"})
+
+
 def create_api_app(gateway: Gateway, service: LinkService) -> web.Application:
     """The portal API, to be mounted at :data:`API_MOUNT`."""
     app = web.Application(middlewares=[problem_middleware, auth_middleware])
@@ -296,6 +308,7 @@ def create_api_app(gateway: Gateway, service: LinkService) -> web.Application:
     app.router.add_put("/studies/{uid}/confidentiality", put_confidentiality)
     app.router.add_put("/patients/{patient}/dsp", put_dsp)
     app.router.add_get("/audit", get_audit)
+    app.router.add_get("/changes", get_changes)
     return app
 
 
