@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from sample_dicom import FILES_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import library_versions  # noqa: E402
 
 PLUGINS = ("pylibjpeg", "gdcm", "pillow", "pyjpegls")
 
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=50)
     args = parser.parse_args()
+    print(library_versions(), flush=True)
     for path in sorted(args.folder.glob("*.dcm")):
         ds = dcmread(path)
         syntax = UID(ds.file_meta.TransferSyntaxUID)
