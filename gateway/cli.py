@@ -18,6 +18,7 @@ from gateway.config import Settings, SettingsError, load_settings
 from gateway.core import Gateway
 from gateway.errors import GatewayError
 from gateway.ingest import IngestResult, read_part10
+from gateway.metrics import METRICS
 
 logger = logging.getLogger("gateway")
 
@@ -38,6 +39,11 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 # -- serve -------------------------------------------------------------------------------------
+def metrics_directory(settings: Settings) -> Path:
+    """Where the processes of ``serve`` keep their metrics (emptied when ``serve`` starts)."""
+    return settings.data_dir / "metrics"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve_forever
 
@@ -46,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config:
         os.environ["GATEWAY_CONFIG"] = args.config  # DIMSE worker processes read the same file
     configure_logging(settings.log_level)
+    METRICS.use_directory(metrics_directory(settings), clear=True)
     with Gateway(settings) as gateway:
         asyncio.run(serve_forever(gateway))
     return 0
@@ -57,6 +64,7 @@ def cmd_dimse_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log_level)
+    METRICS.use_directory(metrics_directory(settings), clear=False)
     gateway = Gateway(settings).open(recover=False)
     try:
         run_dimse_worker(gateway, args.port)

@@ -29,7 +29,7 @@ from gateway.audit import DatabaseAudit
 from gateway.config import Settings
 from gateway.core import Gateway
 from gateway.errors import GatewayError
-from gateway.http import GATEWAY, add_routes
+from gateway.http import GATEWAY, add_routes, latency_middleware
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     # Every body read whole (the portal API's JSON) is bounded by http.max_json_bytes; STOW-RS
     # streams its body from request.content, bounded by http.max_upload_bytes itself.
     app = web.Application(client_max_size=gateway.settings.http.max_json_bytes,
-                          middlewares=[demo_host_middleware])
+                          middlewares=[latency_middleware, demo_host_middleware])
     app[GATEWAY] = gateway
     add_routes(app)
     # Viewer links: the portal API, /view and /iid; their service is the AccessPolicy that
