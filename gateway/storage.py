@@ -759,6 +759,21 @@ def _write_error(exc: OSError, what: str) -> GatewayError:
     return GatewayError(f"cannot write {what}: {exc.strerror}")
 
 
+def flush_data(fd: int) -> None:
+    """Flush a file's data (and the metadata needed to read it back) to stable storage.
+
+    ``fdatasync`` where there is one (Linux); macOS has none, and its ``fsync`` leaves the
+    data in the drive's cache: ``F_FULLFSYNC`` there (Apple, fsync(2)); ``fsync`` elsewhere.
+    """
+    fdatasync = getattr(os, "fdatasync", None)
+    if fdatasync is not None:
+        fdatasync(fd)
+    elif hasattr(fcntl, "F_FULLFSYNC"):
+        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+    else:
+        os.fsync(fd)
+
+
 def _write_flushed(fd: int, view: memoryview, offset: int) -> None:
     """Write ``view[offset:]`` at ``offset`` and flush it: in one system call per write
     where the platform has ``RWF_DSYNC``."""
@@ -768,7 +783,7 @@ def _write_flushed(fd: int, view: memoryview, offset: int) -> None:
         else:
             offset += os.pwrite(fd, view[offset:], offset)
     if not _RWF_DSYNC:
-        os.fdatasync(fd)
+        flush_data(fd)
 
 
 def _link(source: str, name: str) -> tuple[bool, bool]:

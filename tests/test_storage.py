@@ -115,6 +115,30 @@ def test_without_background_flush_a_small_instance_is_written_when_placed(
     storage.detach()
 
 
+
+def test_without_fdatasync_nor_rwf_dsync_ingest_still_flushes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS has neither ``os.fdatasync`` nor ``RWF_DSYNC`` (nor glibc's AIO threads): a
+    placed instance is still written, flushed and indexed, and the index's log flushed."""
+    from conftest import ct_dataset, make_settings, part10
+
+    import gateway.storage
+    from gateway.core import Gateway
+
+    monkeypatch.delattr(os, "fdatasync")
+    monkeypatch.setattr(gateway.storage, "_RWF_DSYNC", 0)
+    monkeypatch.setattr(gateway.storage.posix_aio, "AVAILABLE", False)
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite'}")
+    with Gateway(settings) as gw:
+        assert not gw.storage.background_flush
+        data = part10(ct_dataset(0))
+        result = gw.ingestor.ingest(data)
+        assert result.outcome.value == "stored"
+        gw.index.flush()
+        (stored,) = (tmp_path / "data" / "files").rglob("*.dcm")
+        assert stored.read_bytes() == data
+        assert gw.index.has_file(str(stored.relative_to(tmp_path / "data" / "files")))
+
 REFUSED_DIRECT_IO = """
 import os, sys
 from pathlib import Path
