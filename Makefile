@@ -1,11 +1,20 @@
 # `make run`: set up and start the gateway on the embedded default (SQLite + ./data), demo mode.
 # `make test`: set up (venv, Python packages, dcmtk and the other tools the tests drive) and run
 # the whole suite. `.ci/run` calls `make test`.
+# `make check`: lint, types and the tests not marked slow (the edit-test loop).
+# Python packages come from the lock files, hashes checked, so what runs is what was tested:
+# requirements.lock (default + postgres extra) for `make run`, requirements-test.lock (+ test
+# extra) for the rest. `make lock` regenerates both from pyproject.toml.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+STAMP  := $(VENV)/.installed-test
+RUN_STAMP := $(VENV)/.installed-run
+LOCK      := requirements.lock
+TEST_LOCK := requirements-test.lock
+PIP_COMPILE := $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-find-links \
+	--no-emit-index-url --no-emit-trusted-host
 # Debian packages the tests drive: dcmtk (echoscu/storescu/findscu/movescu/getscu),
 # Orthanc (interoperability peer), Chromium (viewer test).
 TEST_DEBS := dcmtk orthanc orthanc-dicomweb chromium
@@ -15,17 +24,31 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OHIF_VERSION := 3.13.2
 VIEWER_CACHE := .viewer-cache/ohif-$(OHIF_VERSION)
 
-.PHONY: run test install system-deps viewer-cache bench fuzz lint typecheck clean
+.PHONY: run test check install lock system-deps viewer-cache bench fuzz lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+# The project itself goes in without dependencies: every one comes from the lock.
+$(STAMP): $(TEST_LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(TEST_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@ $(RUN_STAMP)
+
+$(RUN_STAMP): $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(STAMP)
+
+# Resolve pyproject.toml's requirements again (newest versions within its bounds); the run
+# lock is constrained by the test lock so that both pin the same versions.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet pip-tools
+	$(PIP_COMPILE) --upgrade --extra postgres --extra test -o $(TEST_LOCK) pyproject.toml
+	$(PIP_COMPILE) --upgrade --extra postgres -c $(TEST_LOCK) -o $(LOCK) pyproject.toml
 
 system-deps:
 	@missing=""; \
@@ -47,7 +70,7 @@ $(VIEWER_CACHE)/index.html: | $(STAMP)
 viewer-cache: | system-deps
 	@$(MAKE) --no-print-directory $(VIEWER_CACHE)/index.html
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	@command -v npm >/dev/null && $(BIN)/dicom-gateway viewer install --if-missing \
 	  || echo "warning: npm not found; the viewer is not installed (dicom-gateway viewer install)"
 	$(BIN)/dicom-gateway demo
@@ -55,6 +78,13 @@ run: $(STAMP)
 
 test: $(STAMP) system-deps viewer-cache lint typecheck
 	GATEWAY_TEST_VIEWER_DIR=$(CURDIR)/$(VIEWER_CACHE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests not marked slow, with lint and types: the edit-test loop, meant to take under 3
+# minutes on an otherwise idle 2-core machine. `make test` stays the whole suite.
+# The tests mostly wait (fsync, sockets, child processes): 4 processes overlap the waits.
+CHECK_WORKERS ?= 4
+check: lint typecheck
+	$(BIN)/python -m pytest -m "not slow" -q -n $(CHECK_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/store.py

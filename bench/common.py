@@ -21,6 +21,26 @@ ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 READY = re.compile(r"gateway ready: dimse=(\d+) http=(\d+)")
 
 
+# The libraries whose versions decide the figures (README: the lock files pin them).
+MEASURED_LIBRARIES = ("dicom-gateway", "pydicom", "pynetdicom", "aiohttp", "sqlalchemy",
+                      "psycopg", "numpy", "orjson", "pillow", "python-gdcm",
+                      "pylibjpeg-openjpeg", "pylibjpeg-rle", "pylibjpeg-libjpeg")
+
+
+def library_versions() -> str:
+    """One line naming Python and each installed library of :data:`MEASURED_LIBRARIES`, for
+    the head of a benchmark's output (figures are comparable only at the same versions)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"python {sys.version.split()[0]}"]
+    for name in MEASURED_LIBRARIES:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return "versions: " + ", ".join(parts)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import library_versions  # noqa: E402
 
 from tests.links_helpers import (  # noqa: E402
     Client,
@@ -50,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
+    print(library_versions(), flush=True)
     n = args.requests
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

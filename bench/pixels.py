@@ -48,6 +48,9 @@ from pathlib import Path
 import aiohttp
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import library_versions  # noqa: E402
+
 from sample_dicom import SeriesSpec, StudySpec, generate_study, write_datasets
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -341,7 +344,9 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=30, help="instances per series")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per measure (median)")
     parser.add_argument("--no-orthanc", action="store_true", help="measure the gateway only")
-    asyncio.run(main_async(parser.parse_args()))
+    args = parser.parse_args()
+    print(library_versions(), flush=True)
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import library_versions  # noqa: E402
 from dicomweb_harness import (  # noqa: E402
     gateway_env,
     gateway_server,
@@ -157,6 +158,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--no-orthanc", action="store_true")
     args = parser.parse_args()
+    print(library_versions(), flush=True)
     use_orthanc = orthanc_available() and not args.no_orthanc
 
     with tempfile.TemporaryDirectory(prefix="bench-qido-") as tmp:

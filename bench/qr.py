@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     OrthancServer,
     dcmtk_env,
     free_port,
+    library_versions,
     percentile,
     process_cpu_seconds,
 )
@@ -258,6 +259,7 @@ def main() -> None:
                         choices=["tuned", "packaged"])
     parser.add_argument("--no-orthanc", action="store_true")
     args = parser.parse_args()
+    print(library_versions(), flush=True)
     use_orthanc = ORTHANC is not None and not args.no_orthanc
     if shutil.which("storescp") is None:
         sys.exit("dcmtk's storescp is needed as the move destination (apt-get install dcmtk)")

@@ -32,7 +32,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ORTHANC, GatewayServer, OrthancServer, dcmtk_env, process_cpu_seconds  # noqa: E402
+from common import (  # noqa: E402
+    ORTHANC,
+    GatewayServer,
+    OrthancServer,
+    dcmtk_env,
+    library_versions,
+    process_cpu_seconds,
+)
 
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study  # noqa: E402
 
@@ -102,6 +109,7 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=65.0,
                         help="seconds to wait before the first send (see below)")
     args = parser.parse_args()
+    print(library_versions(), flush=True)
     if shutil.which("storescu") is None:
         raise SystemExit("storescu (dcmtk) is needed: make system-deps")
 

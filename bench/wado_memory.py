@@ -30,6 +30,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import library_versions  # noqa: E402
 from dicomweb_harness import (  # noqa: E402
     Server,
     gateway_env,
@@ -127,6 +128,7 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=2000)
     parser.add_argument("--no-orthanc", action="store_true")
     args = parser.parse_args()
+    print(library_versions(), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-wado-") as tmp:
         work = Path(tmp)
         (work / "files").mkdir()

@@ -7,6 +7,7 @@ also query or retrieve, TLS) and :mod:`dimse.acceptor` (storage-only association
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from dimse.peers import PeerPolicy
@@ -18,6 +19,16 @@ from gateway.metrics import METRICS
 from gateway.part10 import file_meta_header
 
 logger = logging.getLogger(__name__)
+
+STORE_LATENCY = "gateway_dimse_store_seconds"
+
+
+def status_class(status: int) -> str:
+    """``success``, ``warning`` or ``failure`` (PS3.7 C.1-C.4: 0x0000; 0x0001, 0xB000-0xBFFF;
+    the rest)."""
+    if status == SUCCESS:
+        return "success"
+    return "warning" if status == 0x0001 or 0xB000 <= status <= 0xBFFF else "failure"
 
 
 def store_instance(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
@@ -31,7 +42,19 @@ def store_instance(gateway: Gateway, policy: PeerPolicy, ae_title: str, address:
     the fragments it arrived in; it is joined once behind its Part 10 file meta information.
     A stored instance is added to ``stored``, the association's tally, which
     :func:`record_association` writes to the trail when the association ends.
+    The time until the status is known goes to :data:`STORE_LATENCY`.
     """
+    started = time.perf_counter()
+    status, comment = _store(gateway, policy, ae_title, address, sop_class_uid,
+                             sop_instance_uid, transfer_syntax, data_set, stored)
+    METRICS.observe(STORE_LATENCY, time.perf_counter() - started, status=status_class(status))
+    return status, comment
+
+
+def _store(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,
+           sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+           data_set: bytes | Sequence[bytes | memoryview],
+           stored: StoredInstances | None) -> tuple[int, str]:
     if not policy.allows("store", ae_title, address):
         logger.warning("refused C-STORE from %s at %s: not in the store allow-list",
                        ae_title, address)

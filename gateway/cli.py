@@ -15,22 +15,52 @@ from typing import Any
 
 from gateway import __version__, audit
 from gateway.config import Settings, SettingsError, load_settings
-from gateway.core import Gateway
+from gateway.core import Gateway, data_folder_errors
 from gateway.errors import GatewayError
 from gateway.ingest import IngestResult, read_part10
+from gateway.metrics import METRICS
 
 logger = logging.getLogger("gateway")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pynetdicom logs every PDU at INFO; keep its details for DEBUG.
-    logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    )
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per record (``[log_format] = "json"``): ``time`` (ISO 8601, UTC),
+    ``level``, ``logger``, ``message``, and ``exception`` with the traceback when there is one.
+
+    >>> record = logging.LogRecord("gateway", logging.INFO, "", 0, "stored %d", (3,), None)
+    >>> record.created = 0.0
+    >>> JsonLinesFormatter().format(record)
+    '{"time":"1970-01-01T00:00:00.000Z","level":"INFO","logger":"gateway","message":"stored 3"}'
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        import time
+
+        import orjson
+
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        entry = {
+            "time": f"{stamp}.{int(record.created % 1 * 1000):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at ``level``, as text lines or JSON lines (``log_format``)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLinesFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    detail = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    # pynetdicom logs every PDU at INFO, Alembic its plugins and context at each start: keep
+    # their details for DEBUG, so that a start at INFO says what the gateway does.
+    for noisy in ("pynetdicom", "alembic"):
+        logging.getLogger(noisy).setLevel(detail)
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -38,6 +68,11 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 # -- serve -------------------------------------------------------------------------------------
+def metrics_directory(settings: Settings) -> Path:
+    """Where the processes of ``serve`` keep their metrics (emptied when ``serve`` starts)."""
+    return settings.data_dir / "metrics"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve_forever
 
@@ -45,7 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, **overrides)
     if args.config:
         os.environ["GATEWAY_CONFIG"] = args.config  # DIMSE worker processes read the same file
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    with data_folder_errors(settings):
+        METRICS.use_directory(metrics_directory(settings), clear=True)
     with Gateway(settings) as gateway:
         asyncio.run(serve_forever(gateway))
     return 0
@@ -56,7 +93,9 @@ def cmd_dimse_worker(args: argparse.Namespace) -> int:
     from gateway.server import run_dimse_worker
 
     settings = _settings(args)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    with data_folder_errors(settings):
+        METRICS.use_directory(metrics_directory(settings), clear=False)
     gateway = Gateway(settings).open(recover=False)
     try:
         run_dimse_worker(gateway, args.port)
@@ -173,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- db ----------------------------------------------------------------------------------------
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     gateway = Gateway(settings)
     try:
         gateway.index.upgrade()

@@ -181,6 +181,7 @@ class Settings:
     database_url: str | None = None
     demo: bool = False
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one JSON object per line (log collectors)
     dimse: DimseSettings = field(default_factory=DimseSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -196,12 +197,15 @@ class Settings:
         return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
 
 
+LOG_FORMATS = ("text", "json")
+
 # Environment variable -> (section, key). Section "" is the top level.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_DATA_DIR": ("", "data_dir"),
     "GATEWAY_DATABASE_URL": ("", "database_url"),
     "GATEWAY_DEMO": ("", "demo"),
     "GATEWAY_LOG_LEVEL": ("", "log_level"),
+    "GATEWAY_LOG_FORMAT": ("", "log_format"),
     "GATEWAY_HTTP_HOST": ("http", "host"),
     "GATEWAY_HTTP_PORT": ("http", "port"),
     "GATEWAY_HTTP_MAX_UPLOAD_BYTES": ("http", "max_upload_bytes"),
@@ -418,3 +422,5 @@ def _check(settings: Settings) -> None:
         raise SettingsError("events.webhooks: a URL is listed twice")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+    if settings.log_format not in LOG_FORMATS:
+        raise SettingsError(f"log_format {settings.log_format!r}: use text or json")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
 from gateway.audit import AuditSink, DatabaseAudit
-from gateway.config import Settings
+from gateway.config import Settings, SettingsError
 from gateway.errors import (
     Conflict,
     IdentityConflict,
@@ -22,6 +27,44 @@ from gateway.storage import FileStorage, make_private_folders
 logger = logging.getLogger(__name__)
 
 
+@contextmanager
+def data_folder_errors(settings: Settings) -> Iterator[None]:
+    """Turn a data folder the process cannot create or write into a :class:`SettingsError`
+    naming the setting to change (no traceback at start)."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or settings.data_dir
+        raise SettingsError(
+            f"data folder {settings.data_dir}: cannot use {where}: "
+            f"{exc.strerror or exc}; give the gateway's user write access to it, or set "
+            f"GATEWAY_DATA_DIR (data_dir) to a folder it may write") from None
+
+
+@contextmanager
+def database_errors(settings: Settings) -> Iterator[None]:
+    """Turn an index URL that names no usable database into a :class:`SettingsError` naming
+    the setting (the URL shown without its password)."""
+    try:
+        yield
+    except (ArgumentError, NoSuchModuleError, ModuleNotFoundError, DBAPIError) as exc:
+        try:
+            shown = make_url(settings.index_url).render_as_string(hide_password=True)
+        except ArgumentError:
+            shown = "(not a URL)"
+        if isinstance(exc, ModuleNotFoundError):
+            reason = (f"its driver is not installed ({exc.name}); for PostgreSQL install "
+                      f"the extra: pip install 'dicom-gateway[postgres]'")
+        elif isinstance(exc, DBAPIError):
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        else:
+            reason = str(exc).splitlines()[0]
+        raise SettingsError(
+            f"database {shown}: {reason}; check GATEWAY_DATABASE_URL (database_url), e.g. "
+            f"postgresql+psycopg://user@host/db, or leave it unset for SQLite in the data "
+            f"folder") from None
+
+
 class Gateway:
     """The transport-free core of one gateway process.
 
@@ -30,15 +73,18 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        make_private_folders(settings.data_dir)
-        self.index = Index(settings.index_url, shared_writer=settings.dimse.workers > 1)
-        self.storage = FileStorage(
-            settings.data_dir / "files",
-            fsync=settings.storage.fsync,
-            min_free_bytes=settings.storage.min_free_bytes,
-            direct_io=settings.storage.direct_io,
-            flush_index=self.index.flush,
-        )
+        with data_folder_errors(settings):
+            make_private_folders(settings.data_dir)
+        with database_errors(settings):
+            self.index = Index(settings.index_url, shared_writer=settings.dimse.workers > 1)
+        with data_folder_errors(settings):
+            self.storage = FileStorage(
+                settings.data_dir / "files",
+                fsync=settings.storage.fsync,
+                min_free_bytes=settings.storage.min_free_bytes,
+                direct_io=settings.storage.direct_io,
+                flush_index=self.index.flush,
+            )
         # The access trail (PS3.15 A.5): every front end records through this one sink.
         self.audit: AuditSink = DatabaseAudit(self.index)
         self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite,
@@ -51,17 +97,20 @@ class Gateway:
         whose siblings may have writes in flight).
         """
         if recover:
-            self.index.upgrade()
+            with database_errors(self.settings):
+                self.index.upgrade()
         # Recovery only when no other process (serve, a worker, a CLI command) uses the folder.
-        if recover:
-            # Each spool file is read in a worker process, within [storage]
-            # recovery_file_seconds of CPU: what it cannot read goes to the quarantine folder.
-            storage = self.settings.storage
-            with RecoveryReader(storage.recovery_file_seconds,
-                                storage.max_inflated_bytes) as reader:
-                self.storage.attach(self.index.has_file, reader.identify, self._restore)
-        else:
-            self.storage.attach()
+        with data_folder_errors(self.settings):
+            if recover:
+                # Each spool file is read in a worker process, within [storage]
+                # recovery_file_seconds of CPU: what it cannot read goes to the quarantine
+                # folder.
+                storage = self.settings.storage
+                with RecoveryReader(storage.recovery_file_seconds,
+                                    storage.max_inflated_bytes) as reader:
+                    self.storage.attach(self.index.has_file, reader.identify, self._restore)
+            else:
+                self.storage.attach()
         return self
 
     def _restore(self, path: str) -> bool:

@@ -8,16 +8,50 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from gateway.core import Gateway
-from gateway.metrics import METRICS
+from gateway.metrics import CONTENT_TYPE, METRICS
 
 logger = logging.getLogger(__name__)
 
 GATEWAY = web.AppKey("gateway", Gateway)
-MEDIA_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+MEDIA_PROMETHEUS = CONTENT_TYPE
+HTTP_LATENCY = "gateway_http_request_seconds"
+UNMATCHED_ROUTE = "unmatched"  # a path no route knows: not one label per path asked
+
+
+def route_label(request: web.Request) -> str:
+    """The pattern of the route that served ``request`` (``/dicomweb/studies/{study}``), so
+    that the label's values are as few as the routes."""
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None or getattr(request.match_info, "http_exception", None) is not None:
+        return UNMATCHED_ROUTE
+    return resource.canonical
+
+
+@web.middleware
+async def latency_middleware(request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                             ) -> web.StreamResponse:
+    """Observe each request's duration (to its response's head; a streamed body's time is in
+    the handler) in :data:`HTTP_LATENCY`, by route pattern, method and status."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        METRICS.observe(HTTP_LATENCY, time.perf_counter() - started,
+                        route=route_label(request), method=request.method, status=str(status))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -48,7 +82,7 @@ async def metrics(request: web.Request) -> web.Response:
     for name, value in counts.items():
         METRICS.set(f"gateway_index_{name}", value)
     METRICS.set("gateway_storage_free_bytes", await asyncio.to_thread(gateway.storage.free_bytes))
-    return web.Response(body=METRICS.render().encode(), headers={"Content-Type": MEDIA_PROMETHEUS})
+    return web.Response(body=METRICS.render(), headers={"Content-Type": MEDIA_PROMETHEUS})
 
 
 def add_routes(app: web.Application) -> None:

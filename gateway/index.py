@@ -50,7 +50,7 @@ from gateway.errors import IdentityConflict
 from gateway.metadata import ParsedInstance
 from gateway.models import Base, EventCursor, Instance, Patient, Series, Study
 from gateway.patients import same_patient
-from gateway.storage import PRIVATE_FILE
+from gateway.storage import PRIVATE_FILE, flush_data
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class Index:
         except FileNotFoundError:
             return
         try:
-            os.fdatasync(fd)
+            flush_data(fd)
         finally:
             os.close(fd)
 

@@ -11,8 +11,12 @@ large multi-frame instance costs what the frame costs.
   fragments with the Extended Offset Table (7FE0,0001) when present, else the Basic Offset Table,
   else one fragment per frame when the counts agree, else by the codestream start markers of
   each fragment, else with :func:`pydicom.encaps.generate_frames` as the last resort.
-- Decoding to native little endian uses pydicom's decoders with the pylibjpeg plugins (JPEG
-  baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE). Decoded colour frames are RGB,
+- Decoding to native little endian uses pydicom's decoders with the plugins of the default
+  install, all under permissive licences: GDCM (JPEG baseline/extended/lossless, JPEG-LS),
+  Pillow (JPEG baseline/extended 8-bit), pylibjpeg-openjpeg (JPEG 2000, HTJ2K) and
+  pylibjpeg-rle (RLE). JPEG Extended with 12-bit samples needs libjpeg (GPL-3.0), which only
+  the opt-in ``libjpeg-gpl`` extra installs; without it such a frame is refused with a
+  :class:`PixelDataError` naming the extra (:func:`missing_decoder`). Decoded colour frames are RGB,
   colour-by-pixel (PS3.5 §8.2: a decompressed YBR_FULL_422 / YBR_ICT / YBR_RCT image is RGB).
 - Before any decoding, the declared size is checked against :class:`PixelLimits`, and the
   dimensions written inside JPEG / JPEG-LS / JPEG 2000 codestreams are checked against the
@@ -44,6 +48,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGExtended12Bit,
     RLELossless,
 )
 
@@ -60,6 +65,20 @@ except ImportError:  # pragma: no cover - pydicom's own decoders are used then
     pass
 
 logger = logging.getLogger(__name__)
+
+# The opt-in extra that installs libjpeg (pylibjpeg-libjpeg, GPL-3.0): the only decoder of
+# 12-bit JPEG Extended samples pydicom has a plugin for besides none (GDCM's and Pillow's
+# plugins refuse 12-bit precision).
+LIBJPEG_EXTRA = "libjpeg-gpl"
+
+
+def _libjpeg_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libjpeg") is not None
+
+
+LIBJPEG_INSTALLED = _libjpeg_installed()
 
 # Media types of frames (PS3.18 Table 8.7.3-2 "Transfer Syntax UIDs and Media Types for
 # Uncompressed/Compressed Pixel Data"); the first syntax listed for a type is its default.
@@ -405,9 +424,10 @@ class PixelFile:
                     if clean else arr
             check_codestream(data, info)
             decoder = get_decoder(UID(info.transfer_syntax_uid))
-            if not decoder.is_available:
+            missing = missing_decoder(info)
+            if missing is not None or not decoder.is_available:
                 raise PixelDataError(
-                    f"no decoder is installed for {UID(info.transfer_syntax_uid).name}")
+                    missing or f"no decoder is installed for {UID(info.transfer_syntax_uid).name}")
             try:
                 arr, _ = decoder.as_array(encapsulate([data]),
                                           **info.decode_options(as_rgb=as_rgb))
@@ -500,6 +520,20 @@ class PixelFile:
             stored = self.transfer_syntax_uid
             return ExplicitVRLittleEndian if stored in NATIVE_SYNTAXES else stored
         return transfer_syntax_uid
+
+
+def missing_decoder(info: ImagePixel) -> str | None:
+    """Why no installed decoder can decode ``info``'s frames, or None when one can.
+
+    JPEG Extended (PS3.5 §A.4.1, process 2 and 4) with more than 8 bits stored is 12-bit
+    precision, which only libjpeg decodes among pydicom's plugins.
+    """
+    if (info.transfer_syntax_uid == JPEGExtended12Bit and info.bits_stored > 8
+            and not LIBJPEG_INSTALLED):
+        return (f"no decoder is installed for {JPEGExtended12Bit.name} with "
+                f"{info.bits_stored}-bit samples: it needs libjpeg (GPL-3.0), installed by the "
+                f"opt-in extra {LIBJPEG_EXTRA!r} (pip install 'dicom-gateway[{LIBJPEG_EXTRA}]')")
+    return None
 
 
 def _decode_rle_grayscale(data: bytes, info: ImagePixel, index: int) -> np.ndarray:

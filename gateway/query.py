@@ -37,6 +37,7 @@ import functools
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -63,10 +64,13 @@ from gateway.errors import InvalidQuery
 from gateway.index import Index
 from gateway.instances import visible_conditions, visible_instance_condition
 from gateway.metadata import PATIENT_STUDY_KEYWORDS, SERIES_KEYWORDS, normalize_name
+from gateway.metrics import METRICS
 from gateway.models import Instance, Patient, Series, Study
 from gateway.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
+
+QUERY_LATENCY = "gateway_qido_seconds"  # QIDO-RS and C-FIND searches, by service and level
 
 
 class InvalidQueryParameter(InvalidQuery):
@@ -791,7 +795,7 @@ class QueryEngine:
 
     def search(self, query: Query, principal: Principal, *,
                retrieve_base: str | None = None) -> QueryResult:
-        """Run ``query`` for ``principal``.
+        """Run ``query`` for ``principal``; its duration goes to :data:`QUERY_LATENCY`.
 
         Parameters
         ----------
@@ -804,6 +808,16 @@ class QueryEngine:
         InvalidQueryParameter
             On a malformed key.
         """
+        started = time.perf_counter()
+        try:
+            return self._search(query, principal, retrieve_base=retrieve_base)
+        finally:
+            METRICS.observe(QUERY_LATENCY, time.perf_counter() - started,
+                            service="qido" if retrieve_base is not None else "c-find",
+                            level=str(query.level))
+
+    def _search(self, query: Query, principal: Principal, *,
+                retrieve_base: str | None) -> QueryResult:
         conditions, ignored = _conditions(query)
         sequences, ignored_items = _sequence_conditions(query)
         ignored = ignored + ignored_items

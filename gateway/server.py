@@ -14,7 +14,7 @@ import selectors
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aiohttp import web
 from pynetdicom.transport import ThreadedAssociationServer
@@ -27,11 +27,11 @@ from dicomweb.fhir import create_app as create_fhir_app
 from dimse.peers import is_loopback
 from dimse.scp import start_server as start_dimse
 from gateway.access import AccessPolicy
-from gateway.config import Settings
+from gateway.config import Settings, SettingsError
 from gateway.core import Gateway
 from gateway.errors import GatewayError
 from gateway.events import EventService
-from gateway.http import GATEWAY, add_routes
+from gateway.http import GATEWAY, add_routes, latency_middleware
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     # Every body read whole (the portal API's JSON) is bounded by http.max_json_bytes; STOW-RS
     # streams its body from request.content, bounded by http.max_upload_bytes itself.
     app = web.Application(client_max_size=gateway.settings.http.max_json_bytes,
-                          middlewares=[demo_host_middleware])
+                          middlewares=[latency_middleware, demo_host_middleware])
     app[GATEWAY] = gateway
     add_routes(app)
     # Viewer links: the portal API, /view and /iid; their service is the AccessPolicy that
@@ -142,6 +142,20 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+@contextlib.contextmanager
+def listen_errors(name: str, host: str, port: int) -> Iterator[None]:
+    """Turn a listener that cannot bind (port taken, address not here, port below 1024 without
+    the right) into a :class:`SettingsError` naming the settings to change."""
+    try:
+        yield
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise SettingsError(
+            f"cannot listen for {name} on {host}:{port}: {reason.lower()}; stop what listens "
+            f"there or set GATEWAY_{name}_PORT / GATEWAY_{name}_HOST "
+            f"([{name.lower()}] port, host)") from None
+
+
 class Server:
     """DIMSE and HTTP listeners of one gateway process."""
 
@@ -157,7 +171,8 @@ class Server:
     async def start(self) -> None:
         settings = self.gateway.settings
         check_demo(settings)
-        dimse = start_dimse(self.gateway)
+        with listen_errors("DIMSE", settings.dimse.host, settings.dimse.port):
+            dimse = start_dimse(self.gateway)
         self.dimse = dimse
         self.dimse_port = int(dimse.server_address[1])
         self.workers = [spawn_dimse_worker(self.dimse_port)
@@ -169,7 +184,8 @@ class Server:
         await self.runner.setup()
         freeze_startup_objects()
         site = web.TCPSite(self.runner, settings.http.host, settings.http.port)
-        await site.start()
+        with listen_errors("HTTP", settings.http.host, settings.http.port):
+            await site.start()
         server = site._server  # noqa: SLF001 - aiohttp exposes no bound port otherwise
         sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else settings.http.port

@@ -49,7 +49,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import posix_aio
 from gateway.errors import GatewayError, StorageFull
 from gateway.metadata import dataset_offset
 from gateway.uids import validate_uid
@@ -99,13 +98,12 @@ class PendingWrite:
 @dataclass(slots=True)
 class Spooled:
     """A spool file taken for a write (:meth:`FileStorage.spool`): its name, its open
-    descriptor, the bytes of a small instance (``None`` for a large one, written at once),
-    and their write and flush under way in the C library's threads, if they are."""
+    descriptor, and the bytes of a small instance (``None`` for a large one, written at
+    once), written and flushed by :meth:`FileStorage.place`."""
 
     temp: str
     fd: int
     unwritten: memoryview | None = None
-    flushing: posix_aio.Flush | None = None
     written: bool = False  # bytes sent to the file (to disk, maybe): its removal is flushed
 
 
@@ -152,9 +150,6 @@ class FileStorage:
         Refuse writes (:class:`StorageFull`) when less space than this is free.
     direct_io
         Write received instances of :data:`DIRECT_MIN` bytes or more with ``O_DIRECT``.
-    background_flush
-        Have the C library's threads write and flush a smaller one while it is checked
-        (where :data:`gateway.posix_aio.AVAILABLE`); else :meth:`place` does it.
     flush_index
         Put the index's commits so far on stable storage (:meth:`gateway.index.Index.flush`):
         called before the spool names of finished writes are dropped, since until then their
@@ -165,7 +160,7 @@ class FileStorage:
     """
 
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
-                 direct_io: bool = True, background_flush: bool = True,
+                 direct_io: bool = True,
                  flush_index: Callable[[], None] | None = None,
                  quarantine: Path | None = None) -> None:
         self.root = root
@@ -174,7 +169,6 @@ class FileStorage:
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
-        self.background_flush = background_flush and posix_aio.AVAILABLE
         self._direct_buffers = threading.local()
         self.incoming = root / INCOMING
         # Patient data: folders 0700, files 0600, whatever the umask (PS3.15 E.1 confidentiality
@@ -297,11 +291,9 @@ class FileStorage:
         With ``direct_io``, an instance of :data:`DIRECT_MIN` bytes or more is written now,
         around the page cache (``O_DIRECT``): copying it there and writing the pages back
         later cost the kernel more CPU than the whole rest of a C-STORE of a CT image
-        (docs/benchmarks.md). A smaller one is written and flushed now by the C library's
-        threads (:mod:`gateway.posix_aio`), while this thread checks and indexes the
-        instance, and :meth:`place` waits for it; where the platform has no such threads,
-        :meth:`place` writes and flushes it in one system call (``RWF_DSYNC``). A refused
-        instance's spool file is removed once its write is done.
+        (docs/benchmarks.md). A smaller one is kept in memory and written and flushed by
+        :meth:`place`, in one system call where the platform has ``RWF_DSYNC``; a refused
+        one is never written.
         """
         self.check_space(len(data))
         spooled = None
@@ -310,9 +302,6 @@ class FileStorage:
             view = memoryview(data)
             if len(view) < DIRECT_MIN and self.fsync:
                 spooled.unwritten = view
-                if self.background_flush:
-                    spooled.written = True
-                    spooled.flushing = posix_aio.write_and_flush(spooled.fd, view)
                 return spooled
             spooled.written = True
             if self.direct_io and len(view) >= DIRECT_MIN:
@@ -488,15 +477,8 @@ class FileStorage:
             os.close(spool.fd)
 
     def discard(self, spooled: Spooled) -> None:
-        """Remove a file from :meth:`spool` that will not be placed (once a write of it under
-        way is done: its descriptor is not closed before), the removal flushed if the file
-        was written (recovery would store what it holds)."""
-        if spooled.flushing is not None:
-            flushing, spooled.flushing = spooled.flushing, None
-            try:
-                flushing.wait()
-            except OSError:
-                pass  # removed all the same
+        """Remove a file from :meth:`spool` that will not be placed, the removal flushed if
+        the file was written (recovery would store what it holds)."""
         os.close(spooled.fd)
         _unlink(spooled.temp)
         if spooled.written:
@@ -521,12 +503,7 @@ class FileStorage:
         """
         temp, fd, view = spooled.temp, spooled.fd, spooled.unwritten
         try:
-            if spooled.flushing is not None:  # written and flushed while it was checked
-                flushing, spooled.flushing = spooled.flushing, None
-                written = flushing.wait()
-                if view is not None and written < len(view):  # a short write: the rest here
-                    _write_flushed(fd, view, written)
-            elif view is not None:
+            if view is not None:
                 _write_flushed(fd, view, 0)
             elif self.fsync:
                 os.fsync(fd)
@@ -798,6 +775,21 @@ def _write_error(exc: OSError, what: str) -> GatewayError:
     return GatewayError(f"cannot write {what}: {exc.strerror}")
 
 
+def flush_data(fd: int) -> None:
+    """Flush a file's data (and the metadata needed to read it back) to stable storage.
+
+    ``fdatasync`` where there is one (Linux); macOS has none, and its ``fsync`` leaves the
+    data in the drive's cache: ``F_FULLFSYNC`` there (Apple, fsync(2)); ``fsync`` elsewhere.
+    """
+    fdatasync = getattr(os, "fdatasync", None)
+    if fdatasync is not None:
+        fdatasync(fd)
+    elif hasattr(fcntl, "F_FULLFSYNC"):
+        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+    else:
+        os.fsync(fd)
+
+
 def _write_flushed(fd: int, view: memoryview, offset: int) -> None:
     """Write ``view[offset:]`` at ``offset`` and flush it: in one system call per write
     where the platform has ``RWF_DSYNC``."""
@@ -807,7 +799,7 @@ def _write_flushed(fd: int, view: memoryview, offset: int) -> None:
         else:
             offset += os.pwrite(fd, view[offset:], offset)
     if not _RWF_DSYNC:
-        os.fdatasync(fd)
+        flush_data(fd)
 
 
 def _link(source: str, name: str) -> tuple[bool, bool]:

@@ -49,7 +49,44 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         admin.dispose()
 
 
+_SQLITE_TEMPLATE: list[bytes] = []
+
+
+def sqlite_template() -> bytes:
+    """A SQLite index migrated to the newest revision, made once per test process."""
+    if not _SQLITE_TEMPLATE:
+        import tempfile
+
+        from gateway.index import Index
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "index.sqlite"
+            index = Index(f"sqlite:///{path}")
+            index.upgrade()
+            index.close()
+            assert not path.with_name("index.sqlite-wal").exists(), "the log is not merged"
+            _SQLITE_TEMPLATE.append(path.read_bytes())
+    return _SQLITE_TEMPLATE[0]
+
+
+def seed_sqlite(database_url: str) -> None:
+    """Start a SQLite index that does not exist yet from the migrated template, so that a
+    test's gateway does not run every migration again (~0.1 s a test). An existing file (a
+    migration test's older schema) is left as it is."""
+    if not database_url.startswith("sqlite:///"):
+        return
+    path = Path(database_url.removeprefix("sqlite:///"))
+    if path.exists() or not path.parent.is_dir():
+        return
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(sqlite_template())
+
+
 def make_settings(tmp_path: Path, database_url: str, **env: str) -> Settings:
+    """Settings of a gateway on ``database_url`` (a new SQLite index starts migrated, from
+    :func:`seed_sqlite`) with its data folder in ``tmp_path``, both ports chosen by the OS."""
+    seed_sqlite(database_url)
     environ = {
         "GATEWAY_DATA_DIR": str(tmp_path / "data"),
         "GATEWAY_DATABASE_URL": database_url,

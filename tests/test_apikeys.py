@@ -33,6 +33,7 @@ def get_studies(live: LiveServer, token: str) -> int:
                headers={"Authorization": f"Bearer {token}"}).status
 
 
+@pytest.mark.slow  # CLI processes in a row
 def test_cli_create_list_revoke(tmp_path: Path, database_url: str, gateway: Gateway) -> None:
     created = cli(tmp_path, database_url, "apikey", "create", "--name", "radiology-ws",
                   "--scopes", "dicomweb:read,dicomweb:write")

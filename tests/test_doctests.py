@@ -9,7 +9,8 @@ import pytest
 
 MODULES = [
     "gateway.uids", "gateway.part10", "gateway.metadata", "gateway.storage", "gateway.status",
-    "gateway.query", "gateway.apikeys", "gateway.equivalence", "gateway.events", "dicomweb.media",
+    "gateway.query", "gateway.apikeys", "gateway.equivalence", "gateway.events", "gateway.cli",
+    "dicomweb.media",
     "dicomweb.problems", "dicomweb.wado", "dicomweb.stow", "dicomweb.xml", "dicomweb.capabilities",
 ]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LiveServer, ct_dataset, make_settings
-from dimse_helpers import associate
+from dimse_helpers import associate, wait_until
 
 from gateway.core import Gateway
 
@@ -48,6 +48,11 @@ def test_instances_index_and_cache_are_private(tmp_path: Path, database_url: str
                f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/rendered")
         with urllib.request.urlopen(url) as response:
             assert response.status == 200
+        # The rendered image is cached by a worker thread after the answer is sent.
+        cache = settings.data_dir / "cache" / "rendered"
+        assert wait_until(lambda: cache.is_dir() and any(
+            p.is_file() and not p.name.startswith(".") for p in cache.rglob("*"))), \
+            "nothing was cached"
         modes = modes_under(settings.data_dir)
         if database_url.startswith("sqlite"):
             index_file = Path(database_url.removeprefix("sqlite:///"))

@@ -51,6 +51,7 @@ def test_demo_prints_a_working_link(tmp_path: Path, env: dict[str, str]) -> None
         server.stop()
 
 
+@pytest.mark.slow  # ten CLI processes in a row
 def test_links_mint_list_revoke(env: dict[str, str]) -> None:
     assert run(["demo"], env).returncode == 0
     study = run(["links", "list"], env).stdout.splitlines()[1].split()[1]
@@ -79,6 +80,7 @@ def test_help(command: list[str]) -> None:
     assert result.returncode == 0 and "usage: dicom-gateway" in result.stdout
 
 
+@pytest.mark.slow  # npm downloads OHIF
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 def test_viewer_install(tmp_path: Path) -> None:
     dest = tmp_path / "viewer"

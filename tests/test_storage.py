@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import make_settings, only_ready_spool_files
 
-from gateway import posix_aio
 from gateway.core import Gateway
 from gateway.ingest import Outcome, read_part10
 from gateway.metadata import parse_instance
@@ -25,17 +24,15 @@ SIZES = [0, 10, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, DIRECT_ALIGN * 129 +
          DIRECT_CHUNK, DIRECT_CHUNK * 2 + DIRECT_ALIGN + 3]
 
 
-@pytest.mark.parametrize("background", [True, False], ids=["background", "in-place"])
 @pytest.mark.parametrize("fsync", [True, False], ids=["flushed", "unflushed"])
 @pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "page-cache"])
 @pytest.mark.parametrize("size", SIZES)
 def test_a_spooled_and_placed_file_holds_exactly_the_bytes(
-        tmp_path: Path, size: int, direct_io: bool, fsync: bool, background: bool) -> None:
+        tmp_path: Path, size: int, direct_io: bool, fsync: bool) -> None:
     """Whichever way it is written: around the page cache from DIRECT_MIN bytes on, a smaller
-    one written and flushed by the C library's threads as it is spooled or in one call when
-    placed, or (flushing off) through the page cache at once."""
-    storage = FileStorage(tmp_path / "files", direct_io=direct_io, fsync=fsync,
-                          background_flush=background)
+    one written and flushed in one call when placed, or (flushing off) through the page cache
+    at once."""
+    storage = FileStorage(tmp_path / "files", direct_io=direct_io, fsync=fsync)
     data = os.urandom(size)
     relpath = relative_path("1.2.3", "1.2.3.4", f"1.2.3.4.{size}", "ab" * 32)
     pending = storage.place(storage.spool(data), relpath)
@@ -73,36 +70,11 @@ def test_large_instances_go_around_the_page_cache(tmp_path: Path, size: int,
 
 
 
-@pytest.mark.skipif(not posix_aio.AVAILABLE, reason="POSIX AIO of glibc on a 64-bit Linux")
-def test_a_small_instance_is_written_while_it_is_checked(tmp_path: Path) -> None:
-    """Below DIRECT_MIN the C library's threads write and flush the bytes as soon as they are
-    spooled; place waits for them; a refused instance (discarded) leaves nothing."""
+def test_a_small_instance_is_written_when_placed(tmp_path: Path) -> None:
+    """The bytes of an instance under DIRECT_MIN wait in memory while it is checked: a refused
+    instance is never written, a placed one is written and flushed by place."""
     storage = FileStorage(tmp_path / "files")
-    assert storage.background_flush
     refused = storage.spool(os.urandom(1000))
-    assert refused.flushing is not None
-    refused.flushing.wait()
-    assert os.fstat(refused.fd).st_size == 1000  # on the disk before it is placed
-    storage.discard(refused)
-    assert not Path(refused.temp).exists()
-    data = os.urandom(1000)
-    spooled = storage.spool(data)
-    relpath = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", "ab" * 32)
-    storage.finish(storage.place(spooled, relpath))
-    assert spooled.flushing is None
-    assert storage.path(relpath).read_bytes() == data
-    assert storage.unfinished() == []
-    storage.detach()
-    assert only_ready_spool_files(storage.incoming)
-
-
-def test_without_background_flush_a_small_instance_is_written_when_placed(
-        tmp_path: Path) -> None:
-    """Where the C library has no such threads: the bytes wait in memory, a refused instance
-    is never written, a placed one is written and flushed by place."""
-    storage = FileStorage(tmp_path / "files", background_flush=False)
-    refused = storage.spool(os.urandom(1000))
-    assert refused.flushing is None
     assert os.fstat(refused.fd).st_size == 0
     storage.discard(refused)
     data = os.urandom(1000)
@@ -114,6 +86,28 @@ def test_without_background_flush_a_small_instance_is_written_when_placed(
     assert storage.unfinished() == []
     storage.detach()
 
+
+
+def test_without_fdatasync_nor_rwf_dsync_ingest_still_flushes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS has neither ``os.fdatasync`` nor ``RWF_DSYNC``: a placed instance is still
+    written, flushed and indexed, and the index's log flushed."""
+    from conftest import ct_dataset, make_settings, part10
+
+    import gateway.storage
+    from gateway.core import Gateway
+
+    monkeypatch.delattr(os, "fdatasync")
+    monkeypatch.setattr(gateway.storage, "_RWF_DSYNC", 0)
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite'}")
+    with Gateway(settings) as gw:
+        data = part10(ct_dataset(0))
+        result = gw.ingestor.ingest(data)
+        assert result.outcome.value == "stored"
+        gw.index.flush()
+        (stored,) = (tmp_path / "data" / "files").rglob("*.dcm")
+        assert stored.read_bytes() == data
+        assert gw.index.has_file(str(stored.relative_to(tmp_path / "data" / "files")))
 
 REFUSED_DIRECT_IO = """
 import os, sys

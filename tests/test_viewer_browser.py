@@ -90,6 +90,7 @@ def launch(playwright: Any) -> Any:
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
+@pytest.mark.slow  # a browser
 def test_minted_link_opens_ohif_and_draws_the_study(viewer_env: dict[str, Any]) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -140,6 +141,7 @@ def test_minted_link_opens_ohif_and_draws_the_study(viewer_env: dict[str, Any]) 
             browser.close()
 
 
+@pytest.mark.slow  # a browser
 def test_key_images_link_opens_ohif_on_key_images_only(viewer_env: dict[str, Any]) -> None:
     from playwright.sync_api import sync_playwright
 
