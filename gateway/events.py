@@ -581,6 +581,7 @@ class EventService:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
         self._client: aiohttp.ClientSession | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self._client = aiohttp.ClientSession()
@@ -592,11 +593,21 @@ class EventService:
         self._tasks.append(asyncio.create_task(self._scan_forever()))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop the loops at their next step: a database call under way in a worker thread is
+        waited for (cancelling the task would leave the thread running against a database
+        about to be closed); a webhook send still under way after the delivery timeout is
+        cancelled (its delivery, leased, is retried with the same ``webhook-id``)."""
+        self._stopping.set()
+        for wake in self._wake.values():
+            wake.set()
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks,
+                                         timeout=self.settings.delivery_timeout + 5)
+            for task in late:
+                task.cancel()
+            for task in late:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._tasks = []
         if self._client is not None:
             await self._client.close()
@@ -604,7 +615,7 @@ class EventService:
 
     async def _scan_forever(self) -> None:
         stable = self.settings.stable_seconds
-        while True:
+        while not self._stopping.is_set():
             wait = self.interval
             try:
                 await asyncio.to_thread(discover, self.index)
@@ -617,12 +628,13 @@ class EventService:
                     wait = min(wait, max(0.01, (quiet - now()).total_seconds()))
             except Exception:
                 logger.exception("event scan failed; trying again")
-            await asyncio.sleep(wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait)
 
     async def _deliver_forever(self, hook: Webhook, key: str) -> None:
         wake = self._wake[key]
         lease = self.settings.delivery_timeout + LEASE_MARGIN_SECONDS
-        while True:
+        while not self._stopping.is_set():
             wait = self.interval * 2
             wake.clear()
             try:

@@ -386,21 +386,26 @@ def _refusal_trail(
         service: LinkService) -> Callable[[web.Application], AsyncIterator[None]]:
     """Write ended windows of unverifiable-link refusals every few seconds, and all at stop."""
 
-    async def flusher() -> None:
+    async def flusher(stopping: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(REFUSAL_FLUSH_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), REFUSAL_FLUSH_SECONDS)
+            last = stopping.is_set()  # then everything, open windows too
             try:
-                await asyncio.to_thread(service.flush_refusals)
+                await asyncio.to_thread(service.flush_refusals, everything=last)
             except Exception:  # the next round tries again; the counts are kept until written
                 logger.exception("writing refusals of unverifiable links to the trail failed")
+            if last:
+                return
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(flusher())
+        # Stopped by an event, not cancelled: a cancelled task would leave its worker thread
+        # writing to the database while the server closes it.
+        stopping = asyncio.Event()
+        task = asyncio.create_task(flusher(stopping))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await asyncio.to_thread(service.flush_refusals, everything=True)
+        stopping.set()
+        await task
 
     return context
 
