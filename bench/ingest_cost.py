@@ -14,16 +14,22 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from gateway.config import load_settings
-from gateway.core import Gateway
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import library_versions  # noqa: E402
+
+from gateway.config import load_settings  # noqa: E402
+from gateway.core import Gateway  # noqa: E402
 
 STUDY = "1.2.826.0.1.3680043.8.498.5150"
 SERIES = f"{STUDY}.1"
@@ -54,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=3000)
     args = parser.parse_args()
+    print(library_versions())
     files = [tiny_instance(i) for i in range(args.count)]
     data_dir = tempfile.mkdtemp(prefix="bench-ingest-")
     settings = load_settings(environ={"GATEWAY_DATA_DIR": data_dir,
