@@ -23,6 +23,7 @@ from gateway.errors import (
     NotFound,
     StorageFull,
     Unauthorized,
+    Unavailable,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ STATUS_OF: tuple[tuple[type[GatewayError], int], ...] = (
     (Conflict, 409),
     (IdentityConflict, 409),
     (StorageFull, 507),
+    (Unavailable, 503),
 )
 
 
@@ -116,7 +118,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
                                 headers=exc.headers)
     except GatewayError as exc:
         status = status_of(exc)
-        headers = {"WWW-Authenticate": 'Bearer realm="dicomweb"'} if status == 401 else None
+        headers = ({"WWW-Authenticate": 'Bearer realm="dicomweb"'} if status == 401
+                   else {"Retry-After": "5"} if status == 503 else None)
         parameter = getattr(exc, "parameter", None)
         return problem_response(status, str(exc), parameter=parameter, headers=headers)
     except web.HTTPException as exc:

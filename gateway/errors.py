@@ -88,6 +88,12 @@ class StorageFull(GatewayError):
     """The data folder has no room left (or is below its configured free-space reserve)."""
 
 
+class Unavailable(GatewayError):
+    """A service the gateway depends on does not answer: the object store (S3) or the index's
+    database. Nothing was kept; the request may be sent again once it is back (C-STORE 0xA700
+    with an Error Comment, HTTP 503 with ``Retry-After``). The gateway needs no restart."""
+
+
 class Forbidden(GatewayError):
     """The principal may not do this."""
 

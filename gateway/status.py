@@ -15,6 +15,7 @@ from gateway.errors import (
     SOPClassMismatch,
     StorageFull,
     TooLarge,
+    Unavailable,
 )
 
 SUCCESS = 0x0000
@@ -33,6 +34,7 @@ CONFLICTING_IDENTITY = 0xA778  # study of another patient, or series of another 
 _STORE_FAILURES: tuple[tuple[type[Exception], int], ...] = (
     (StorageFull, OUT_OF_RESOURCES),
     (TooLarge, OUT_OF_RESOURCES),
+    (Unavailable, OUT_OF_RESOURCES),
     (SOPClassMismatch, DATA_SET_DOES_NOT_MATCH_SOP_CLASS),
     (InvalidInstance, CANNOT_UNDERSTAND),
     (Conflict, DUPLICATE_SOP_INSTANCE),
