@@ -68,7 +68,7 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         problems.append(f"index unreachable: {type(exc).__name__}")
     try:
-        await asyncio.to_thread(gateway.storage.check_space, 0)
+        await asyncio.to_thread(gateway.storage.check_ready)
     except Exception as exc:
         problems.append(str(exc))
     if problems:

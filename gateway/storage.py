@@ -263,6 +263,11 @@ class FileStorage:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
+    def check_ready(self) -> None:
+        """Raise unless a write could succeed now (``/readyz``): :class:`StorageFull` below the
+        free-space reserve; an object store answers :class:`~gateway.errors.Unavailable`."""
+        self.check_space(0)
+
     # -- writing ------------------------------------------------------------------------------
     def check_space(self, needed: int) -> None:
         """Raise :class:`StorageFull` unless ``needed`` bytes fit above the free-space reserve."""
