@@ -142,7 +142,7 @@ async def _audit(request: web.Request, services: PixelServices, action: Action,
 def _pixel_file(gateway: Gateway, image: InstanceRef) -> PixelFile:
     if not image.has_pixels:
         raise PixelDataError(f"instance {image.sop_instance_uid} has no pixel data")
-    return open_pixel_file(gateway.storage.path(image.file_path))
+    return open_pixel_file(gateway.storage.blob(image.file_path))
 
 
 # -- Accept negotiation (PS3.18 §8.7.3.5) ----------------------------------------------------

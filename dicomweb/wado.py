@@ -48,7 +48,7 @@ from dicomweb.media import (
 from dicomweb.problems import HTTPProblem
 from gateway.access import Scope
 from gateway.audit import Action
-from gateway.errors import NotFound
+from gateway.errors import GatewayError, NotFound
 from gateway.instances import (
     InstanceRef,
     validate_path,
@@ -56,6 +56,7 @@ from gateway.instances import (
     visible_instances,
     visible_metadata,
 )
+from gateway.storage import BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,80 @@ async def send_file(request: web.Request, response: web.StreamResponse, path: Pa
         f.close()  # a read-only descriptor: closing does not wait on the disk
 
 
+# Objects (S3) up to PREFETCH_MAX_BYTES are fetched whole, PREFETCH_WINDOW at once, ahead of
+# the part being sent; larger ones are streamed in chunks in their turn. Memory per request
+# stays under PREFETCH_WINDOW * PREFETCH_MAX_BYTES.
+PREFETCH_WINDOW = 8
+PREFETCH_MAX_BYTES = 4 * 1024**2
+
+
+class ObjectPrefetch:
+    """The stored parts of a WADO-RS response from an object store, fetched concurrently
+    (bounded) ahead of the one being sent. Files (``storage.local``) are not prefetched."""
+
+    def __init__(self, storage: BlobStore, refs: list[InstanceRef], stored: list[bool]) -> None:
+        self.storage = storage
+        self.refs = refs
+        self.wanted = [i for i, (r, s) in enumerate(zip(refs, stored, strict=True))
+                       if s and not storage.local and r.file_size <= PREFETCH_MAX_BYTES]
+        self.tasks: dict[int, asyncio.Task[bytes]] = {}
+        self.next = 0  # the next of self.wanted to start
+
+    async def __aenter__(self) -> ObjectPrefetch:
+        self._fill()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    def _fill(self) -> None:
+        fetch = getattr(self.storage, "fetch_async", None)
+        while fetch is not None and self.next < len(self.wanted) \
+                and len(self.tasks) < PREFETCH_WINDOW:
+            i = self.wanted[self.next]
+            self.tasks[i] = asyncio.ensure_future(fetch(self.refs[i].file_path))
+            self.next += 1
+
+    async def ready(self, i: int) -> None:
+        """Wait for part ``i`` if it is prefetched (its error, e.g. a store down, raised)."""
+        task = self.tasks.get(i)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def send(self, i: int, response: web.StreamResponse) -> None:
+        """Write part ``i``'s bytes; a size other than the index's drops the connection
+        (the multipart framing would be wrong)."""
+        ref = self.refs[i]
+        task = self.tasks.pop(i, None)
+        sent = 0
+        try:
+            if task is not None:
+                try:
+                    data = await task
+                finally:
+                    self._fill()
+                sent = len(data)
+                if sent == ref.file_size:
+                    await response.write(data)
+            else:
+                async for chunk in self.storage.stream_async(ref.file_path):
+                    sent += len(chunk)
+                    if sent > ref.file_size:
+                        break
+                    await response.write(chunk)
+        except (GatewayError, FileNotFoundError) as exc:
+            # The head is out: the only way to tell the client is to cut the body short.
+            logger.error("stored object %s could not be read during retrieval: %s",
+                         ref.file_path, exc)
+            raise ConnectionResetError("stored object unreadable during retrieval") from None
+        if sent != ref.file_size:
+            logger.error("stored object %s has %d bytes, the index says %d; aborting",
+                         ref.file_path, sent, ref.file_size)
+            raise ConnectionResetError("stored object changed during retrieval")
+
+
 async def _retrieve(request: web.Request, study: str, series: str | None = None,
                     instance: str | None = None) -> web.StreamResponse:
     who = require(request, Scope.DICOMWEB_READ)
@@ -227,20 +302,28 @@ async def _retrieve(request: web.Request, study: str, series: str | None = None,
                                    + len(closing_delimiter(boundary)))
     await audit(request, Action.TRANSFER, (study,),
                 detail=f"WADO-RS retrieve of {len(refs)} instances")
-    await response.prepare(request)
     if request.method == "HEAD":
+        await response.prepare(request)
         await response.write_eof()
         return response
-    for ref, syntax, header, stored in zip(refs, plan.syntaxes, headers, as_stored, strict=True):
-        await response.write(header)
-        path = storage.path(ref.file_path)
-        if stored:
-            await send_file(request, response, path, ref.file_size,
-                            zero_copy=response.content_length is not None)
-        else:
-            data = await asyncio.to_thread(transcode, path, syntax)
-            await response.write(data)
-        await response.write(b"\r\n")
+    async with ObjectPrefetch(storage, refs, as_stored) as prefetch:
+        # The first object is awaited before the head goes out: a store that does not
+        # answer is a 503, not a body cut short.
+        await prefetch.ready(0)
+        await response.prepare(request)
+        for i, (ref, syntax, header, stored) in enumerate(
+                zip(refs, plan.syntaxes, headers, as_stored, strict=True)):
+            await response.write(header)
+            if stored and storage.local:
+                await send_file(request, response, storage.path(ref.file_path), ref.file_size,
+                                zero_copy=response.content_length is not None)
+            elif stored:
+                await prefetch.send(i, response)
+            else:
+                path = await asyncio.to_thread(storage.path, ref.file_path)
+                data = await asyncio.to_thread(transcode, path, syntax)
+                await response.write(data)
+            await response.write(b"\r\n")
     await response.write(closing_delimiter(boundary))
     await response.write_eof()
     return response
@@ -248,17 +331,25 @@ async def _retrieve(request: web.Request, study: str, series: str | None = None,
 
 async def _single_instance(request: web.Request, ref: InstanceRef, syntax: str,
                            base: str) -> web.StreamResponse:
-    path = gateway_of(request).storage.path(ref.file_path)
+    storage = gateway_of(request).storage
     await audit(request, Action.TRANSFER, (ref.study_instance_uid,),
                 detail="WADO-RS retrieve of 1 instance")
     headers = {"Content-Type": _part_type(syntax), "Content-Location": _location(base, ref)}
     if syntax == ref.transfer_syntax_uid:
         response = web.StreamResponse(headers=headers)
         response.content_length = ref.file_size
-        await response.prepare(request)
-        await send_file(request, response, path, ref.file_size, zero_copy=False)
+        if storage.local:
+            await response.prepare(request)
+            await send_file(request, response, storage.path(ref.file_path), ref.file_size,
+                            zero_copy=False)
+        else:
+            async with ObjectPrefetch(storage, [ref], [True]) as prefetch:
+                await prefetch.ready(0)
+                await response.prepare(request)
+                await prefetch.send(0, response)
         await response.write_eof()
         return response
+    path = await asyncio.to_thread(storage.path, ref.file_path)
     data = await asyncio.to_thread(transcode, path, syntax)
     return web.Response(body=data, headers=headers)
 
@@ -428,8 +519,8 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
     else:
         raise not_acceptable('bulk data is served as multipart/related; '
                              'type="application/octet-stream" or application/octet-stream')
-    parts, syntax = await asyncio.to_thread(read_bulk,
-                                            gateway.storage.path(refs[0].file_path), tag_path)
+    path = await asyncio.to_thread(gateway.storage.path, refs[0].file_path)
+    parts, syntax = await asyncio.to_thread(read_bulk, path, tag_path)
     await audit(request, Action.RETRIEVE, (study,), detail="bulk data")
     encapsulated = UID(syntax).is_encapsulated and tag_path == ["7FE00010"]
     part_type = (f"{MEDIA_OCTET_STREAM}; transfer-syntax={syntax}" if encapsulated

@@ -136,6 +136,21 @@ class StorageSettings:
     # CPU seconds per file; a file it cannot read, or not within them, is moved to
     # <data>/quarantine (never deleted), so that the node always comes up.
     recovery_file_seconds: float = 30.0
+    # Where instances are kept: unset or file: = files in <data>/files; s3://bucket/prefix =
+    # objects in an S3-compatible store (credentials and region the AWS way: AWS_ACCESS_KEY_ID,
+    # AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_PROFILE).
+    url: str | None = None
+    # The S3 API's address for stores other than AWS (SeaweedFS, MinIO, Ceph...).
+    s3_endpoint_url: str | None = None
+    # Seconds one request to the object store may take (connecting: a fifth of it) before the
+    # instance is refused (0xA700) or the retrieval answered 503.
+    s3_timeout_seconds: float = 10.0
+    # The most bytes of objects kept in <data>/cache/objects for the readers that need a local
+    # file (C-MOVE/C-GET, transcoding); least recently used ones go first.
+    cache_bytes: int = 1024**3
+    # An object without an index row (a crash between its PUT and the commit) older than this
+    # is removed by the sweeper, which runs every quarter of it; 0: no sweeper on this node.
+    orphan_grace_seconds: float = 3600.0
 
 
 # Standard Webhooks: a signing secret is "whsec_" and the base64 of 24 to 64 random bytes.
@@ -232,6 +247,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_STORAGE_DIRECT_IO": ("storage", "direct_io"),
     "GATEWAY_STORAGE_MAX_INFLATED_BYTES": ("storage", "max_inflated_bytes"),
     "GATEWAY_STORAGE_RECOVERY_FILE_SECONDS": ("storage", "recovery_file_seconds"),
+    "GATEWAY_STORAGE_URL": ("storage", "url"),
+    "GATEWAY_S3_ENDPOINT_URL": ("storage", "s3_endpoint_url"),
+    "GATEWAY_S3_TIMEOUT_SECONDS": ("storage", "s3_timeout_seconds"),
+    "GATEWAY_STORAGE_CACHE_BYTES": ("storage", "cache_bytes"),
+    "GATEWAY_STORAGE_ORPHAN_GRACE_SECONDS": ("storage", "orphan_grace_seconds"),
     "GATEWAY_EVENTS_STABLE_SECONDS": ("events", "stable_seconds"),
     "GATEWAY_EVENTS_DELIVERY_TIMEOUT": ("events", "delivery_timeout"),
     "GATEWAY_EVENTS_RETRY_MAX_SECONDS": ("events", "retry_max_seconds"),
@@ -413,6 +433,7 @@ def _check(settings: Settings) -> None:
     if not seconds >= 1:
         raise SettingsError(f"storage.recovery_file_seconds {seconds} must be at least 1 "
                             "(CPU seconds, counted in whole seconds)")
+    _check_storage(settings.storage)
     events = settings.events
     if not (events.stable_seconds > 0 and events.delivery_timeout > 0
             and events.retry_max_seconds >= 1):
@@ -424,3 +445,28 @@ def _check(settings: Settings) -> None:
         raise SettingsError(f"log_level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     if settings.log_format not in LOG_FORMATS:
         raise SettingsError(f"log_format {settings.log_format!r}: use text or json")
+
+
+def _check_storage(storage: StorageSettings) -> None:
+    """The storage URL names a file: folder or an S3 bucket; the S3 endpoint is http(s)."""
+    url = storage.url or ""
+    parts = urlsplit(url)
+    if url and parts.scheme not in ("file", "s3"):
+        raise SettingsError(f"storage.url {url!r}: use s3://bucket/prefix for an object store, "
+                            "or leave it unset (or file:) for files in the data folder")
+    if parts.scheme == "file" and parts.path not in ("", "/"):
+        raise SettingsError(f"storage.url {url!r}: files are always kept in the data folder; "
+                            "set GATEWAY_DATA_DIR (data_dir) to move them, and use file: alone")
+    if parts.scheme == "s3" and (not parts.netloc or parts.query or parts.fragment):
+        raise SettingsError(f"storage.url {url!r}: give the bucket, as s3://bucket or "
+                            "s3://bucket/prefix")
+    endpoint = storage.s3_endpoint_url
+    if endpoint:
+        ends = urlsplit(endpoint)
+        if ends.scheme not in ("http", "https") or not ends.hostname:
+            raise SettingsError(f"storage.s3_endpoint_url {endpoint!r} is not an http:// or "
+                                "https:// URL")
+    if not storage.s3_timeout_seconds > 0 or storage.cache_bytes < 0 \
+            or storage.orphan_grace_seconds < 0:
+        raise SettingsError("storage.s3_timeout_seconds must be positive, storage.cache_bytes "
+                            "and storage.orphan_grace_seconds zero or more")

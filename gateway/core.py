@@ -22,7 +22,8 @@ from gateway.errors import (
 from gateway.index import Index
 from gateway.ingest import Ingestor
 from gateway.recovery import RecoveryReader
-from gateway.storage import FileStorage, make_private_folders
+from gateway.s3 import S3Storage
+from gateway.storage import BlobStore, FileStorage, make_private_folders
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,21 @@ def database_errors(settings: Settings) -> Iterator[None]:
             f"folder") from None
 
 
+def open_storage(settings: Settings, index: Index) -> BlobStore:
+    """The blob store the settings name: files in ``<data>/files`` (the default) or an
+    S3-compatible bucket (``[storage] url = s3://bucket/prefix``)."""
+    storage = settings.storage
+    if storage.url and storage.url.startswith("s3:"):
+        return S3Storage(storage.url, endpoint_url=storage.s3_endpoint_url,
+                         data_dir=settings.data_dir, timeout=storage.s3_timeout_seconds,
+                         cache_bytes=storage.cache_bytes,
+                         orphan_grace=storage.orphan_grace_seconds,
+                         flush_index=index.flush)
+    return FileStorage(settings.data_dir / "files", fsync=storage.fsync,
+                       min_free_bytes=storage.min_free_bytes, direct_io=storage.direct_io,
+                       flush_index=index.flush)
+
+
 class Gateway:
     """The transport-free core of one gateway process.
 
@@ -78,13 +94,7 @@ class Gateway:
         with database_errors(settings):
             self.index = Index(settings.index_url, shared_writer=settings.dimse.workers > 1)
         with data_folder_errors(settings):
-            self.storage = FileStorage(
-                settings.data_dir / "files",
-                fsync=settings.storage.fsync,
-                min_free_bytes=settings.storage.min_free_bytes,
-                direct_io=settings.storage.direct_io,
-                flush_index=self.index.flush,
-            )
+            self.storage = open_storage(settings, self.index)
         # The access trail (PS3.15 A.5): every front end records through this one sink.
         self.audit: AuditSink = DatabaseAudit(self.index)
         self.ingestor = Ingestor(self.storage, self.index, overwrite=settings.storage.overwrite,
@@ -101,7 +111,13 @@ class Gateway:
                 self.index.upgrade()
         # Recovery only when no other process (serve, a worker, a CLI command) uses the folder.
         with data_folder_errors(self.settings):
-            if recover:
+            if isinstance(self.storage, S3Storage):
+                # No spool to recover: a write is done when its PUT and commit are. The
+                # sweeper runs in the first process only (not in [dimse] workers).
+                self.storage.attach(self.index.referenced_files if recover else None)
+            elif not isinstance(self.storage, FileStorage):
+                raise TypeError(f"unknown blob store {type(self.storage).__name__}")
+            elif recover:
                 # Each spool file is read in a worker process, within [storage]
                 # recovery_file_seconds of CPU: what it cannot read goes to the quarantine
                 # folder.

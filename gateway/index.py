@@ -48,7 +48,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.errors import IdentityConflict
 from gateway.metadata import ParsedInstance
-from gateway.models import Base, EventCursor, Instance, Patient, Series, Study
+from gateway.models import (
+    Base,
+    EventCursor,
+    Instance,
+    Patient,
+    RejectedInstance,
+    Series,
+    Study,
+)
 from gateway.patients import same_patient
 from gateway.storage import PRIVATE_FILE, flush_data
 
@@ -479,6 +487,19 @@ class Index:
                 select(func.count()).select_from(Instance).where(Instance.file_path == relpath)
             )
             return bool(count)
+
+    def referenced_files(self, relpaths: list[str]) -> set[str]:
+        """Those of ``relpaths`` that a row names: a stored instance's or a rejected one's whose
+        file is kept (the object sweeper keeps them)."""
+        if not relpaths:
+            return set()
+        with self.engine.connect() as connection:
+            found = set(connection.scalars(
+                select(Instance.file_path).where(Instance.file_path.in_(relpaths))))
+            found.update(p for p in connection.scalars(
+                select(RejectedInstance.file_path).where(
+                    RejectedInstance.file_path.in_(relpaths))) if p)
+        return found
 
     def file_paths(self) -> set[str]:
         with self.Session() as session:

@@ -49,7 +49,7 @@ from gateway.metrics import METRICS
 from gateway.models import Instance, Series, Study
 from gateway.rejection import RejectionResult, reject
 from gateway.rejection import rejected as rejection_record
-from gateway.storage import FileStorage, Spooled, relative_path
+from gateway.storage import BlobStore, relative_path
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Ingestor:
         The most a deflated data set may inflate to (``[storage] max_inflated_bytes``).
     """
 
-    def __init__(self, storage: FileStorage, index: Index, *, overwrite: bool = False,
+    def __init__(self, storage: BlobStore, index: Index, *, overwrite: bool = False,
                  max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> None:
         self.storage = storage
         self.index = index
@@ -289,7 +289,7 @@ class Ingestor:
             f"a different instance is already stored under SOP Instance UID {uid} "
             f"({comparison.detail}); {reason}")
 
-    def _store(self, parsed: ParsedInstance, spooled: Spooled,
+    def _store(self, parsed: ParsedInstance, spooled: Any,
                source: str) -> IngestResult:
         try:
             relpath = relative_path(parsed.study_instance_uid, parsed.series_instance_uid,

@@ -53,6 +53,10 @@ HELP = {
     "gateway_http_request_seconds": "HTTP requests, by route pattern, method and status code.",
     "gateway_qido_seconds": "QIDO-RS and C-FIND searches in the index, by query level.",
     "gateway_storage_free_bytes": "Free bytes in the data folder's file system.",
+    "gateway_object_store_put_seconds": "PUTs of instances to the object store.",
+    "gateway_object_store_errors_total": "Requests the object store did not answer or refused.",
+    "gateway_orphan_objects_removed_total":
+        "Objects without an index row removed by the sweeper (writes cut before their commit).",
 }
 
 # Seconds: a C-STORE acknowledgement takes ~3 ms here, a QIDO page ~10 ms, a frame retrieval

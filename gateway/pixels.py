@@ -26,12 +26,11 @@ large multi-frame instance costs what the frame costs.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from pydicom.uid import (
 
 from gateway.config import SettingsError
 from gateway.errors import GatewayError, InvalidQuery, NotFound
+from gateway.storage import Blob, LocalBlob
 
 # pylibjpeg-rle: the RLE decoder pydicom uses too, called directly for grayscale frames.
 _rle_decode: Callable[..., Any] | None = None
@@ -334,7 +334,7 @@ class PixelFile:
     digest). Frame indices here start at 0; DICOMweb frame numbers start at 1.
     """
 
-    path: Path
+    blob: Blob
     header: Dataset
     image: ImagePixel
     value_offset: int = 0
@@ -358,15 +358,11 @@ class PixelFile:
         if self.inline is not None:
             return self.inline[offset:offset + length]
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            data = self.blob.read_at(offset, length)
         except FileNotFoundError:
             raise NotFound("the instance was deleted while it was being read") from None
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
         if len(data) != length:
-            raise PixelDataError(f"the stored file {self.path.name} is truncated")
+            raise PixelDataError(f"the stored file {self.blob.name} is truncated")
         return data
 
     def _check_index(self, index: int) -> None:
@@ -654,26 +650,27 @@ def check_codestream(data: bytes, info: ImagePixel) -> None:
 
 # -- locating the pixel data -------------------------------------------------------------------
 
-def read_pixel_file(path: Path) -> PixelFile:
-    """Open a stored Part 10 file and locate its pixel data without reading it.
+def read_pixel_file(source: Path | Blob) -> PixelFile:
+    """Open a stored Part 10 file (or object) and locate its pixel data without reading it.
 
     Raises
     ------
     PixelDataError
         Not DICOM, no pixel data, or an encapsulation that cannot be parsed.
     """
+    blob = LocalBlob(source) if isinstance(source, Path) else source
     try:
-        with open(path, "rb") as f:
+        with blob.open() as f:
             header = dcmread(f, stop_before_pixels=True)
             position = f.tell()
             tag_bytes = f.read(12)
     except FileNotFoundError:
-        raise PixelDataError(f"the stored file {path.name} is missing") from None
+        raise PixelDataError(f"the stored file {blob.name} is missing") from None
     except (InvalidDicomError, OSError, ValueError, struct.error) as exc:
-        raise PixelDataError(f"the stored file {path.name} cannot be read: {exc}") from exc
+        raise PixelDataError(f"the stored file {blob.name} cannot be read: {exc}") from exc
     syntax = str(header.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
     if syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
-        return _read_whole(path, syntax)
+        return _read_whole(blob, syntax)
     if len(tag_bytes) < 8:
         raise PixelDataError("the instance has no pixel data")
     group, element = struct.unpack("<HH", tag_bytes[:4])
@@ -698,7 +695,7 @@ def read_pixel_file(path: Path) -> PixelFile:
         raise PixelDataError(f"the pixel data is a video ({UID(syntax).name or syntax}); "
                              "its frames cannot be extracted, retrieve the instance instead")
     info = image_pixel(header, syntax, keyword)
-    pixel_file = PixelFile(path, header, info, value_offset, length)
+    pixel_file = PixelFile(blob, header, info, value_offset, length)
     if info.encapsulated:
         if length != UNDEFINED_LENGTH:
             raise PixelDataError(f"compressed pixel data ({UID(syntax).name}) must be "
@@ -706,7 +703,7 @@ def read_pixel_file(path: Path) -> PixelFile:
         pixel_file.fragments = _map_fragments(pixel_file)
     else:
         needed = (info.frame_bits * info.number_of_frames + 7) // 8
-        available = min(length, max(path.stat().st_size - value_offset, 0))
+        available = min(length, max(blob.size() - value_offset, 0))
         if length == UNDEFINED_LENGTH or available < needed:
             raise PixelDataError(
                 f"the pixel data holds {available} bytes, fewer than the {needed} that "
@@ -715,12 +712,13 @@ def read_pixel_file(path: Path) -> PixelFile:
     return pixel_file
 
 
-def _read_whole(path: Path, syntax: str) -> PixelFile:
+def _read_whole(blob: Blob, syntax: str) -> PixelFile:
     """Deflated and big endian files: read the pixel data value into memory."""
     try:
-        ds = dcmread(path)
+        with blob.open() as f:
+            ds = dcmread(f)
     except (InvalidDicomError, OSError, ValueError, zlib.error) as exc:
-        raise PixelDataError(f"the stored file {path.name} cannot be read: {exc}") from exc
+        raise PixelDataError(f"the stored file {blob.name} cannot be read: {exc}") from exc
     keyword = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
                     if k in ds), None)
     if keyword is None:
@@ -744,7 +742,7 @@ def _read_whole(path: Path, syntax: str) -> PixelFile:
         value = ds[keyword].value
     del ds[keyword]
     info = ImagePixel(**{**info.__dict__, "transfer_syntax_uid": ExplicitVRLittleEndian})
-    pixel_file = PixelFile(path, ds, info, 0, len(value), inline=value)
+    pixel_file = PixelFile(blob, ds, info, 0, len(value), inline=value)
     needed = (info.frame_bits * info.number_of_frames + 7) // 8
     if len(value) < needed:
         raise PixelDataError(f"the pixel data holds {len(value)} bytes, fewer than {needed}")
@@ -755,11 +753,14 @@ def _items(pixel_file: PixelFile) -> tuple[bytes, list[tuple[int, int]]]:
     """The Basic Offset Table value and each fragment's (value offset, length)."""
     items: list[tuple[int, int]] = []
     position = pixel_file.value_offset
-    size = pixel_file.path.stat().st_size
-    fd = os.open(pixel_file.path, os.O_RDONLY)
-    try:
+    blob = pixel_file.blob
+    size = blob.size()
+    # Item headers are read through a buffered reader: one read (one ranged GET of an
+    # object) covers the headers of every small fragment in its span.
+    with blob.open() as f:
         while True:
-            head = os.pread(fd, 8, position)
+            f.seek(position)
+            head = f.read(8)
             if len(head) < 8:
                 raise PixelDataError("the encapsulated pixel data ends without a delimiter")
             group, element, length = struct.unpack("<HHI", head)
@@ -774,9 +775,8 @@ def _items(pixel_file: PixelFile) -> tuple[bytes, list[tuple[int, int]]]:
         if not items:
             raise PixelDataError("the encapsulated pixel data has no Basic Offset Table item")
         bot_offset, bot_length = items[0]
-        bot = os.pread(fd, bot_length, bot_offset) if bot_length else b""
-    finally:
-        os.close(fd)
+        f.seek(bot_offset)
+        bot = f.read(bot_length) if bot_length else b""
     return bot, items[1:]
 
 
@@ -800,7 +800,7 @@ def _map_fragments(pixel_file: PixelFile) -> list[list[tuple[int, int]]]:
             first = [by_position[start] for start in starts]
         except KeyError:
             logger.warning("%s: offset table does not match the fragments; scanning them",
-                           pixel_file.path.name)
+                           pixel_file.blob.name)
         else:
             ends = first[1:] + [len(fragments)]
             return [fragments[a:b] for a, b in zip(first, ends, strict=True)]
@@ -837,24 +837,26 @@ def _map_fragments(pixel_file: PixelFile) -> list[list[tuple[int, int]]]:
 
 
 class PixelFileCache:
-    """A small LRU of located pixel data, keyed by path (stored files never change)."""
+    """A small LRU of located pixel data, keyed by blob (stored files and objects never
+    change: their name carries their digest)."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
-        self._items: OrderedDict[Path, PixelFile] = OrderedDict()
+        self._items: OrderedDict[Hashable, PixelFile] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> PixelFile:
+    def get(self, source: Path | Blob) -> PixelFile:
+        blob = LocalBlob(source) if isinstance(source, Path) else source
         with self._lock:
-            found = self._items.get(path)
+            found = self._items.get(blob.key)
             if found is not None:
-                self._items.move_to_end(path)
+                self._items.move_to_end(blob.key)
                 return found
-        pixel_file = read_pixel_file(path)
+        pixel_file = read_pixel_file(blob)
         if pixel_file.inline is not None and len(pixel_file.inline) > 16 * 1024**2:
             return pixel_file  # keep big in-memory values out of the cache
         with self._lock:
-            self._items[path] = pixel_file
+            self._items[blob.key] = pixel_file
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
         return pixel_file
@@ -867,9 +869,9 @@ class PixelFileCache:
 _CACHE = PixelFileCache()
 
 
-def open_pixel_file(path: Path) -> PixelFile:
-    """Locate the pixel data of a stored file (cached by path)."""
-    return _CACHE.get(path)
+def open_pixel_file(source: Path | Blob) -> PixelFile:
+    """Locate the pixel data of a stored file or object (cached)."""
+    return _CACHE.get(source)
 
 
 # A frame list's bounds (PS3.18 §10.4.1.1.4 sets none): Number of Frames is an IS, at most

@@ -34,6 +34,7 @@ same data set; else this write's file replaces it.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import logging
@@ -45,9 +46,10 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO, Protocol
 
 from gateway.errors import GatewayError, StorageFull
 from gateway.metadata import dataset_offset
@@ -107,6 +109,74 @@ class Spooled:
     written: bool = False  # bytes sent to the file (to disk, maybe): its removal is flushed
 
 
+class Blob(Protocol):
+    """One stored instance, read by byte ranges: a file (:class:`LocalBlob`) or an object
+    (:class:`gateway.s3.S3Blob`). ``key`` tells blobs apart in caches; ``name`` is for
+    messages. A missing blob raises :class:`FileNotFoundError`."""
+
+    key: Hashable
+    name: str
+
+    def size(self) -> int: ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def open(self) -> BinaryIO: ...
+
+
+class LocalBlob:
+    """A stored file as a :class:`Blob`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.key: Hashable = path
+        self.name = path.name
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb")
+
+
+class BlobStore(Protocol):
+    """Where instances are kept: :class:`FileStorage` (the default) or
+    :class:`gateway.s3.S3Storage`. The ingest path calls :meth:`spool`, :meth:`place` (the
+    instance kept), then :meth:`finish` once its row is committed, or :meth:`abandon`; readers
+    use :meth:`blob` (byte ranges), :meth:`path` (a whole local file) or
+    :meth:`stream_async`; ``local`` tells that :meth:`path` is the stored file itself."""
+
+    local: bool
+
+    def detach(self) -> None: ...
+    def check_ready(self) -> None: ...
+    def check_space(self, needed: int) -> None: ...
+    def free_bytes(self) -> int: ...
+    def spool(self, data: bytes) -> Any: ...
+    def discard(self, spooled: Any) -> None: ...
+    def place(self, spooled: Any, relpath: str) -> PendingWrite: ...
+    def write(self, relpath: str, data: bytes) -> PendingWrite: ...
+    def finish(self, pending: PendingWrite) -> None: ...
+    def abandon(self, pending: PendingWrite, *, keep_final: bool = False,
+                flush: bool = True) -> None: ...
+    def settle(self) -> None: ...
+    def sync(self, timeout: float = 60.0) -> None: ...
+    def delete(self, relpath: str) -> None: ...
+    def delete_unindexed(self, relpaths: list[str],
+                         is_indexed: Callable[[str], bool]) -> int: ...
+    def exists(self, relpath: str) -> bool: ...
+    def path(self, relpath: str) -> Path: ...
+    def blob(self, relpath: str) -> Blob: ...
+    def stream_async(self, relpath: str) -> AsyncIterator[bytes]: ...
+
+
 def relative_path(study: str, series: str, sop: str, digest: str) -> str:
     """Return the stored file's path relative to the files folder.
 
@@ -139,6 +209,9 @@ def make_private_folders(path: str | os.PathLike[str]) -> None:
 
 class FileStorage:
     """Files on a local (or shared, POSIX) file system.
+
+    ``local`` tells the readers that :meth:`path` is the stored file itself (sent with
+    ``sendfile``), not a copy to fetch.
 
     Parameters
     ----------
@@ -257,8 +330,20 @@ class FileStorage:
     def open(self, relpath: str) -> os.PathLike[str]:
         return self.path(relpath)
 
+    local = True
+
     def exists(self, relpath: str) -> bool:
         return self.path(relpath).is_file()
+
+    def blob(self, relpath: str) -> LocalBlob:
+        return LocalBlob(self.path(relpath))
+
+    async def stream_async(self, relpath: str) -> AsyncIterator[bytes]:
+        """The stored file in chunks of :data:`CHUNK` bytes, each read in a thread (the
+        HTTP front end sends files with ``sendfile`` instead, where it can)."""
+        with open(self.path(relpath), "rb") as f:
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                yield chunk
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
