@@ -71,7 +71,9 @@ def _reason(exc: BaseException) -> str:
     if found:
         return found.group(1)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first[:300]
+    # obstore: "Generic S3 error: Error performing PUT <url> in 3ms, after 2 retries ... -
+    # HTTP error: error sending request": the cause is after the last " - ".
+    return first.rsplit(" - ", 1)[-1].strip()[:200]
 
 
 def _profile(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
