@@ -75,7 +75,7 @@ def open_storage(settings: Settings, index: Index) -> BlobStore:
                          data_dir=settings.data_dir, timeout=storage.s3_timeout_seconds,
                          cache_bytes=storage.cache_bytes,
                          orphan_grace=storage.orphan_grace_seconds,
-                         flush_index=index.flush)
+                         min_free_bytes=storage.min_free_bytes, flush_index=index.flush)
     return FileStorage(settings.data_dir / "files", fsync=storage.fsync,
                        min_free_bytes=storage.min_free_bytes, direct_io=storage.direct_io,
                        flush_index=index.flush)

@@ -45,7 +45,7 @@ import obstore
 from obstore.store import S3Store
 
 from gateway.config import SettingsError
-from gateway.errors import Unavailable
+from gateway.errors import StorageFull, Unavailable
 from gateway.metrics import METRICS
 from gateway.storage import PRIVATE_FILE, PendingWrite, make_private_folders
 
@@ -109,6 +109,7 @@ class _RangeReader(io.RawIOBase):
 
     def __init__(self, blob: S3Blob) -> None:
         self.blob = blob
+        self.name = blob.name  # pydicom names the data set after its file
         self.position = 0
 
     def readable(self) -> bool:
@@ -308,8 +309,13 @@ class S3Storage:
         return shutil.disk_usage(self.data_dir).free
 
     def check_space(self, needed: int) -> None:
-        """Nothing to check locally: the store's room is its own (a full store answers the
-        PUT with an error, refused as :class:`Unavailable`)."""
+        """Raise :class:`StorageFull` when the data folder (the index on SQLite, the cache)
+        is below its free-space reserve; the store's own room is its own (a full store
+        refuses the PUT: :class:`Unavailable`)."""
+        if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
+            raise StorageFull(
+                f"the data folder has less than {self.min_free_bytes // 1024**2} MiB free "
+                "(storage.min_free_bytes); free space or add storage")
 
     def check_ready(self) -> None:
         """Raise :class:`Unavailable` unless the store answered a listing within the last
@@ -327,6 +333,7 @@ class S3Storage:
             raise self._ready_error
 
     def spool(self, data: bytes | memoryview) -> S3Spooled:
+        self.check_space(0)
         return S3Spooled(data)
 
     def discard(self, spooled: S3Spooled) -> None:

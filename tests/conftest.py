@@ -23,6 +23,25 @@ from gateway.config import Settings, load_settings
 from gateway.core import Gateway
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "")
+# GATEWAY_TEST_S3=1: every gateway made by make_settings keeps its instances in a SeaweedFS
+# bucket (a prefix of its own) instead of files: the suites run again on the S3 back end.
+S3_RUN = os.environ.get("GATEWAY_TEST_S3", "") not in ("", "0")
+_S3_STORE: list[Any] = []
+
+
+def s3_store() -> Any:
+    """The test process's SeaweedFS (tests/seaweedfs.py), started at first use."""
+    if not _S3_STORE:
+        import atexit
+        import tempfile
+
+        from seaweedfs import SeaweedFS
+
+        store = SeaweedFS(Path(tempfile.mkdtemp(prefix="seaweedfs-"))).start()
+        atexit.register(store.stop)
+        os.environ.update({k: v for k, v in store.env("").items() if k.startswith("AWS_")})
+        _S3_STORE.append(store)
+    return _S3_STORE[0]
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 
 
@@ -93,6 +112,7 @@ def make_settings(tmp_path: Path, database_url: str, **env: str) -> Settings:
         "GATEWAY_DIMSE_PORT": "0",
         "GATEWAY_HTTP_PORT": "0",
         "GATEWAY_STORAGE_MIN_FREE_BYTES": "0",
+        **(s3_store().env(f"t{secrets.token_hex(6)}") if S3_RUN else {}),
         **env,
     }
     return load_settings(environ=environ)
@@ -225,3 +245,20 @@ def study_counts(gateway: Gateway, study_uid: str) -> tuple[int, int, str]:
     (match,) = QueryEngine(gateway.index, max_results=0).search(query, DEMO_PRINCIPAL).matches
     return (match["00201206"]["Value"][0], match["00201208"]["Value"][0],
             "\\".join(match["00080061"].get("Value", [])))
+
+
+def stored_relpaths(gateway: Gateway) -> list[str]:
+    """The instances kept by the gateway's blob store, as relative paths: the files under
+    its folder (spool files aside), or the objects under its bucket prefix."""
+    storage = gateway.storage
+    if storage.local:
+        root = storage.root  # type: ignore[attr-defined]
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*.dcm")
+                      if ".incoming" not in p.parts)
+    import obstore
+
+    return sorted(relpath for batch in obstore.list(storage.store,  # type: ignore[attr-defined]
+                                                    prefix=storage.prefix or None)  # type: ignore[attr-defined]
+                  for meta in batch
+                  if (relpath := storage.relpath_of(meta["path"])))  # type: ignore[attr-defined]
+

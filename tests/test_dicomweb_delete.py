@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import LiveServer
+from conftest import LiveServer, stored_relpaths
 from dicomweb_helpers import api_key, client, load_corpus, raw
 from requests.exceptions import HTTPError
 
@@ -11,8 +11,7 @@ from gateway.core import Gateway
 
 
 def files(gateway: Gateway) -> set[str]:
-    root = gateway.storage.root
-    return {str(p.relative_to(root)) for p in root.rglob("*.dcm") if ".incoming" not in p.parts}
+    return set(stored_relpaths(gateway))
 
 
 def test_delete_instance_series_study(live: LiveServer) -> None:
