@@ -9,8 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, ct_dataset, make_settings, part10, study_counts
-from dimse_helpers import associate, association_rejection, send_raw_store
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, MRImageStorage
 from pynetdicom import AE
@@ -26,6 +24,8 @@ from dimse.status import (
 from gateway.core import Gateway
 from gateway.metadata import dataset_offset
 from gateway.models import Instance, Study
+from tests.support.common import LiveServer, ct_dataset, make_settings, part10, study_counts
+from tests.support.dimse_helpers import associate, association_rejection, send_raw_store
 
 SAMPLE_FILES = sorted((Path(__file__).parent.parent / "sample_dicom" / "files").glob("*.dcm"))
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None,
