@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from common import GatewayServer  # noqa: E402
 
-from tests.conftest import ct_dataset  # noqa: E402
+from tests.support.common import ct_dataset  # noqa: E402
 
 SECRET = "whsec_" + base64.b64encode(b"bench-secret-bench-secret-bench!").decode()
 

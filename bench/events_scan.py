@@ -19,7 +19,7 @@ from sqlalchemy import text
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from gateway import events  # noqa: E402
 from gateway.core import Gateway  # noqa: E402
-from tests.conftest import ct_dataset, make_settings, part10  # noqa: E402
+from tests.support.common import ct_dataset, make_settings, part10  # noqa: E402
 
 STUDY = "1.2.826.0.1.3680043.8.498.9"
 

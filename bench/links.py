@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import library_versions  # noqa: E402
 
-from tests.links_helpers import (  # noqa: E402
+from tests.support.links_helpers import (  # noqa: E402
     Client,
     cookie_of,
     fake_viewer,

@@ -6,6 +6,7 @@ part per data set (PS3.18 §8.7.3.3).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -13,6 +14,17 @@ from pydicom.datadict import keyword_for_tag
 
 PN_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
 PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+# What XML 1.0 cannot carry, even as a character reference (XML 1.0 §2.2 Char): C0 controls
+# but tab, newline and carriage return, surrogates, U+FFFE and U+FFFF. A stored value may hold
+# them (pydicom decodes them as they are); each becomes U+FFFD so the document stays readable.
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# A carriage return is written as a reference: a parser turns a literal one into a newline.
+_ENTITIES = {"\r": "&#13;"}
+
+
+def _text(value: str) -> str:
+    """``value`` as XML character data."""
+    return escape(_NOT_XML.sub("\ufffd", value), _ENTITIES)
 
 
 def _person_name(number: int, value: dict[str, str]) -> str:
@@ -24,7 +36,7 @@ def _person_name(number: int, value: dict[str, str]) -> str:
         out.append(f"<{group}>")
         for name, part in zip(PN_COMPONENTS, text.split("^"), strict=False):
             if part:
-                out.append(f"<{name}>{escape(part)}</{name}>")
+                out.append(f"<{name}>{_text(part)}</{name}>")
         out.append(f"</{group}>")
     out.append("</PersonName>")
     return "".join(out)
@@ -43,7 +55,7 @@ def _attributes(dataset: dict[str, Any]) -> str:
         if "BulkDataURI" in element:
             out.append(f"<BulkData uri={quoteattr(element['BulkDataURI'])}/>")
         elif "InlineBinary" in element:
-            out.append(f"<InlineBinary>{escape(element['InlineBinary'])}</InlineBinary>")
+            out.append(f"<InlineBinary>{_text(element['InlineBinary'])}</InlineBinary>")
         else:
             for number, value in enumerate(element.get("Value", []), start=1):
                 if vr == "SQ":
@@ -53,7 +65,7 @@ def _attributes(dataset: dict[str, Any]) -> str:
                 elif value is None:
                     out.append(f'<Value number="{number}"/>')
                 else:
-                    out.append(f'<Value number="{number}">{escape(str(value))}</Value>')
+                    out.append(f'<Value number="{number}">{_text(str(value))}</Value>')
         out.append("</DicomAttribute>")
     return "".join(out)
 

@@ -388,7 +388,10 @@ def fhir_audit_event(event: AuditRecord) -> dict[str, Any]:
         "type": {"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
             "code": "IRCP", "display": "information recipient"}]},
-        "who": {"identifier": {"value": event.actor}, "display": event.actor_name or event.actor},
+        # FHIR strings are never empty: an entry without a known actor names none
+        "who": ({"identifier": {"value": event.actor},
+                 "display": event.actor_name or event.actor} if event.actor
+                else {"display": event.actor_name or "unknown"}),
         "requestor": True,
     }
     if event.actor_relationship:
@@ -433,8 +436,9 @@ def fhir_audit_event(event: AuditRecord) -> dict[str, Any]:
         "source": {"observer": {"display": AUDIT_SOURCE_ID},
                    "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
                              "code": "4", "display": "Application Server"}]},
-        "entity": entities,
     }
+    if entities:  # the FHIR JSON format has no empty arrays
+        resource["entity"] = entities
     if event.detail:
         resource["outcomeDesc"] = event.detail
     return resource

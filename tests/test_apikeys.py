@@ -11,14 +11,14 @@ from pathlib import Path
 
 import jwt
 import pytest
-from conftest import LiveServer, make_settings
-from dicomweb_helpers import raw
 from sqlalchemy import select
 
 from gateway.apikeys import ApiKeys, InvalidScope
 from gateway.core import Gateway
 from gateway.errors import Conflict, NotFound
 from gateway.models import ApiKey
+from tests.support.common import LiveServer, make_settings
+from tests.support.dicomweb_helpers import raw
 
 
 def cli(tmp_path: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:

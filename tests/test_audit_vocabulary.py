@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dimse_helpers import associate, wait_until
 from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -24,7 +23,8 @@ from gateway import audit
 from gateway.cli import ingest_paths
 from gateway.core import Gateway
 from gateway.models import AuditRecord
-from tests.conftest import LiveServer, ct_dataset, part10
+from tests.support.common import LiveServer, ct_dataset, part10
+from tests.support.dimse_helpers import associate, wait_until
 
 CONFORMANCE = Path(__file__).resolve().parent.parent / "docs" / "conformance.md"
 STUDY_A = "1.2.826.0.1.3680043.8.498.91"

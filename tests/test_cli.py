@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ct_dataset
 from pydicom import dcmwrite
 from pydicom.dataset import FileMetaDataset
 from sqlalchemy import create_engine, func, select
 
 from gateway.models import Instance
+from tests.support.common import ct_dataset
 
 SAMPLE_FILES = Path(__file__).parent.parent / "sample_dicom" / "files"
 

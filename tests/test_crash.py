@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ct_dataset, only_ready_spool_files, study_counts
-from gateway_process import GatewayProcess
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -23,6 +21,8 @@ from gateway.config import load_settings
 from gateway.core import Gateway
 from gateway.metadata import dataset_offset
 from gateway.models import Instance, Series, Study
+from tests.support.common import ct_dataset, only_ready_spool_files, study_counts
+from tests.support.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.slow
 TOTAL = 400

@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, ct_dataset, make_settings, part10
-from dicomweb_helpers import api_key, multipart_body, raw
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE
 
 from gateway.core import Gateway
 from gateway.models import Instance
+from tests.support.common import LiveServer, ct_dataset, make_settings, part10
+from tests.support.dicomweb_helpers import api_key, multipart_body, raw
 
 LIMIT = 8 * 1024 * 1024
 OUT_OF_RESOURCES = 0xA700

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from conftest import LiveServer, ct_dataset
-from dicomweb_helpers import api_key, client, load_corpus
-
 from gateway.audit import Action, AuditEvent
+from tests.support.common import LiveServer, ct_dataset
+from tests.support.dicomweb_helpers import api_key, client, load_corpus
 
 
 class ListSink:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import LiveServer, stored_relpaths
-from dicomweb_helpers import api_key, client, load_corpus, raw
 from requests.exceptions import HTTPError
 
 from gateway.core import Gateway
+from tests.support.common import LiveServer, stored_relpaths
+from tests.support.dicomweb_helpers import api_key, client, load_corpus, raw
 
 
 def files(gateway: Gateway) -> set[str]:

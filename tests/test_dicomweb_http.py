@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import LiveServer, make_settings
-from dicomweb_helpers import api_key, load_corpus, raw
-
 from gateway.core import Gateway
+from tests.support.common import LiveServer, make_settings
+from tests.support.dicomweb_helpers import api_key, load_corpus, raw
 
 PREFLIGHT = {"Origin": "https://viewer.example.lu", "Access-Control-Request-Method": "GET",
              "Access-Control-Request-Headers": "accept, authorization"}

@@ -19,8 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer, ct_dataset, make_settings, part10, stored_relpaths
-from dimse_helpers import (
+from pydicom import Dataset, dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, build_role
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from sqlalchemy import func, select
+
+from dimse.acceptor import Acceptor
+from dimse.scp import AssociationServer
+from gateway.core import Gateway
+from gateway.metadata import dataset_offset
+from gateway.models import Instance
+from tests.support.common import LiveServer, ct_dataset, make_settings, part10, stored_relpaths
+from tests.support.dimse_helpers import (
     A_ABORT,
     A_RELEASE_RP,
     COMMAND,
@@ -37,25 +55,7 @@ from dimse_helpers import (
     raw_associate,
     wait_until,
 )
-from pydicom import Dataset, dcmread
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE, build_role
-from pynetdicom.dsutils import encode
-from pynetdicom.pdu_primitives import UserIdentityNegotiation
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
-from qr_helpers import identifier, load_study, qr_settings, store_scp
-from sqlalchemy import func, select
-
-from dimse.acceptor import Acceptor
-from dimse.scp import AssociationServer
-from gateway.core import Gateway
-from gateway.metadata import dataset_offset
-from gateway.models import Instance
+from tests.support.qr_helpers import identifier, load_study, qr_settings, store_scp
 
 # Service statuses (PS3.7 Annex C, PS3.4 B.2.3, C.4.2.1.5).
 SUCCESS, PENDING, CANCEL = 0x0000, 0xFF00, 0xFE00

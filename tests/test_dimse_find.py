@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
 from pynetdicom import AE
@@ -22,11 +21,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from qr_helpers import identifier, load_sequence_studies, load_study, qr_settings
 
 from gateway.audit import events_for_patient
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec
+from tests.support.common import LiveServer
+from tests.support.qr_helpers import identifier, load_sequence_studies, load_study, qr_settings
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("findscu") is None,
                                  reason="dcmtk is not installed (make test installs it)")

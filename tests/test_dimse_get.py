@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LiveServer
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
     CTImageStorage,
@@ -28,9 +27,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
 )
-from qr_helpers import ALL_SYNTAXES, identifier, load_study, qr_settings
 
 from gateway.core import Gateway
+from tests.support.common import LiveServer
+from tests.support.qr_helpers import ALL_SYNTAXES, identifier, load_study, qr_settings
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("getscu") is None,
                                  reason="dcmtk is not installed (make test installs it)")

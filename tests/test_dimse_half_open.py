@@ -11,11 +11,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, make_settings
-from dimse_helpers import associate, associate_request_pdu
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from gateway.core import Gateway
+from tests.support.common import LiveServer, make_settings
+from tests.support.dimse_helpers import associate, associate_request_pdu
 
 A_ASSOCIATE_RJ = 0x03
 REQUEST = associate_request_pdu([(1, CTImageStorage, [ExplicitVRLittleEndian])],

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from pydicom import Dataset
 from pynetdicom.dsutils import encode
-from qr_helpers import load_study, qr_settings
 
 from dimse.find import as_dataset, search
 from dimse.identifier import encode_identifier
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec
+from tests.support.qr_helpers import load_study, qr_settings
 
 SPECS = [
     StudySpec(patient_id="LU0000001", patient_name="Müller^Zoé", accession_number="ACC1",

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LiveServer
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE
@@ -23,10 +22,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from qr_helpers import StoreSCP, identifier, load_study, qr_settings, store_scp
 
 from gateway.audit import events_for_patient
 from gateway.core import Gateway
+from tests.support.common import LiveServer
+from tests.support.qr_helpers import StoreSCP, identifier, load_study, qr_settings, store_scp
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("movescu") is None,
                                  reason="dcmtk is not installed (make test installs it)")

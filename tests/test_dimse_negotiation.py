@@ -12,14 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, make_settings
-from dimse_helpers import (
-    A_ASSOCIATE_AC,
-    RELEASE_RQ,
-    RawAssociation,
-    associate_request_pdu,
-    association_rejection,
-)
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -32,6 +24,14 @@ from dimse.negotiation import Negotiated, Negotiations, negotiate
 from dimse.scp import AssociationServer
 from dimse.upper_layer import A_ABORT, INVALID_PDU_PARAMETER, SERVICE_PROVIDER, ProtocolError
 from gateway.core import Gateway
+from tests.support.common import LiveServer, make_settings
+from tests.support.dimse_helpers import (
+    A_ASSOCIATE_AC,
+    RELEASE_RQ,
+    RawAssociation,
+    associate_request_pdu,
+    association_rejection,
+)
 
 UNSUPPORTED_SYNTAX = "1.2.840.10008.1.2.999"
 CONTEXTS = [(1, CTImageStorage, [ExplicitVRLittleEndian]),

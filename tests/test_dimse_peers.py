@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer, ct_dataset
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
@@ -20,9 +19,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
-from qr_helpers import identifier, load_study, qr_settings
 
 from gateway.core import Gateway
+from tests.support.common import LiveServer, ct_dataset
+from tests.support.qr_helpers import identifier, load_study, qr_settings
 
 SUCCESS, PENDING, NOT_AUTHORIZED = 0x0000, 0xFF00, 0x0124
 

@@ -9,15 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import (
-    LiveServer,
-    ct_dataset,
-    make_settings,
-    part10,
-    stored_relpaths,
-    study_counts,
-)
-from dimse_helpers import associate, association_rejection, send_raw_store
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, MRImageStorage
 from pynetdicom import AE
@@ -31,9 +22,18 @@ from dimse.status import (
     OUT_OF_RESOURCES,
 )
 from gateway.core import Gateway
-from gateway.storage import FileStorage
 from gateway.metadata import dataset_offset
 from gateway.models import Instance, Study
+from gateway.storage import FileStorage
+from tests.support.common import (
+    LiveServer,
+    ct_dataset,
+    make_settings,
+    part10,
+    stored_relpaths,
+    study_counts,
+)
+from tests.support.dimse_helpers import associate, association_rejection, send_raw_store
 
 SAMPLE_FILES = sorted((Path(__file__).parent.parent / "sample_dicom" / "files").glob("*.dcm"))
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None,

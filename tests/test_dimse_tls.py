@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,9 +20,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from qr_helpers import ALL_SYNTAXES, identifier, load_study, qr_settings
 
 from gateway.core import Gateway
+from tests.support.common import LiveServer
+from tests.support.qr_helpers import ALL_SYNTAXES, identifier, load_study, qr_settings
 
 
 def self_signed(folder: Path, name: str) -> tuple[Path, Path]:

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ct_dataset
-from gateway_process import GatewayProcess
 from sqlalchemy import create_engine, func, select
 
 from gateway.errors import GatewayError
 from gateway.models import Instance
 from gateway.server import WORKER_LISTENING, stop_dimse_worker, wait_until_listening
+from tests.support.common import ct_dataset
+from tests.support.gateway_process import GatewayProcess
 
 
 def test_workers_share_the_port_and_lose_nothing(tmp_path: Path, database_url: str) -> None:

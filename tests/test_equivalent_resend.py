@@ -20,14 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    LiveServer,
-    make_settings,
-    only_ready_spool_files,
-    part10,
-    stored_relpaths,
-)
-from dicomweb_helpers import api_key, multipart_body, parse_multipart, raw
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
@@ -47,6 +39,14 @@ from gateway.equivalence import MIN_PSNR_DB, Relation, compare_files
 from gateway.metadata import dataset_offset
 from gateway.metrics import METRICS
 from gateway.models import Instance
+from tests.support.common import (
+    LiveServer,
+    make_settings,
+    only_ready_spool_files,
+    part10,
+    stored_relpaths,
+)
+from tests.support.dicomweb_helpers import api_key, multipart_body, parse_multipart, raw
 
 # One MR SOP instance in six encodings (pydicom's test files), the first the reference.
 MR_ENCODINGS = ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",

@@ -29,10 +29,10 @@ from gateway import events
 from gateway.config import SettingsError, load_settings
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study, key_object
-from tests.conftest import LiveServer, ct_dataset, make_settings, part10
-from tests.dicomweb_helpers import api_key, raw
-from tests.dimse_helpers import wait_until
-from tests.gateway_process import GatewayProcess
+from tests.support.common import LiveServer, ct_dataset, make_settings, part10
+from tests.support.dicomweb_helpers import api_key, raw
+from tests.support.dimse_helpers import wait_until
+from tests.support.gateway_process import GatewayProcess
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 STABLE = 1.5  # seconds of quiet before a study is announced, in these tests

@@ -18,7 +18,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
 from gateway import audit
-from tests.links_helpers import (
+from tests.support.links_helpers import (
     Client,
     Reply,
     cookie_of,

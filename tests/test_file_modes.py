@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, ct_dataset, make_settings
-from dimse_helpers import associate, wait_until
 
 from gateway.core import Gateway
+from tests.support.common import LiveServer, ct_dataset, make_settings
+from tests.support.dimse_helpers import associate, wait_until
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
-from conftest import ct_dataset, make_settings, part10
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import encapsulate, generate_frames
@@ -38,6 +37,7 @@ from gateway.pixels import read_pixel_file
 from gateway.render import Window, apply_window
 from gateway.server import create_app
 from sample_dicom import FILES_DIR
+from tests.support.common import ct_dataset, make_settings, part10
 
 MANIFEST: dict[str, dict] = json.loads((FILES_DIR / "MANIFEST.json").read_text())
 HEADERS = {name: dcmread(FILES_DIR / name, stop_before_pixels=True) for name in MANIFEST}

@@ -7,10 +7,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import LiveServer, ct_dataset, make_settings
-from dimse_helpers import associate
-
 from gateway.core import Gateway
+from tests.support.common import LiveServer, ct_dataset, make_settings
+from tests.support.dimse_helpers import associate
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:

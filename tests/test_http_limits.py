@@ -16,12 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import LiveServer, ct_dataset, make_settings, part10
-from dicomweb_helpers import api_key, load_corpus, multipart_body, raw
-from qr_helpers import load_sequence_studies
 
 from gateway.core import Gateway
 from gateway.models import Instance
+from tests.support.common import LiveServer, ct_dataset, make_settings, part10
+from tests.support.dicomweb_helpers import api_key, load_corpus, multipart_body, raw
+from tests.support.qr_helpers import load_sequence_studies
 
 # How long a test waits for the server to close a connection it must close (generous: the
 # configured bound in these tests is 1 s; a server without the bound never closes).

@@ -19,8 +19,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import LiveServer, make_settings, part10
-from dicomweb_helpers import multipart_body, parse_multipart
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
 from pynetdicom import AE, build_role, evt
@@ -29,13 +27,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from qr_helpers import identifier, store_scp, toml_value
 
 from gateway.apikeys import ApiKeys
 from gateway.audit import events_for_patient
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study, key_object
-from tests.links_helpers import Client, cookie_of, fake_viewer, links_toml
+from tests.support.common import LiveServer, make_settings, part10
+from tests.support.dicomweb_helpers import multipart_body, parse_multipart
+from tests.support.links_helpers import Client, cookie_of, fake_viewer, links_toml
+from tests.support.qr_helpers import identifier, store_scp, toml_value
 
 PATIENT = "LU0000042"
 MANIFEST = ("113030", "DCM", "Manifest")

@@ -17,8 +17,8 @@ import pytest
 
 from gateway.core import Gateway
 from gateway.keyimages import key_images
-from tests.conftest import LiveServer
-from tests.links_helpers import (
+from tests.support.common import LiveServer
+from tests.support.links_helpers import (
     EC_PRIVATE,
     HS_OLD,
     STRANGER,

@@ -12,7 +12,7 @@ from gateway import audit
 from gateway.access import Principal, PrincipalKind
 from gateway.core import Gateway
 from gateway.models import AuditRecord
-from tests.conftest import ct_dataset, part10
+from tests.support.common import ct_dataset, part10
 
 VIEWER = Principal(kind=PrincipalKind.VIEWER_SESSION, id="dr-1", display_name="Dr One",
                    relationship="trust_circle", jti="j-123",

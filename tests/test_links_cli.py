@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.gateway_process import GatewayProcess
-from tests.links_helpers import Client, cookie_of, fake_viewer
+from tests.support.gateway_process import GatewayProcess
+from tests.support.links_helpers import Client, cookie_of, fake_viewer
 from tests.test_cli import run
 from viewer_links.settings import OHIF_VERSION
 from viewer_links.viewer import VERSION_FILE, installed_version

@@ -19,9 +19,9 @@ from sqlalchemy import select
 from gateway.apikeys import ApiKeys
 from gateway.core import Gateway
 from gateway.models import AuditRecord
-from tests.conftest import LiveServer
-from tests.gateway_process import GatewayProcess
-from tests.links_helpers import (
+from tests.support.common import LiveServer
+from tests.support.gateway_process import GatewayProcess
+from tests.support.links_helpers import (
     STRANGER,
     Client,
     Reply,

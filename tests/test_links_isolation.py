@@ -14,7 +14,7 @@ import pytest
 
 from gateway.keyimages import key_images
 from gateway.models import Instance
-from tests.links_helpers import (
+from tests.support.links_helpers import (
     Client,
     Reply,
     cookie_of,

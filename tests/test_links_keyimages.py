@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.core import Gateway
 from gateway.keyimages import key_images, referenced_instances
-from tests.links_helpers import load, small_study
+from tests.support.links_helpers import load, small_study
 
 
 def _ref(uid: str) -> dict[str, object]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from conftest import LiveServer
-from dimse_helpers import associate, send_raw_store
 from pydicom.uid import CTImageStorage
 
 from gateway.models import Instance
+from tests.support.common import LiveServer
+from tests.support.dimse_helpers import associate, send_raw_store
 
 CANNOT_UNDERSTAND = 0xC000
 

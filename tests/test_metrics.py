@@ -6,12 +6,12 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-from conftest import ct_dataset
-from dimse_helpers import associate
-from gateway_process import GatewayProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics
+from tests.support.common import ct_dataset
+from tests.support.dimse_helpers import associate
+from tests.support.gateway_process import GatewayProcess
 
 MAX_ASSOCIATIONS = 64  # until both processes have taken one: 2**-63 to need more
 

@@ -23,14 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer, part10
 from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore
-from qr_helpers import StoreSCP, free_port, identifier, qr_settings, store_scp, two_series_spec
 
 from gateway.core import Gateway
 from sample_dicom.generator import generate_study
+from tests.support.common import LiveServer, part10
+from tests.support.qr_helpers import (
+    StoreSCP,
+    free_port,
+    identifier,
+    qr_settings,
+    store_scp,
+    two_series_spec,
+)
 
 ORTHANC = os.environ.get("ORTHANC_BINARY") or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 pytestmark = [

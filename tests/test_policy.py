@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.confidentiality import Reason, decide, normalise_date
-from tests.links_helpers import (
+from tests.support.links_helpers import (
     Client,
     fake_viewer,
     links_settings,

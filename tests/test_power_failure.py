@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import ct_dataset, make_settings, only_ready_spool_files, part10
 from sqlalchemy import delete, func, select
 
 from gateway.config import Settings
@@ -23,6 +22,7 @@ from gateway.ingest import Outcome
 from gateway.metadata import parse_instance
 from gateway.models import Instance, Patient, Series, Study
 from gateway.storage import relative_path
+from tests.support.common import ct_dataset, make_settings, only_ready_spool_files, part10
 
 SPOOL = "0123456789abcdef.part"
 

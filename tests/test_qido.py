@@ -7,15 +7,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import LiveServer
 from dicomweb_client.api import DICOMwebClient
-from dicomweb_helpers import Corpus, api_key, client, load_corpus, raw
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
-from qr_helpers import load_sequence_studies
 
 from gateway.access import DEMO_PRINCIPAL, Principal, PrincipalKind
 from gateway.query import InvalidQueryParameter, Level, Query, QueryEngine, parse_qido
+from tests.support.common import LiveServer
+from tests.support.dicomweb_helpers import Corpus, api_key, client, load_corpus, raw
+from tests.support.qr_helpers import load_sequence_studies
 
 
 @dataclass
@@ -263,9 +263,8 @@ def test_warning_header_when_the_result_is_cut(dw: Setup) -> None:
 
 
 def test_max_results_setting_cuts_and_warns(tmp_path, database_url) -> None:  # noqa: ANN001
-    from conftest import make_settings
-
     from gateway.core import Gateway
+    from tests.support.common import make_settings
 
     settings = make_settings(tmp_path, database_url, GATEWAY_HTTP_MAX_RESULTS="2")
     with Gateway(settings) as gateway, LiveServer(gateway) as live:
@@ -330,9 +329,8 @@ def test_xml_response(dw: Setup) -> None:
 
 
 def test_retrieve_url_follows_host_or_base_url(dw: Setup, tmp_path, database_url) -> None:  # noqa: ANN001
-    from conftest import make_settings
-
     from gateway.core import Gateway
+    from tests.support.common import make_settings
 
     reply = raw(dw.live.http_url + "/dicomweb/studies?PatientID=P-002",
                 headers={"Authorization": f"Bearer {dw.token}"})

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import ct_dataset, make_settings, only_ready_spool_files, part10
-
 from gateway.core import Gateway
 from gateway.metadata import parse_instance
 from gateway.recovery import stored_relpath
 from gateway.storage import SPOOL_STOCK, relative_path
+from tests.support.common import ct_dataset, make_settings, only_ready_spool_files, part10
 
 
 def relpath_of(data: bytes) -> str:

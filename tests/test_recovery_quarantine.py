@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ct_dataset, part10
-from gateway_process import GatewayProcess
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.storage import INCOMING
+from tests.support.common import ct_dataset, part10
+from tests.support.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.slow
 

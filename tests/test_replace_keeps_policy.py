@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import ct_dataset, make_settings, part10
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -16,6 +15,7 @@ from gateway.core import Gateway
 from gateway.ingest import Outcome
 from gateway.models import Study
 from gateway.patients import dsp_created, set_dsp_created
+from tests.support.common import ct_dataset, make_settings, part10
 
 
 def test_replacing_the_only_instance_keeps_confidentiality_and_dsp_date(

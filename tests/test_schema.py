@@ -87,10 +87,10 @@ def test_an_index_made_before_counts_were_computed_keeps_its_rows(tmp_path: Path
     what is there."""
     from alembic import command
     from alembic.config import Config
-    from conftest import ct_dataset, make_settings, part10, study_counts
 
     from gateway.core import Gateway
     from gateway.index import MIGRATIONS
+    from tests.support.common import ct_dataset, make_settings, part10, study_counts
 
     index = Index(database_url)
     try:
@@ -144,11 +144,11 @@ def test_dsp_dates_recorded_before_0005_are_kept_per_patient_identity(
     is still the date the link rules read, and the column is gone."""
     from alembic import command
     from alembic.config import Config
-    from conftest import make_settings
 
     from gateway.core import Gateway
     from gateway.index import MIGRATIONS
     from gateway.patients import dsp_created
+    from tests.support.common import make_settings
 
     index = Index(database_url)
     try:

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from gateway_process import GatewayProcess
+
+from tests.support.gateway_process import GatewayProcess
 
 START_TIMEOUT = 120  # seconds for a refused start (imports, migrations) on a loaded machine
 

@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_settings, only_ready_spool_files
 
 from gateway.core import Gateway
 from gateway.ingest import Outcome, read_part10
 from gateway.metadata import parse_instance
 from gateway.part10 import file_meta_header
 from gateway.storage import DIRECT_ALIGN, DIRECT_CHUNK, DIRECT_MIN, FileStorage, relative_path
+from tests.support.common import make_settings, only_ready_spool_files
 
 SAMPLE = Path(__file__).parent.parent / "sample_dicom" / "files" / "ct_explicit_le.dcm"
 
@@ -92,10 +92,9 @@ def test_without_fdatasync_nor_rwf_dsync_ingest_still_flushes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """macOS has neither ``os.fdatasync`` nor ``RWF_DSYNC``: a placed instance is still
     written, flushed and indexed, and the index's log flushed."""
-    from conftest import ct_dataset, make_settings, part10
-
     import gateway.storage
     from gateway.core import Gateway
+    from tests.support.common import ct_dataset, make_settings, part10
 
     monkeypatch.delattr(os, "fdatasync")
     monkeypatch.setattr(gateway.storage, "_RWF_DSYNC", 0)

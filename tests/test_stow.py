@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LiveServer, ct_dataset, make_settings, part10
 from dicomweb_client.api import DICOMwebClient
-from dicomweb_helpers import api_key, client, multipart_body, raw
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage
 from requests.exceptions import HTTPError
@@ -15,6 +13,8 @@ from requests.exceptions import HTTPError
 from gateway.audit import Action
 from gateway.core import Gateway
 from gateway.models import Instance
+from tests.support.common import LiveServer, ct_dataset, make_settings, part10
+from tests.support.dicomweb_helpers import api_key, client, multipart_body, raw
 
 STUDY = "1.2.826.0.1.3680043.8.498.55"
 SERIES = f"{STUDY}.1"

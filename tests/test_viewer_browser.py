@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from sample_dicom.generator import demo_study
-from tests.links_helpers import Client, links_settings, live_links, load
+from tests.support.links_helpers import Client, links_settings, live_links, load
 from viewer_links.settings import OHIF_VERSION
 from viewer_links.viewer import installed_version
 

@@ -9,9 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import LiveServer, ct_dataset, part10
 from dicomweb_client.api import DICOMwebClient
-from dicomweb_helpers import (
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+
+from gateway.access import Principal, PrincipalKind
+from tests.support.common import LiveServer, ct_dataset, part10
+from tests.support.dicomweb_helpers import (
     Corpus,
     StaticSessions,
     api_key,
@@ -21,10 +25,6 @@ from dicomweb_helpers import (
     raw,
     serve,
 )
-from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
-
-from gateway.access import Principal, PrincipalKind
 
 
 @dataclass

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer, ct_dataset, make_settings, part10
-from dicomweb_helpers import multipart_body
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -27,7 +25,9 @@ from pynetdicom import AE
 from gateway.apikeys import ApiKeys
 from gateway.audit import events_for_patient
 from gateway.core import Gateway
-from tests.links_helpers import Client, fake_viewer, links_toml, small_study
+from tests.support.common import LiveServer, ct_dataset, make_settings, part10
+from tests.support.dicomweb_helpers import multipart_body
+from tests.support.links_helpers import Client, fake_viewer, links_toml, small_study
 
 CONFLICTING_IDENTITY = 0xA778
 STUDY = "1.2.826.0.1.3680043.8.498.70"

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from conftest import ct_dataset, part10
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
@@ -20,6 +19,7 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
 from gateway.access import AccessPolicy, Principal
 from gateway.apikeys import ApiKeys
 from gateway.core import Gateway
+from tests.support.common import ct_dataset, part10
 
 ROOT = "1.2.826.0.1.3680043.8.498.77"
 

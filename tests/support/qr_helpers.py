@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import make_settings, part10
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from gateway.config import Settings
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study
+from tests.support.common import make_settings, part10
 
 ALL_SYNTAXES = [
     "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99",

@@ -21,7 +21,7 @@ from gateway.apikeys import ApiKeys
 from gateway.config import Settings
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study
-from tests.conftest import LiveServer, make_settings, part10
+from tests.support.common import LiveServer, make_settings, part10
 
 HS_OLD = "o" * 40
 HS_NEW = "n" * 40
