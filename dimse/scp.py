@@ -1,8 +1,11 @@
-"""The gateway's DIMSE Application Entity: C-ECHO and C-STORE SCP (PS3.4 Annexes A and B).
+"""The gateway's DIMSE Application Entity and its server: which way each association runs.
 
-pynetdicom runs each association on its own thread; the handlers call the synchronous core
-directly. A C-STORE success is sent only after :meth:`gateway.ingest.Ingestor.ingest` returned,
-that is after the file is durable and its index row committed.
+Every connection is offered first to :class:`dimse.loop.acceptor.Acceptor`, which runs the
+associations it can (plain TCP, no user identity or SOP class extended negotiation) in the
+connection's own thread; the others go, unread, to pynetdicom, with the handlers of
+:mod:`dimse.toolkit.handlers`. Both ways answer through the same services
+(:mod:`dimse.services`) and the same AE: its supported contexts, its association limit, its
+``associate`` for the association of a C-MOVE.
 """
 
 from __future__ import annotations
@@ -10,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import ssl
 import threading
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from pydicom import Dataset
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -37,18 +38,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dimse.acceptor import Acceptor
-from dimse.find import handle_find
-from dimse.negotiation import contexts_in_requestor_order
+from dimse.loop.acceptor import Acceptor
+from dimse.loop.storage_scu import StorageRequestor
 from dimse.peers import PeerPolicy, is_loopback
-from dimse.qr import handle_get, handle_move
-from dimse.status import NOT_AUTHORIZED, SUCCESS
-from dimse.storage_scu import StorageRequestor
-from dimse.store import record_association, store_instance
-from dimse.transport import install_fast_recv, tune_socket
-from gateway.audit import StoredInstances
+from dimse.tls import server_tls_context
+from dimse.toolkit.handlers import handlers
+from dimse.toolkit.timing import tune_requestor
 from gateway.core import Gateway
-from gateway.metrics import METRICS
 from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger(__name__)
@@ -95,108 +91,13 @@ QUERY_TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRBigEndian,
 ]
 
-# A-ASSOCIATE-RJ: rejected-permanent, DUL service user, calling AE title not recognised.
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-
-
-def peer_of(event: Any) -> tuple[str, str]:
-    """The calling AE title and the address of an event's association."""
-    requestor = event.assoc.requestor
-    return str(requestor.ae_title).strip(), str(requestor.address)
-
-
-def handle_open(event: Any) -> None:
-    """Tune the new connection's socket before any PDU is read."""
-    association_socket = event.assoc.dul.socket
-    if association_socket is not None and association_socket.socket is not None:
-        tune_socket(association_socket.socket)
-        install_fast_recv(association_socket)
-
-
-def handle_requested(event: Any, policy: PeerPolicy) -> None:
-    """Reject an association whose peer may use no service at all; else prefer its syntaxes
-    (:func:`dimse.negotiation.contexts_in_requestor_order`)."""
-    ae_title, address = peer_of(event)
-    if not policy.allows_anything(ae_title, address):
-        logger.warning("rejected association from %s at %s: peer not allowed", ae_title, address)
-        METRICS.inc("gateway_dimse_associations_rejected_total")
-        event.assoc.acse.send_reject(*REJECT_CALLING_AE)
-        return
-    prefer_requestor_syntaxes(event.assoc)
-
-
-def prefer_requestor_syntaxes(assoc: Any) -> None:
-    assoc.acceptor.supported_contexts = contexts_in_requestor_order(
-        assoc.requestor.primitive.presentation_context_definition_list,
-        assoc.acceptor.supported_contexts)
-
-
-def handle_accepted(event: Any) -> None:
-    ae_title, address = peer_of(event)
-    METRICS.inc("gateway_dimse_associations_total")
-    logger.info("association from %s at %s accepted", ae_title, address)
-
-
-def handle_close(event: Any, gateway: Gateway, tallies: StoreTallies) -> None:
-    """The connection ended (released, aborted or dropped): record what it stored."""
-    stored = tallies.pop(event.assoc)
-    if stored:
-        ae_title, address = peer_of(event)
-        record_association(gateway, stored, ae_title, address)
-
-
-def handle_echo(event: Any, policy: PeerPolicy) -> int:
-    """C-ECHO (PS3.4 Annex A)."""
-    ae_title, address = peer_of(event)
-    if not policy.allows("echo", ae_title, address):
-        return NOT_AUTHORIZED
-    return SUCCESS
-
-
-class StoreTallies:
-    """What each association pynetdicom runs has stored, until it ends (then one trail entry:
-    :func:`dimse.store.record_association`). Keyed by the association object; its C-STOREs
-    arrive on its own thread, so only the dictionary needs the lock."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tallies: dict[Any, StoredInstances] = {}
-
-    def of(self, assoc: Any) -> StoredInstances:
-        with self._lock:
-            tally = self._tallies.get(assoc)
-            if tally is None:
-                tally = self._tallies[assoc] = StoredInstances()
-            return tally
-
-    def pop(self, assoc: Any) -> StoredInstances | None:
-        with self._lock:
-            return self._tallies.pop(assoc, None)
-
-
-def handle_store(event: Any, gateway: Gateway, policy: PeerPolicy,
-                 tallies: StoreTallies) -> Any:
-    """C-STORE (PS3.4 Annex B) on an association pynetdicom runs."""
-    ae_title, address = peer_of(event)
-    request = event.request
-    status, comment = store_instance(
-        gateway, policy, ae_title, address, str(request.AffectedSOPClassUID),
-        str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
-        event.encoded_dataset(include_meta=False), tallies.of(event.assoc))
-    if not comment:
-        return status
-    response = Dataset()
-    response.Status = status
-    response.ErrorComment = comment[:64]
-    return response
-
 
 class GatewayAE(AE):
     """pynetdicom's AE, whose outgoing associations (C-MOVE sub-operations, over TCP or TLS)
-    are :class:`dimse.storage_scu.StorageRequestor`, and whose association limit counts the
-    associations :class:`dimse.acceptor.Acceptor` runs."""
+    are :class:`dimse.loop.storage_scu.StorageRequestor`, and whose association limit counts the
+    associations :class:`dimse.loop.acceptor.Acceptor` runs."""
 
-    # Set by start_server: how many associations dimse.acceptor runs now.
+    # Set by start_server: how many associations dimse.loop.acceptor runs now.
     own_associations: Callable[[], int] | None = None
 
     @property
@@ -214,8 +115,10 @@ class GatewayAE(AE):
                   max_pdu: int = 16382, ext_neg: Any = None, bind_address: Any = None,
                   tls_args: Any = None, evt_handlers: Any = None) -> Any:
         if ext_neg or bind_address is not None or not contexts:
+            # pynetdicom's own association: tuned, and polled at the short delay.
+            tuned = [(evt.EVT_CONN_OPEN, tune_requestor), *(evt_handlers or ())]
             return super().associate(addr, port, contexts, ae_title, max_pdu, ext_neg,
-                                     bind_address, tls_args, evt_handlers)
+                                     bind_address, tls_args, tuned)
         requestor = StorageRequestor.open(
             str(addr), port, calling_ae_title=str(self.ae_title),
             called_ae_title=str(ae_title), contexts=list(contexts), max_pdu=max_pdu,
@@ -258,36 +161,8 @@ def build_ae(gateway: Gateway) -> AE:
     return ae
 
 
-def handlers(gateway: Gateway, policy: PeerPolicy) -> list[Any]:
-    tallies = StoreTallies()
-    return [
-        (evt.EVT_CONN_OPEN, handle_open),
-        (evt.EVT_REQUESTED, handle_requested, [policy]),
-        (evt.EVT_ACCEPTED, handle_accepted),
-        (evt.EVT_C_ECHO, handle_echo, [policy]),
-        (evt.EVT_C_STORE, handle_store, [gateway, policy, tallies]),
-        (evt.EVT_CONN_CLOSE, handle_close, [gateway, tallies]),
-        (evt.EVT_C_FIND, handle_find, [gateway, policy]),
-        (evt.EVT_C_MOVE, handle_move, [gateway, policy]),
-        (evt.EVT_C_GET, handle_get, [gateway, policy]),
-    ]
-
-
-def tls_context(gateway: Gateway) -> ssl.SSLContext | None:
-    """A server TLS context (PS3.15 B.1) when certificate files are configured."""
-    settings = gateway.settings.dimse
-    if not settings.tls_certificate:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
-    if settings.tls_ca_certificates:
-        context.load_verify_locations(settings.tls_ca_certificates)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 class AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server; the associations :class:`dimse.acceptor.Acceptor` can run
+    """pynetdicom's threaded server; the associations :class:`dimse.loop.acceptor.Acceptor` can run
     are run by it, in the connection's thread."""
 
     acceptor: Acceptor | None = None
@@ -339,7 +214,7 @@ def start_server(gateway: Gateway, port: int | None = None) -> ThreadedAssociati
     server = ae.make_server(
         (settings.host, settings.port if port is None else port),
         evt_handlers=handlers(gateway, policy),
-        ssl_context=tls_context(gateway),
+        ssl_context=server_tls_context(settings),
         server_class=SharedPortServer if settings.workers > 1 else AssociationServer,
     )
     if not isinstance(server, AssociationServer):

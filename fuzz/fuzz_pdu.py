@@ -1,13 +1,13 @@
 """Fuzz the Upper Layer PDU reader and the command-set decoder: what a DIMSE peer sends.
 
-A byte stream goes through a real socket pair into :class:`dimse.upper_layer.PduReader`, as
-the gateway's own association loop reads it (dimse/acceptor.py): an A-ASSOCIATE-RQ is
-negotiated (:func:`dimse.negotiation.negotiate`, :func:`~dimse.negotiation.ae_titles`), a
-P-DATA-TF split into presentation data values (:func:`dimse.upper_layer.pdvs`) whose command
-fragments are joined and decoded (:func:`dimse.command_set.decode`, ``us``, ``text``).
-Documented refusals: :class:`~dimse.upper_layer.ProtocolError` (the association is aborted),
-:class:`~dimse.command_set.CommandSetError`, and the end of the stream
-(:class:`~dimse.upper_layer.PeerClosed`). Anything else is a finding.
+A byte stream goes through a real socket pair into :class:`dimse.loop.upper_layer.PduReader`, as
+the gateway's own association loop reads it (dimse/loop/acceptor.py): an A-ASSOCIATE-RQ is
+negotiated (:func:`dimse.loop.negotiation.negotiate`, :func:`~dimse.loop.negotiation.ae_titles`), a
+P-DATA-TF split into presentation data values (:func:`dimse.loop.upper_layer.pdvs`) whose command
+fragments are joined and decoded (:func:`dimse.loop.command_set.decode`, ``us``, ``text``).
+Documented refusals: :class:`~dimse.loop.upper_layer.ProtocolError` (the association is aborted),
+:class:`~dimse.loop.command_set.CommandSetError`, and the end of the stream
+(:class:`~dimse.loop.upper_layer.PeerClosed`). Anything else is a finding.
 
 Seeds: the client side of real associations, pynetdicom against pynetdicom (C-ECHO, C-STORE,
 C-FIND, release), whole and one PDU per seed.
@@ -32,9 +32,9 @@ from _common import main  # noqa: E402
 
 with atheris.instrument_imports(include=["dimse", "pynetdicom.pdu", "pynetdicom.pdu_items",
                                          "pynetdicom.presentation"]):
-    from dimse import command_set, upper_layer
-    from dimse.acceptor import PDU_LENGTH_CEILING
-    from dimse.negotiation import ae_titles, negotiate
+    from dimse.loop import command_set, upper_layer
+    from dimse.loop.acceptor import PDU_LENGTH_CEILING
+    from dimse.loop.negotiation import ae_titles, negotiate
     from dimse.scp import build_ae
 
 from gateway.config import Settings

@@ -1,4 +1,4 @@
-"""The gateway's own association loop (dimse.acceptor) over real TCP on 127.0.0.1.
+"""The gateway's own association loop (dimse.loop.acceptor) over real TCP on 127.0.0.1.
 
 Which associations it runs rather than pynetdicom, and how it answers at the Upper Layer
 (PS3.8) and DIMSE (PS3.7) level: peers here are pynetdicom SCUs and plain sockets sending
@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import func, select
 
-from dimse.acceptor import Acceptor
+from dimse.loop.acceptor import Acceptor
 from dimse.scp import AssociationServer
 from gateway.core import Gateway
 from gateway.metadata import dataset_offset

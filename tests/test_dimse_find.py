@@ -68,7 +68,7 @@ class Archive:
         ae.add_requested_context(model)
         negotiation = []
         if by_pynetdicom:
-            # User Identity Negotiation: pynetdicom runs this association, not dimse.acceptor.
+            # User Identity Negotiation: pynetdicom runs this association, not dimse.loop.acceptor.
             identity = UserIdentityNegotiation()
             identity.user_identity_type = 1
             identity.primary_field = b"radiologist"

@@ -1,6 +1,6 @@
-"""dimse.identifier against pydicom's writer: the same bytes for every C-FIND response.
+"""dimse.services.identifier against pydicom's writer: the same bytes for every C-FIND response.
 
-The identifiers are the real ones: produced by :func:`dimse.find.search` from an archive of
+The identifiers are the real ones: produced by :func:`dimse.services.find.search` from an archive of
 generated studies (accented names, multi-valued and numeric keys, empty return keys), at every
 level, in the character sets the SCP answers in.
 """
@@ -15,8 +15,8 @@ import pytest
 from pydicom import Dataset
 from pynetdicom.dsutils import encode
 
-from dimse.find import as_dataset, search
-from dimse.identifier import encode_identifier
+from dimse.services.find import as_dataset, search
+from dimse.services.identifier import encode_identifier
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec
 from tests.support.qr_helpers import load_study, qr_settings
@@ -76,7 +76,7 @@ def test_same_bytes_as_pydicom(gateway: Gateway, level: str, implicit_vr: bool,
         ours = encode_identifier(match, implicit_vr=implicit_vr)
         ds = as_dataset(match)
         if charset is None and not all(str(e.value).isascii() for e in ds):
-            # The SCP names a character set whenever a value is not ASCII (dimse.find).
+            # The SCP names a character set whenever a value is not ASCII (dimse.services.find).
             assert ours is None
             continue
         assert ours is not None, f"fell back to pydicom for {ds}"

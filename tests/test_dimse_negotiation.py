@@ -1,4 +1,4 @@
-"""Association negotiation remembered per proposal (dimse.negotiation): over real TCP on
+"""Association negotiation remembered per proposal (dimse.loop.negotiation): over real TCP on
 127.0.0.1, a proposal seen again is answered as the first time, each answer repeating its own
 request's AE titles, and every association is still judged by its own titles (peer rules,
 called AE); and the store of outcomes itself: one negotiation for requests arriving together,
@@ -20,9 +20,9 @@ from pydicom.uid import (
 )
 from pynetdicom import build_context
 
-from dimse.negotiation import Negotiated, Negotiations, negotiate
+from dimse.loop.negotiation import Negotiated, Negotiations, negotiate
+from dimse.loop.upper_layer import A_ABORT, INVALID_PDU_PARAMETER, SERVICE_PROVIDER, ProtocolError
 from dimse.scp import AssociationServer
-from dimse.upper_layer import A_ABORT, INVALID_PDU_PARAMETER, SERVICE_PROVIDER, ProtocolError
 from gateway.core import Gateway
 from tests.support.common import LiveServer, make_settings
 from tests.support.dimse_helpers import (

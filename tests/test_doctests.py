@@ -1,4 +1,4 @@
-"""The examples in the docstrings (core, DICOMweb modules, query engine) run and hold."""
+"""The examples in the docstrings (core, DIMSE statuses, DICOMweb modules, query engine) run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 MODULES = [
     "gateway.uids", "gateway.part10", "gateway.metadata", "gateway.storage", "gateway.status",
     "gateway.query", "gateway.apikeys", "gateway.equivalence", "gateway.events", "gateway.cli",
-    "dicomweb.media",
+    "dimse.status", "dicomweb.media",
     "dicomweb.problems", "dicomweb.wado", "dicomweb.stow", "dicomweb.xml", "dicomweb.capabilities",
 ]
 

@@ -4,7 +4,9 @@
 imports none of them except in its composition root (``gateway/server.py``, ``gateway/cli.py``).
 The SQL stays in the core: no front end imports ``gateway.models`` or ``sqlalchemy`` (they read
 instances through ``gateway.instances``; the viewer links' registry is
-``gateway.viewer_registry``).
+``gateway.viewer_registry``). Inside ``dimse``, the services both ways of running an
+association share (``dimse.services``) import neither way (``dimse.loop``, ``dimse.toolkit``),
+and the own loop does not import pynetdicom's handlers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ COMPOSITION_ROOT = {"gateway/server.py", "gateway/cli.py"}
 # The index's models and SQL stay in the core: front ends read instances through
 # gateway.instances (one visibility rule, one reference type), never rows.
 INDEX_INTERNALS = {"sqlalchemy", "gateway.models"}
+# Inside dimse: subpackage -> the subpackages it may not import.
+DIMSE_WAYS = {"services": {"dimse.loop", "dimse.toolkit"}, "loop": {"dimse.toolkit"}}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -97,3 +101,13 @@ def test_the_checker_sees_the_index_internals(tmp_path: Path) -> None:
     other = tmp_path / "other.py"
     other.write_text("from gateway import models\nimport sqlalchemy.orm\n")
     assert imported_modules(other) & INDEX_INTERNALS == {"sqlalchemy", "gateway.models"}
+
+
+@pytest.mark.parametrize("subpackage", sorted(DIMSE_WAYS))
+def test_dimse_services_do_not_depend_on_a_way_of_running_an_association(subpackage: str
+                                                                          ) -> None:
+    files = python_files(f"dimse/{subpackage}")
+    assert files, f"dimse/{subpackage} has no modules"
+    for path in files:
+        wrong = imported_modules(path) & DIMSE_WAYS[subpackage]
+        assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"

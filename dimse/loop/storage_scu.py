@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import ssl
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,8 +31,9 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 
-from dimse import command_set, upper_layer
-from dimse.negotiation import own_user_information
+from dimse.loop import command_set, upper_layer
+from dimse.loop.negotiation import own_user_information
+from dimse.services.retrieve import StoredFile
 from dimse.transport import tune_socket
 from gateway.metadata import dataset_offset
 
@@ -41,22 +41,6 @@ logger = logging.getLogger(__name__)
 
 # Largest response PDU accepted from the destination.
 MAX_RESPONSE_PDU = 1 << 20
-
-
-class StoredFile(Dataset):
-    """A stored instance to send as it is on disk: only its UIDs are decoded.
-
-    pynetdicom's C-MOVE SCP hands each yielded data set to ``send_c_store`` and lists the SOP
-    Instance UID of a failed one; :class:`StorageRequestor` reads the file's data set bytes.
-    """
-
-    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
-                 path: Path) -> None:
-        super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
-        object.__setattr__(self, "stored_transfer_syntax", transfer_syntax_uid)
-        object.__setattr__(self, "stored_path", path)
 
 
 class StorageRequestor:

@@ -1,8 +1,8 @@
 """DIMSE command sets (PS3.7 Section 6.3 and Annex E), encoded and decoded without pydicom.
 
 A command set is a handful of group 0000 elements in implicit VR little endian. The gateway's
-own association loops (:mod:`dimse.acceptor`, :mod:`dimse.storage_scu`) read and write them on
-every message, where building a pydicom ``Dataset`` would cost more than the message.
+own association loop (:mod:`dimse.loop.acceptor`, :mod:`dimse.loop.storage_scu`) reads and writes
+them on every message, where building a pydicom ``Dataset`` would cost more than the message.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
+from dimse.status import CANCEL, PENDING
 from gateway.errors import GatewayError
 
 # Command Field values (PS3.7 Section E.1).
@@ -45,8 +46,6 @@ NUMBER_OF_WARNING_SUBOPERATIONS = 0x1023
 MOVE_ORIGINATOR_AE_TITLE = 0x1030
 MOVE_ORIGINATOR_MESSAGE_ID = 0x1031
 
-PENDING = 0xFF00
-CANCEL = 0xFE00
 NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows
 DATA_SET_PRESENT = 0x0000  # any other value means a data set follows; 0x0000 is customary
 

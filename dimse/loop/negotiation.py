@@ -1,5 +1,5 @@
 """A-ASSOCIATE negotiation as acceptor (PS3.7 D.3.3, PS3.8 9.3.2-9.3.3), remembered per
-proposal, for the associations :mod:`dimse.acceptor` runs.
+proposal, for the associations :mod:`dimse.loop.acceptor` runs.
 
 A storage SCU proposes the same presentation contexts on every association it opens (dcmtk's
 ``storescu`` 128 of them, each with its transfer syntaxes). Decoding that request into
@@ -36,10 +36,10 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from dimse.upper_layer import ProtocolError
+from dimse.loop.upper_layer import ProtocolError
 from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-# User Information items an association may carry and still be run by dimse.acceptor.
+# User Information items an association may carry and still be run by dimse.loop.acceptor.
 PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
                     ImplementationVersionNameNotification, AsynchronousOperationsWindowNegotiation,
                     SCP_SCU_RoleSelectionNegotiation)
@@ -132,7 +132,7 @@ def contexts_in_requestor_order(requested: list[PresentationContext],
 def negotiate(request: bytes, supported: list[PresentationContext],
               max_pdu_size: int) -> Negotiated | None:
     """Negotiate an A-ASSOCIATE-RQ PDU against the supported contexts; ``None`` when the
-    request cannot be run by :mod:`dimse.acceptor` (malformed, no context proposed, or a
+    request cannot be run by :mod:`dimse.loop.acceptor` (malformed, no context proposed, or a
     User Information item other than :data:`PLAIN_USER_ITEMS`): pynetdicom reads and answers
     it then.
 

@@ -1,7 +1,8 @@
 """C-STORE (PS3.4 Annex B): keep a received data set, and the status to answer with.
 
-One function for both ways an association reaches the gateway: pynetdicom's (associations that
-also query or retrieve, TLS) and :mod:`dimse.acceptor` (storage-only associations).
+One function for both ways an association runs: the gateway's own loop
+(:mod:`dimse.loop.acceptor`) and pynetdicom (:mod:`dimse.toolkit.handlers`: TLS, user identity,
+SOP class extended negotiation).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from dimse.peers import PeerPolicy
-from dimse.status import NOT_AUTHORIZED, SUCCESS, store_status
+from dimse.status import NOT_AUTHORIZED, SUCCESS, status_class, store_status
 from gateway.audit import StoredInstances, record_stored
 from gateway.core import Gateway
 from gateway.errors import GatewayError
@@ -21,14 +22,6 @@ from gateway.part10 import file_meta_header
 logger = logging.getLogger(__name__)
 
 STORE_LATENCY = "gateway_dimse_store_seconds"
-
-
-def status_class(status: int) -> str:
-    """``success``, ``warning`` or ``failure`` (PS3.7 C.1-C.4: 0x0000; 0x0001, 0xB000-0xBFFF;
-    the rest)."""
-    if status == SUCCESS:
-        return "success"
-    return "warning" if status == 0x0001 or 0xB000 <= status <= 0xBFFF else "failure"
 
 
 def store_instance(gateway: Gateway, policy: PeerPolicy, ae_title: str, address: str,

@@ -3,8 +3,8 @@
 pynetdicom's DUL runs a reactor thread per association that polls its queues every
 millisecond, and decodes every P-DATA-TF into objects passed between threads. For the
 associations that carry only storage (the bulk of the traffic: modalities and PACS pushing
-studies, C-MOVE sub-operations going out), :mod:`dimse.acceptor` and
-:mod:`dimse.storage_scu` read and write PDUs on the socket directly with these helpers, in the
+studies, C-MOVE sub-operations going out), :mod:`dimse.loop.acceptor` and
+:mod:`dimse.loop.storage_scu` read and write PDUs on the socket directly with these helpers, in the
 association's one thread, blocking: no polling, no queue, one copy of each fragment.
 A-ASSOCIATE PDUs are still encoded and decoded by pynetdicom (:mod:`pynetdicom.pdu`).
 """

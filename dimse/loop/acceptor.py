@@ -13,11 +13,12 @@ own thread, with blocking reads:
 - A-ASSOCIATE PDUs are decoded and encoded by pynetdicom, presentation contexts negotiated by
   its :func:`~pynetdicom.presentation.negotiate_as_acceptor`, with the same supported contexts,
   peer rules, called-AE check and association limit as the pynetdicom path; the outcome is
-  kept for the next association that proposes the same (:mod:`dimse.negotiation`);
+  kept for the next association that proposes the same (:mod:`dimse.loop.negotiation`);
 - P-DATA-TF PDUs are read straight off the socket and each complete message is answered by the
-  same service functions the pynetdicom path uses: :func:`dimse.store.store_instance`,
-  :func:`dimse.find.find_responses`, :func:`dimse.qr.move_progress` and
-  :func:`dimse.qr.get_progress` (C-GET sub-operations go back on the same association, over the
+  same service functions the pynetdicom path uses: :func:`dimse.services.store.store_instance`,
+  :func:`dimse.services.find.find_responses`, and for C-MOVE and C-GET the decisions of
+  :mod:`dimse.services.retrieve` with the sub-operations sent by :mod:`dimse.loop.retrieve`
+  (C-GET sub-operations go back on the same association, over the
   contexts where SCP/SCU role selection made the peer the Storage SCP); a C-CANCEL is looked
   for between two responses without blocking.
 """
@@ -40,16 +41,24 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext
 
-from dimse import command_set, upper_layer
-from dimse.command_set import C_CANCEL_RQ, CommandSetError
-from dimse.find import as_dataset, find_responses
-from dimse.identifier import encode_identifier
-from dimse.negotiation import Negotiated, Negotiations, ae_titles, negotiate
+from dimse.loop import command_set, upper_layer
+from dimse.loop.command_set import C_CANCEL_RQ, CommandSetError
+from dimse.loop.negotiation import Negotiated, Negotiations, ae_titles, negotiate
+from dimse.loop.retrieve import Progress, get_progress, move_progress
+from dimse.loop.storage_scu import encoded_for_peer
 from dimse.peers import PeerPolicy
-from dimse.qr import MoveProgress, get_progress, move_progress
-from dimse.status import NOT_AUTHORIZED, OUT_OF_RESOURCES, SUCCESS
-from dimse.storage_scu import encoded_for_peer
-from dimse.store import record_association, store_instance
+from dimse.services.find import as_dataset, find_responses
+from dimse.services.identifier import encode_identifier
+from dimse.services.store import record_association, store_instance
+from dimse.status import (
+    INVALID_ARGUMENT_VALUE,
+    NOT_AUTHORIZED,
+    OUT_OF_RESOURCES,
+    PENDING,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    UNRECOGNIZED_OPERATION,
+)
 from dimse.transport import tune_socket, use_kernel_timeouts
 from gateway.audit import StoredInstances
 from gateway.core import Gateway
@@ -57,10 +66,6 @@ from gateway.metrics import METRICS
 
 logger = logging.getLogger(__name__)
 
-# PS3.7 Annex C general statuses.
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
-UNRECOGNIZED_OPERATION = 0x0211  # Refused: Unrecognized operation
-INVALID_ARGUMENT_VALUE = 0x0115  # Failure: Invalid argument value
 # The SOP classes on whose contexts each request may come (PS3.4 C.6.1, C.6.2; A; B).
 QUERY_RETRIEVE = "1.2.840.10008.5.1.4.1.2."  # + 1 Patient Root / 2 Study Root, . FIND/MOVE/GET
 SERVICE_SOP_CLASSES = {
@@ -226,7 +231,7 @@ class Association:
 class SameAssociationStore:
     """The C-STORE sub-operations of a C-GET, sent back on the C-GET's own association
     (PS3.4 C.4.3.3) over the contexts where the peer took the Storage SCP role; what
-    :func:`dimse.qr.sub_operations` calls ``send_c_store`` on."""
+    :func:`dimse.loop.retrieve.sub_operations` calls ``send_c_store`` on."""
 
     def __init__(self, assoc: Association, get_message_id: int) -> None:
         self.assoc = assoc
@@ -584,7 +589,7 @@ class Acceptor:
 
     def _find(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
               transfer_syntax: str, data_fragments: list[bytes | memoryview]) -> None:
-        """C-FIND: a C-FIND-RSP per :func:`dimse.find.find_responses` answer."""
+        """C-FIND: a C-FIND-RSP per :func:`dimse.services.find.find_responses` answer."""
         syntax = UID(transfer_syntax)
         responses = find_responses(
             self.gateway, self.policy, assoc.calling_ae_title, assoc.host, sop_class,
@@ -606,7 +611,7 @@ class Acceptor:
     def _move(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
               transfer_syntax: str, data_fragments: list[bytes | memoryview],
               destination: str) -> None:
-        """C-MOVE: a C-MOVE-RSP per :func:`dimse.qr.move_progress` step."""
+        """C-MOVE: a C-MOVE-RSP per :func:`dimse.loop.retrieve.move_progress` step."""
         syntax = UID(transfer_syntax)
         steps = move_progress(
             self.gateway, self.policy, assoc.calling_ae_title, assoc.host, destination,
@@ -618,7 +623,7 @@ class Acceptor:
     def _get(self, assoc: Association, context_id: int, sop_class: str, message_id: int,
              transfer_syntax: str, data_fragments: list[bytes | memoryview]) -> None:
         """C-GET: the instances go back on this association, a C-GET-RSP per
-        :func:`dimse.qr.get_progress` step."""
+        :func:`dimse.loop.retrieve.get_progress` step."""
         syntax = UID(transfer_syntax)
         store = SameAssociationStore(assoc, message_id)
         steps = get_progress(
@@ -630,13 +635,13 @@ class Acceptor:
 
     @staticmethod
     def _retrieve_responses(assoc: Association, context_id: int, sop_class: str,
-                            message_id: int, syntax: UID, steps: Iterator[MoveProgress],
+                            message_id: int, syntax: UID, steps: Iterator[Progress],
                             response_field: int) -> None:
         """A response per step; the final one lists the failed SOP Instance UIDs (PS3.4
         C.4.2.1.4.2, C.4.3.1.3.2)."""
         for progress in steps:
             encoded = None
-            if progress.status != command_set.PENDING and progress.failed_uids:
+            if progress.status != PENDING and progress.failed_uids:
                 failed = Dataset()
                 failed.FailedSOPInstanceUIDList = progress.failed_uids
                 encoded = _encoded(failed, syntax)

@@ -10,6 +10,8 @@ What this module does:
 - checks that the calling AE may query (:class:`dimse.peers.PeerPolicy`), else 0x0124;
 - reads the identifier: pydicom decodes its text with the identifier's own Specific Character
   Set (C.4.1.1.3.1), so that matching sees Unicode; keys with an empty value are return keys;
+  an identifier that does not fit the model is 0xA900, one that cannot be decoded 0xC000
+  (:func:`dimse.status.identifier_status`, as C-MOVE and C-GET answer);
 - PATIENT level (Patient Root only, C.6.1.1.2): the engine searches studies with the patient
   keys and the matches are grouped by patient (Patient ID and Issuer), with
   NumberOfPatientRelatedStudies / Series / Instances summed from the studies;
@@ -32,25 +34,16 @@ from pydicom.config import IGNORE
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
-from dimse.identifier import person_name
 from dimse.peers import PeerPolicy
-from dimse.qr import QUERY_EVENT, busy, record_access, wait_until_sent
+from dimse.services.identifier import person_name
+from dimse.services.trail import QUERY_EVENT, record_access
+from dimse.status import CANCEL, NOT_AUTHORIZED, PENDING, SUCCESS, identifier_status
 from gateway.access import Principal, PrincipalKind, Scope
 from gateway.core import Gateway
 from gateway.errors import InvalidQuery
 from gateway.query import Level, Query, QueryEngine
 
 logger = logging.getLogger(__name__)
-
-# PS3.4 C.4.1.1.4 C-FIND response statuses.
-SUCCESS = 0x0000
-PENDING = 0xFF00  # Pending: matches are continuing
-CANCEL = 0xFE00  # Cancel: matching terminated due to Cancel request
-IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Failed: Identifier does not match SOP Class
-UNABLE_TO_PROCESS = 0xC000  # Failed: Unable to process
-OUT_OF_RESOURCES = 0xA700  # Refused: Out of resources
-# PS3.7 Annex C, general status: the DIMSE-service-user is not authorised for the operation.
-NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
 
 UTF8 = "ISO_IR 192"
 # VRs whose DICOM JSON form needs pydicom's reader (nested data sets, tags, binary).
@@ -125,6 +118,7 @@ def identifier_items(identifier: Dataset) -> dict[str, dict[str, str]]:
 
 
 def information_model(sop_class_uid: str) -> str:
+    """``PATIENT_ROOT`` or ``STUDY_ROOT`` for a Query/Retrieve SOP Class UID (PS3.4 C.6)."""
     return "PATIENT_ROOT" if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.2.1.") \
         else "STUDY_ROOT"
 
@@ -292,11 +286,12 @@ def find_responses(gateway: Gateway, policy: PeerPolicy, ae_title: str, address:
                    is_cancelled: Callable[[], bool]
                    ) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """C-FIND SCP (PS3.4 C.4.1.2): ``(Pending, identifier)`` per match, then a final status.
-    Identifiers are DICOM JSON: :func:`dimse.identifier.encode_identifier` encodes them, or
+    Identifiers are DICOM JSON: :func:`dimse.services.identifier.encode_identifier` encodes them, or
     :func:`as_dataset` makes data sets of them.
 
-    Used by both ways an association is run (:func:`handle_find` for pynetdicom,
-    :mod:`dimse.acceptor`). ``is_cancelled`` is asked before each Pending response.
+    Used by both ways an association runs (:mod:`dimse.loop.acceptor`,
+    :func:`dimse.toolkit.handlers.handle_find`). ``is_cancelled`` is asked before each Pending
+    response.
     """
     if not policy.allows("find", ae_title, address):
         logger.warning("refused C-FIND from %s at %s: not allowed by [dimse.peers]",
@@ -313,11 +308,11 @@ def find_responses(gateway: Gateway, policy: PeerPolicy, ae_title: str, address:
         level, matches, study_uids = search(gateway, identifier, model, ae_title)
     except InvalidQuery as exc:
         logger.warning("C-FIND from %s at %s refused: %s", ae_title, address, exc)
-        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+        yield identifier_status(exc), None
         return
-    except Exception:  # noqa: BLE001 - mapped once, here, to "unable to process"
+    except Exception as exc:  # noqa: BLE001 - mapped once, here, to "unable to process"
         logger.exception("C-FIND from %s at %s failed", ae_title, address)
-        yield UNABLE_TO_PROCESS, None
+        yield identifier_status(exc), None
         return
     record_access(gateway, QUERY_EVENT, ae_title, address, study_uids,
                   f"C-FIND {model} {level} level, {len(matches)} matches")
@@ -334,21 +329,5 @@ def find_responses(gateway: Gateway, policy: PeerPolicy, ae_title: str, address:
     yield SUCCESS, None
 
 
-def handle_find(event: Any, gateway: Gateway, policy: PeerPolicy) -> Iterator[Any]:
-    """C-FIND on an association pynetdicom runs (its generator protocol)."""
-    requestor = event.assoc.requestor
-    ae_title, address = str(requestor.ae_title).strip(), str(requestor.address)
-    with busy(event.assoc):
-        for status, match in find_responses(gateway, policy, ae_title, address,
-                                            str(event.request.AffectedSOPClassUID),
-                                            lambda: event.identifier,
-                                            lambda: bool(event.is_cancelled)):
-            if status == SUCCESS:
-                return  # pynetdicom sends the final Success itself
-            yield status, as_dataset(match) if match is not None else None
-            if status == PENDING:
-                wait_until_sent(event.assoc)
-
-
-__all__ = ["as_dataset", "find_responses", "handle_find", "identifier_items", "identifier_keys",
-           "search"]
+__all__ = ["as_dataset", "find_responses", "identifier_items", "identifier_keys",
+           "information_model", "search"]

@@ -1,0 +1,2 @@
+"""Associations pynetdicom runs: its event handlers, thin adapters over :mod:`dimse.services`,
+and the workarounds for its timing."""
