@@ -21,8 +21,9 @@ import selectors
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
+import aiohttp
 from aiohttp import web
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -195,7 +196,7 @@ class Server:
         self.http_port = sockets[0].getsockname()[1] if sockets else settings.http.port
         logger.info("HTTP listening on http://%s:%s", settings.http.host, self.http_port)
         # The stable-study scan and the webhook deliveries (gateway.events).
-        self.events = EventService(self.gateway.index, settings.events)
+        self.events = EventService(self.gateway.index, settings.events, WebhookSession())
         await self.events.start()
         # One line a supervisor (or a test) can wait for.
         print(f"gateway ready: dimse={self.dimse_port} http={self.http_port}", flush=True)
@@ -213,6 +214,35 @@ class Server:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+class WebhookSession:
+    """Webhook deliveries with aiohttp's client on the server's loop: the
+    :class:`gateway.events.WebhookClient` the composition root gives the event service."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str],
+                   timeout: float) -> str | None:
+        if self._session is None:  # made on the loop that sends
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.post(url, data=body, headers=dict(headers),
+                                          allow_redirects=False,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)
+                                          ) as response:
+                await response.read()
+                return None if 200 <= response.status < 300 else f"HTTP {response.status}"
+        except TimeoutError:
+            return f"no answer within {timeout:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # refused, reset, bad answer
+            return f"{type(exc).__name__}: {exc}"
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 WORKER_LISTENING = b"dimse worker listening\n"
