@@ -1,9 +1,7 @@
-"""DICOMweb origin server (PS3.18): QIDO-RS, WADO-RS, STOW-RS, delete and capabilities.
+"""DICOMweb origin server (PS3.18): QIDO-RS, WADO-RS, STOW-RS, delete and capabilities, the
+FHIR R4 read side, and the server's health and metrics routes.
 
 Mounted by the composition root (:mod:`gateway.server`) at ``/dicomweb``; see
-:func:`dicomweb.app.create_app`.
+:func:`dicomweb.app.create_app` (the application), :mod:`dicomweb.context` (what handlers read
+from a request) and :mod:`dicomweb.problems` (errors as responses).
 """
-
-from dicomweb.app import GATEWAY, POLICY, PRINCIPAL, create_app
-
-__all__ = ["GATEWAY", "POLICY", "PRINCIPAL", "create_app"]

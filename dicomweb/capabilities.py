@@ -11,6 +11,7 @@ from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
+from dicomweb.context import base_url
 from dicomweb.media import (
     MEDIA_DICOM,
     MEDIA_DICOM_JSON,
@@ -82,8 +83,6 @@ def wadl(base: str) -> bytes:
 
 async def retrieve_capabilities(request: web.Request) -> web.Response:
     """``OPTIONS /dicomweb/`` (PS3.18 §8.9)."""
-    from dicomweb.app import base_url
-
     for media in accept_of(request):
         if media.matches(MEDIA_WADL) or media.media_type in ("application/xml", "text/xml"):
             break

@@ -14,7 +14,7 @@ import logging
 
 from aiohttp import web
 
-from dicomweb.app import audit, gateway_of, require
+from dicomweb.context import audit, gateway_of, require
 from gateway.access import Scope
 from gateway.audit import Action
 from gateway.instances import remove_instances, validate_path, visible_instances

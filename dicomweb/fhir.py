@@ -7,7 +7,7 @@
 authenticates as for DICOMweb (bearer API key or JWT with ``dicomweb:read``, or a viewer-session
 cookie, which sees its own study only), and each search or read is recorded in the access trail
 as a Query (PS3.15 A.5.3.12), as QIDO-RS is. Errors are OperationOutcome resources with the HTTP
-status of the same error on DICOMweb (:data:`dicomweb.problems.STATUS_OF`).
+status and headers of the same error on DICOMweb and the portal API (:mod:`gateway.http_status`).
 """
 
 from __future__ import annotations
@@ -20,28 +20,16 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from dicomweb.app import (
-    AUDIT,
-    AUTHENTICATOR,
-    GATEWAY,
-    POLICY,
-    Handler,
-    _on_response_prepare,
-    audit,
-    auth_middleware,
-    base_url,
-    cors_middleware,
-    require,
-)
+from dicomweb.app import build
+from dicomweb.context import GATEWAY, audit, base_url, require
 from dicomweb.media import parse_accept
-from dicomweb.problems import HTTPProblem, status_of
+from dicomweb.problems import error_middleware
 from gateway import __version__, fhir
-from gateway.access import AccessPolicy, NoSessions, Scope
+from gateway.access import AccessPolicy, Scope
 from gateway.audit import Action, AuditSink
-from gateway.auth import Authenticator
 from gateway.core import Gateway
-from gateway.errors import GatewayError
-from gateway.query import InvalidQueryParameter
+from gateway.errors import InvalidQueryParameter
+from gateway.http_status import HTTPProblem, Problem
 from gateway.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -61,32 +49,13 @@ def fhir_response(body: dict[str, Any], status: int = 200,
                                  **(headers or {})})
 
 
-def outcome_response(status: int, diagnostics: str,
-                     headers: dict[str, str] | None = None) -> web.Response:
-    return fhir_response(fhir.operation_outcome(status, diagnostics), status, headers)
+def outcome_response(found: Problem) -> web.Response:
+    """The OperationOutcome of an error, with its status and headers (FHIR R4 http.html)."""
+    return fhir_response(fhir.operation_outcome(found.status, found.detail), found.status,
+                         dict(found.headers))
 
 
-@web.middleware
-async def outcome_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every error leaving a FHIR handler to an OperationOutcome with its HTTP status."""
-    try:
-        return await handler(request)
-    except HTTPProblem as exc:
-        return outcome_response(exc.status, exc.detail, exc.headers)
-    except GatewayError as exc:
-        status = status_of(exc)
-        headers = {"WWW-Authenticate": 'Bearer realm="fhir"'} if status == 401 else None
-        return outcome_response(status, str(exc), headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return outcome_response(exc.status, exc.reason, headers)
-    except (ConnectionResetError, TimeoutError):
-        raise
-    except Exception:
-        logger.exception("unexpected error on %s %s", request.method, request.path)
-        return outcome_response(500, "internal error; the server log has the details")
+outcome_middleware = error_middleware(outcome_response)
 
 
 def _negotiate(request: web.Request) -> None:
@@ -175,12 +144,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None,
 
     Parameters are those of :func:`dicomweb.app.create_app`: the same principals and trail.
     """
-    app = web.Application(middlewares=[cors_middleware, outcome_middleware, auth_middleware])
-    app.on_response_prepare.append(_on_response_prepare)  # CORS headers, as on /dicomweb
-    app[GATEWAY] = gateway
-    app[POLICY] = access_policy if access_policy is not None else NoSessions()
-    app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)
-    app[AUDIT] = audit_sink if audit_sink is not None else gateway.audit
+    app = build(gateway, access_policy, audit_sink, errors=outcome_middleware)
     app.router.add_get("/ImagingStudy", search_imaging_studies)
     app.router.add_get("/ImagingStudy/{id}", read_imaging_study)
     app.router.add_get("/metadata", capabilities)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from dicomweb.problems import HTTPProblem
+from gateway.http_status import HTTPProblem
 
 MEDIA_DICOM = "application/dicom"
 MEDIA_DICOM_JSON = "application/dicom+json"

@@ -25,25 +25,24 @@ thumbnails are kept in a bounded on-disk cache (:mod:`gateway.rendercache`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from aiohttp import web
 
-from dicomweb.app import GATEWAY, PRINCIPAL, audit, require
+from dicomweb.context import GATEWAY, PRINCIPAL, audit, require
 from dicomweb.media import MediaRange, accept_of
-from dicomweb.problems import HTTPProblem
 from gateway.access import Principal, Scope
 from gateway.audit import Action
 from gateway.core import Gateway
 from gateway.errors import NotFound
+from gateway.http_status import HTTPProblem
 from gateway.instances import InstanceRef, visible_instances
 from gateway.pixels import (
     MEDIA_OCTET_STREAM,
@@ -227,23 +226,9 @@ def render_params(request: web.Request, media_type: str, *, thumbnail: bool,
 
 # -- responses ---------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _problems() -> Iterator[None]:
-    """Map the pixel errors of the core to their HTTP status (406, 413, 422)."""
-    try:
-        yield
-    except NotAcceptable as exc:
-        raise HTTPProblem(406, str(exc)) from exc
-    except ImageTooLarge as exc:
-        raise HTTPProblem(413, str(exc)) from exc
-    except PixelDataError as exc:
-        raise HTTPProblem(422, str(exc)) from exc
-
-
 async def _off_loop(services: PixelServices, work: Callable[[], T]) -> T:
     """Run CPU and file work in a worker thread, never on the event loop."""
-    with _problems():
-        return await asyncio.to_thread(work)
+    return await asyncio.to_thread(work)
 
 
 def _boundary() -> str:
@@ -447,8 +432,7 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     numbers = parse_frame_list(frames_text) if frames_text is not None else None
     if numbers is not None:
         numbers = list(dict.fromkeys(numbers))  # each frame rendered once, in the order asked
-    with _problems():
-        media = negotiate_rendered(accept_of(request))
+    media = negotiate_rendered(accept_of(request))
     params = render_params(request, media, thumbnail=False, limits=services.limits)
     if sop is None and params.media_type == MEDIA_GIF:
         params = RenderParams(MEDIA_JPEG, params.window, params.viewport, params.quality)
@@ -508,8 +492,7 @@ async def retrieve_thumbnail(request: web.Request) -> web.StreamResponse:
     numbers = parse_frame_list(frames_text) if frames_text is not None else None
     if numbers is not None and len(numbers) != 1:
         raise HTTPProblem(400, "a thumbnail is of one frame", parameter="frames")
-    with _problems():
-        media = negotiate_rendered(accept_of(request), allow_gif=False)
+    media = negotiate_rendered(accept_of(request), allow_gif=False)
     params = render_params(request, media, thumbnail=True, limits=services.limits)
 
     def work() -> tuple[bytes, str | None]:

@@ -1,135 +1,69 @@
-"""Errors as ``application/problem+json`` (RFC 9457), mapped once, at the HTTP edge.
+"""Errors as HTTP responses, rendered at the edge from the core's one decision.
 
-The core raises transport-free errors (:mod:`gateway.errors`); :func:`problem_middleware` turns
-each into a problem document with ``type``, ``title``, ``status`` and ``detail``, so that every
-DICOMweb error a client sees names what was wrong (PS3.18 §8.6 leaves the payload to the origin
-server; we use RFC 9457).
+:func:`gateway.http_status.problem_for` decides, for any error leaving a handler, the status,
+detail, headers and members (:data:`gateway.http_status.HTTP_STATUSES`); this module only
+renders it: ``application/problem+json`` (RFC 9457) on ``/dicomweb``, and through
+:func:`error_middleware` an OperationOutcome on ``/fhir`` (:mod:`dicomweb.fhir`), so the same
+error has the same status and headers on both. aiohttp's own HTTP errors (405 with ``Allow``,
+413 on a body over the limit) are turned into the same problem first.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from gateway.errors import (
-    Conflict,
-    Forbidden,
-    GatewayError,
-    IdentityConflict,
-    InvalidQuery,
-    NotFound,
-    StorageFull,
-    Unauthorized,
-    Unavailable,
-)
-
-logger = logging.getLogger(__name__)
-
-MEDIA_PROBLEM = "application/problem+json"
+from gateway.http_status import MEDIA_PROBLEM, HTTPProblem, Problem, problem_for
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Render = Callable[[Problem], web.StreamResponse]
 
 
-class HTTPProblem(Exception):
-    """An HTTP error with its status and detail, raised by the routes themselves.
-
-    Parameters
-    ----------
-    status
-        The HTTP status code.
-    detail
-        What was wrong, for a human reader.
-    parameter
-        The query parameter at fault, when there is one (added as ``parameter``).
-    headers
-        Extra response headers (``WWW-Authenticate``, ``Allow``...).
-    """
-
-    def __init__(self, status: int, detail: str, *, parameter: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.parameter = parameter
-        self.headers = headers or {}
-
-
-def problem_response(status: int, detail: str, *, parameter: str | None = None,
-                     headers: dict[str, str] | None = None) -> web.Response:
+def problem_response(found: Problem) -> web.Response:
     """A ``application/problem+json`` response.
 
-    >>> problem_response(404, "no such study").content_type
+    >>> problem_response(Problem(404, "no such study")).content_type
     'application/problem+json'
     """
-    body: dict[str, object] = {
-        "type": "about:blank",
-        "title": _reason(status),
-        "status": status,
-        "detail": detail,
-    }
-    if parameter is not None:
-        body["parameter"] = parameter
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        headers={"Content-Type": MEDIA_PROBLEM, **(headers or {})},
-    )
+    return web.Response(status=found.status, body=json.dumps(found.document()).encode(),
+                        headers={**found.headers, "Content-Type": MEDIA_PROBLEM})
 
 
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
-# Core error class -> HTTP status; the first match in order wins (subclasses first).
-STATUS_OF: tuple[tuple[type[GatewayError], int], ...] = (
-    (Unauthorized, 401),
-    (Forbidden, 403),
-    (NotFound, 404),
-    (InvalidQuery, 400),
-    (Conflict, 409),
-    (IdentityConflict, 409),
-    (StorageFull, 507),
-    (Unavailable, 503),
-)
+def aiohttp_problem(exc: web.HTTPException) -> HTTPProblem:
+    """An aiohttp HTTP error as the problem it stands for (its text when it has one of its
+    own, and the ``Allow`` header of a 405)."""
+    detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    return HTTPProblem(exc.status, detail or exc.reason, headers=headers)
 
 
-def status_of(exc: GatewayError) -> int:
-    for cls, status in STATUS_OF:
-        if isinstance(exc, cls):
-            return status
-    return 400
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every error leaving a DICOMweb handler to ``application/problem+json``."""
+async def answer_errors(request: web.Request, handler: Handler,
+                        render: Render) -> web.StreamResponse:
+    """Run ``handler``; answer an error leaving it as :func:`problem_for` decides, rendered by
+    ``render``. A dropped connection is let through (there is no one to answer)."""
     try:
         return await handler(request)
-    except HTTPProblem as exc:
-        return problem_response(exc.status, exc.detail, parameter=exc.parameter,
-                                headers=exc.headers)
-    except GatewayError as exc:
-        status = status_of(exc)
-        headers = ({"WWW-Authenticate": 'Bearer realm="dicomweb"'} if status == 401
-                   else {"Retry-After": "5"} if status == 503 else None)
-        parameter = getattr(exc, "parameter", None)
-        return problem_response(status, str(exc), parameter=parameter, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow",)}
-        return problem_response(exc.status, detail or exc.reason, headers=headers)
+        return render(problem_for(aiohttp_problem(exc)))
     except (ConnectionResetError, TimeoutError):
         raise
-    except Exception:
-        logger.exception("unexpected error on %s %s", request.method, request.path)
-        return problem_response(500, "internal error; the server log has the details")
+    except Exception as exc:
+        return render(problem_for(exc, f"{request.method} {request.path}"))
+
+
+def error_middleware(render: Render) -> Middleware:
+    """A middleware that maps every error leaving a handler once, rendered by ``render``."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await answer_errors(request, handler, render)
+
+    return middleware
+
+
+problem_middleware = error_middleware(problem_response)

@@ -13,7 +13,7 @@ import logging
 
 from aiohttp import web
 
-from dicomweb.app import GATEWAY, audit, base_url, require
+from dicomweb.context import GATEWAY, audit, base_url, require
 from dicomweb.media import (
     MEDIA_DICOM_JSON,
     MEDIA_DICOM_XML,

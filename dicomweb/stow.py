@@ -26,7 +26,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from pydicom import dcmread
 
-from dicomweb.app import audit, base_url, gateway_of, require
+from dicomweb.context import audit, base_url, gateway_of, require
 from dicomweb.media import (
     MEDIA_DICOM,
     MEDIA_DICOM_JSON,
@@ -37,7 +37,6 @@ from dicomweb.media import (
     not_acceptable,
     parse_accept,
 )
-from dicomweb.problems import HTTPProblem
 from dicomweb.xml import to_native_xml
 from gateway.access import Scope
 from gateway.audit import Action, StoredInstances
@@ -46,6 +45,7 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
 )
+from gateway.http_status import HTTPProblem
 from gateway.ingest import IngestResult
 from gateway.metadata import DEFLATED
 from gateway.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, store_status

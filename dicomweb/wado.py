@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
-from dicomweb.app import audit, base_url, gateway_of, require
+from dicomweb.context import audit, base_url, gateway_of, require
 from dicomweb.media import (
     ANY_TRANSFER_SYNTAX,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -45,10 +45,10 @@ from dicomweb.media import (
     not_acceptable,
     part_header,
 )
-from dicomweb.problems import HTTPProblem
 from gateway.access import Scope
 from gateway.audit import Action
 from gateway.errors import GatewayError, NotFound
+from gateway.http_status import HTTPProblem
 from gateway.instances import (
     InstanceRef,
     validate_path,

@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway.access import Principal, PrincipalKind, Scope
-from gateway.errors import Conflict, GatewayError, NotFound
+from gateway.errors import Conflict, GatewayError, InvalidScope, NotFound
 from gateway.index import Index
 from gateway.models import ApiKey
 
@@ -31,10 +31,6 @@ CREDENTIAL = "api_key:"  # Principal.credential of a key: "api_key:<key id>"
 _KEY_RE = re.compile(r"^dgw_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
 KNOWN_SCOPES = frozenset(s.value for s in Scope)
-
-
-class InvalidScope(GatewayError):
-    """A scope name is not one the gateway knows; the message lists the known ones."""
 
 
 class Secret(str):

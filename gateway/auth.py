@@ -29,7 +29,7 @@ from typing import Any
 
 import jwt
 
-from gateway.access import Principal, PrincipalKind
+from gateway.access import DEMO_PRINCIPAL, AccessPolicy, Principal, PrincipalKind
 from gateway.apikeys import CREDENTIAL as API_KEY_CREDENTIAL
 from gateway.apikeys import ApiKeys, looks_like_api_key
 from gateway.config import Settings, SettingsError
@@ -43,6 +43,7 @@ DEFAULT_MAX_LIFETIME = 3600  # [auth] jwt_max_lifetime, seconds
 # RFC 7518 §3.2: "A key of the same size as the hash output ... or larger MUST be used".
 MIN_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 JWT_CREDENTIAL = "jwt:"  # Principal.credential of a JWT: "jwt:<kid>"
+BEARER_HINT = "'Authorization: Bearer <API key or JWT>'"
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,37 @@ class Authenticator:
             raise SettingsError("[auth] jwt_max_lifetime must be a number of seconds") from None
         if self.max_lifetime <= 0:
             raise SettingsError("[auth] jwt_max_lifetime must be positive")
+
+    def principal_for(self, authorization: str | None, *, session: str | None = None,
+                      policy: AccessPolicy | None = None, address: str = "",
+                      demo: bool = False) -> Principal:
+        """The caller of a request, from its credentials; the one decision every HTTP front
+        end makes (deny by default).
+
+        In order: the ``Authorization`` header (a bearer API key or JWT); else the viewer
+        session cookie ``session``, resolved by ``policy``; else the demo principal when the
+        server runs in demo mode. Without a credential or a policy it reads nothing (cheap
+        enough for the event loop); otherwise call it in a worker thread.
+
+        Raises
+        ------
+        Unauthorized
+            No credential, or one that is malformed, invalid, expired or revoked.
+        """
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthorized(f"use {BEARER_HINT}")
+            return self.principal_for_bearer(token)
+        if session and policy is not None:
+            found = policy.principal_for_session(session, address)
+            if found is None:
+                raise Unauthorized("the viewer session has expired or was revoked; "
+                                   "open the link again")
+            return found
+        if demo:
+            return DEMO_PRINCIPAL
+        raise Unauthorized(f"authentication required: send {BEARER_HINT}")
 
     def principal_for_bearer(self, token: str) -> Principal:
         """Verify a bearer token.

@@ -17,11 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.errors import GatewayError
-
-
-class SettingsError(GatewayError):
-    """A setting is missing, malformed or contradicts another; the message names it."""
+from gateway.errors import SettingsError
 
 
 @dataclass(frozen=True)
@@ -113,6 +109,17 @@ class HttpSettings:
     cors_origins: tuple[str, ...] = ()
     # Public base URL used in RetrieveURL and link URLs when the gateway sits behind a proxy.
     base_url: str | None = None
+
+    def public_root(self, scheme: str, host: str) -> str:
+        """The server's absolute root for URLs in responses (RetrieveURL, BulkDataURI, link
+        URLs): ``base_url`` when set (behind a proxy), else the request's scheme and host.
+
+        >>> HttpSettings().public_root("http", "localhost:8080")
+        'http://localhost:8080'
+        >>> HttpSettings(base_url="https://pacs.example/").public_root("http", "10.0.0.5")
+        'https://pacs.example'
+        """
+        return self.base_url.rstrip("/") if self.base_url else f"{scheme}://{host}"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """Transport-free errors raised by the core.
 
-Each front end maps them once, at its edge: ``dimse`` to PS3.4 status codes, ``dicomweb`` to
-``application/problem+json`` responses. Every message tells the reader what was wrong and, where
-it helps, what to do.
+Each is mapped once, in a table of the core: to PS3.4 status codes by :mod:`gateway.status`
+(C-STORE, STOW-RS FailureReason), to HTTP statuses by :mod:`gateway.http_status`, which every
+HTTP front end (``/dicomweb``, ``/fhir``, ``/api``) renders the same way. Every message tells the
+reader what was wrong and, where it helps, what to do. (The pixel errors, ``PixelDataError``,
+``NotAcceptable``, ``ImageTooLarge`` and ``InvalidFrameList``, are still defined in
+:mod:`gateway.pixels`.)
 """
 
 from __future__ import annotations
@@ -29,6 +32,45 @@ class InvalidQuery(GatewayError):
 
 class InvalidUID(InvalidQuery):
     """A UID does not follow PS3.5 §9.1 (digits and dots, at most 64 characters)."""
+
+
+class InvalidParameter(InvalidQuery):
+    """A request parameter is malformed; ``parameter`` names it (PS3.18 §8.3.5 for rendering).
+
+    Attributes
+    ----------
+    parameter
+        The parameter (or keyword) at fault, as the client named it.
+    """
+
+    def __init__(self, parameter: str, detail: str) -> None:
+        super().__init__(detail)
+        self.parameter = parameter
+
+
+class InvalidQueryParameter(InvalidParameter):
+    """A query parameter or matching key is malformed; the message starts with its name."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(parameter, f"{parameter}: {message}")
+
+
+class Unprocessable(InvalidQuery):
+    """A request body is well-formed but a field in it is refused (a mint request with no
+    viewer id, ``key_images_only`` on a study without key images); the message names the
+    field."""
+
+
+class InvalidScope(GatewayError):
+    """A scope name is not one the gateway knows; the message lists the known ones."""
+
+
+class SettingsError(GatewayError):
+    """A setting is missing, malformed or contradicts another; the message names it."""
+
+
+class DemoNotOnLoopback(SettingsError):
+    """Demo mode lets anonymous users read and write: it runs only on loopback listeners."""
 
 
 class InvalidInstance(GatewayError):

@@ -60,10 +60,9 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
-import aiohttp
 from sqlalchemy import CursorResult, and_, delete, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
@@ -491,7 +490,22 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
-async def send(client: aiohttp.ClientSession, hook: Webhook, claimed: Claimed,
+class WebhookClient(Protocol):
+    """The HTTP client deliveries are sent with, given by the composition root (aiohttp's,
+    on the server's loop: ``gateway.server.WebhookSession``); the core imports none."""
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str],
+                   timeout: float) -> str | None:
+        """POST ``body`` to ``url`` without following redirects, within ``timeout`` seconds;
+        ``None`` if the receiver answered 2xx, else what went wrong (``HTTP 500``, a refused
+        connection, no answer in time)."""
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+async def send(client: WebhookClient, hook: Webhook, claimed: Claimed,
                timeout: float) -> str | None:
     """POST one event to a webhook; ``None`` if it answered 2xx, else what went wrong."""
     body = claimed.body()
@@ -499,17 +513,7 @@ async def send(client: aiohttp.ClientSession, hook: Webhook, claimed: Claimed,
     headers = {"Content-Type": MEDIA_JSON, "webhook-id": claimed.id,
                "webhook-timestamp": str(stamp),
                "webhook-signature": sign(hook.key, claimed.id, stamp, body)}
-    try:
-        async with client.post(hook.url, data=body, headers=headers, allow_redirects=False,
-                               timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            await response.read()
-            if 200 <= response.status < 300:
-                return None
-            return f"HTTP {response.status}"
-    except TimeoutError:
-        return f"no answer within {timeout:g} s"
-    except (aiohttp.ClientError, OSError, ValueError) as exc:  # refused, reset, bad answer
-        return f"{type(exc).__name__}: {exc}"
+    return await client.post(hook.url, body, headers, timeout)
 
 
 # -- the change feed ----------------------------------------------------------------------------
@@ -569,22 +573,22 @@ def changes(index: Index, after: int, limit: int) -> dict[str, Any]:
 class EventService:
     """The scan and the webhook deliveries of one node, as tasks on the server's loop.
 
-    Database work runs in threads (``asyncio.to_thread``); sends are aiohttp requests on the
-    loop. Each loop survives its own failures (a database outage, a receiver's error): it
-    logs, waits, and goes on.
+    Database work runs in threads (``asyncio.to_thread``); sends are requests of ``client``
+    on the loop (closed by :meth:`stop`). Each loop survives its own failures (a database
+    outage, a receiver's error): it logs, waits, and goes on.
     """
 
-    def __init__(self, index: Index, settings: EventsSettings) -> None:
+    def __init__(self, index: Index, settings: EventsSettings,
+                 client: WebhookClient) -> None:
         self.index = index
         self.settings = settings
         self.interval = min(SCAN_INTERVAL, settings.stable_seconds / 4)
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
-        self._client: aiohttp.ClientSession | None = None
+        self._client = client
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        self._client = aiohttp.ClientSession()
         for hook in self.settings.webhooks:
             key = webhook_key(hook.url)
             await asyncio.to_thread(start_webhook, self.index, key)
@@ -609,9 +613,7 @@ class EventService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._tasks = []
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        await self._client.close()
 
     async def _scan_forever(self) -> None:
         stable = self.settings.stable_seconds
@@ -641,7 +643,6 @@ class EventService:
                 await asyncio.to_thread(fan_out, self.index, key)
                 batch = await asyncio.to_thread(claim, self.index, key, lease)
                 if batch:
-                    assert self._client is not None
                     errors = await asyncio.gather(*(
                         send(self._client, hook, claimed, self.settings.delivery_timeout)
                         for claimed in batch))

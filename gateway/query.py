@@ -60,7 +60,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 
 from gateway.access import Principal
-from gateway.errors import InvalidQuery
+from gateway.errors import InvalidQueryParameter
 from gateway.index import Index
 from gateway.instances import visible_conditions, visible_instance_condition
 from gateway.metadata import PATIENT_STUDY_KEYWORDS, SERIES_KEYWORDS, normalize_name
@@ -71,20 +71,6 @@ from gateway.uids import is_valid_uid
 logger = logging.getLogger(__name__)
 
 QUERY_LATENCY = "gateway_qido_seconds"  # QIDO-RS and C-FIND searches, by service and level
-
-
-class InvalidQueryParameter(InvalidQuery):
-    """A query parameter or matching key is malformed.
-
-    Attributes
-    ----------
-    parameter
-        The parameter (or keyword) at fault, as the client named it.
-    """
-
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"{parameter}: {message}")
-        self.parameter = parameter
 
 
 class Level(enum.StrEnum):

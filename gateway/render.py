@@ -30,7 +30,7 @@ from PIL import Image
 from pydicom import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from gateway.errors import InvalidQuery
+from gateway.errors import InvalidParameter
 from gateway.pixels import (
     DEFAULT_LIMITS,
     ImageTooLarge,
@@ -51,14 +51,6 @@ DEFAULT_QUALITY = 90
 THUMBNAIL_SIZE = 128
 WINDOW_FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}
 GIF_DEFAULT_FRAME_MS = 100
-
-
-class InvalidParameter(InvalidQuery):
-    """A rendering query parameter is malformed; ``parameter`` names it (PS3.18 §8.3.5)."""
-
-    def __init__(self, parameter: str, detail: str) -> None:
-        super().__init__(detail)
-        self.parameter = parameter
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,13 @@
 """Composition root: one process serving DIMSE and HTTP over the same core.
 
-This is the only module of ``gateway`` that imports the front ends.
+With :mod:`gateway.cli` (which reaches the front ends only through this module and
+``viewer_links.cli``), the only modules of ``gateway`` that import a front end or aiohttp
+(tests/test_layering.py). It builds the root application: the health and metrics routes
+(:mod:`dicomweb.health`), ``/api``, ``/view`` and ``/iid`` (``viewer_links``), ``/dicomweb``
+and ``/fhir`` (``dicomweb``), the viewer last; and injects what one front end needs from
+another: the link service as DICOMweb's :class:`~gateway.access.AccessPolicy`, DICOMweb's
+error middleware into the portal API, so that every route answers an error alike
+(:mod:`gateway.http_status`).
 """
 
 from __future__ import annotations
@@ -14,30 +21,30 @@ import selectors
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
+import aiohttp
 from aiohttp import web
 from pynetdicom.transport import ThreadedAssociationServer
 
 import viewer_links
-from dicomweb.app import MOUNT as DICOMWEB_MOUNT
 from dicomweb.app import create_app as create_dicomweb_app
+from dicomweb.context import GATEWAY
+from dicomweb.context import MOUNT as DICOMWEB_MOUNT
 from dicomweb.fhir import MOUNT as FHIR_MOUNT
 from dicomweb.fhir import create_app as create_fhir_app
+from dicomweb.health import add_routes, latency_middleware
+from dicomweb.problems import problem_middleware, problem_response
 from dimse.peers import is_loopback
 from dimse.scp import start_server as start_dimse
 from gateway.access import AccessPolicy
 from gateway.config import Settings, SettingsError
 from gateway.core import Gateway
-from gateway.errors import GatewayError
+from gateway.errors import DemoNotOnLoopback, GatewayError
 from gateway.events import EventService
-from gateway.http import GATEWAY, add_routes, latency_middleware
+from gateway.http_status import problem
 
 logger = logging.getLogger(__name__)
-
-
-class DemoNotOnLoopback(GatewayError):
-    """Demo mode lets anonymous users read and write: it runs only on loopback listeners."""
 
 
 def check_demo(settings: Settings) -> None:
@@ -87,11 +94,9 @@ async def demo_host_middleware(request: web.Request,
     """
     host = request.headers.get("Host")
     if request.app[GATEWAY].settings.demo and host is not None and not is_loopback_host(host):
-        return web.json_response(
-            {"type": "about:blank", "title": "Misdirected Request", "status": 421,
-             "detail": "demo mode answers only requests to localhost or a loopback address, "
-                       "not to the host named in this request"},
-            status=421, content_type="application/problem+json")
+        return problem_response(problem(
+            421, "demo mode answers only requests to localhost or a loopback address, "
+                 "not to the host named in this request"))
     return await handler(request)
 
 
@@ -110,7 +115,7 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     # Viewer links: the portal API, /view and /iid; their service is the AccessPolicy that
     # resolves viewer-session cookies, and the trail is the persistent audit sink.
     links = viewer_links.build_service(gateway)
-    viewer_links.mount_api(app, gateway, links)
+    viewer_links.mount_api(app, links, errors=problem_middleware)
     app.add_subapp(DICOMWEB_MOUNT, create_dicomweb_app(gateway, access_policy or links))
     # FHIR R4 ImagingStudy over the same index, principals and trail (DESIGN.md).
     app.add_subapp(FHIR_MOUNT, create_fhir_app(gateway, access_policy or links))
@@ -191,7 +196,7 @@ class Server:
         self.http_port = sockets[0].getsockname()[1] if sockets else settings.http.port
         logger.info("HTTP listening on http://%s:%s", settings.http.host, self.http_port)
         # The stable-study scan and the webhook deliveries (gateway.events).
-        self.events = EventService(self.gateway.index, settings.events)
+        self.events = EventService(self.gateway.index, settings.events, WebhookSession())
         await self.events.start()
         # One line a supervisor (or a test) can wait for.
         print(f"gateway ready: dimse={self.dimse_port} http={self.http_port}", flush=True)
@@ -209,6 +214,35 @@ class Server:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+class WebhookSession:
+    """Webhook deliveries with aiohttp's client on the server's loop: the
+    :class:`gateway.events.WebhookClient` the composition root gives the event service."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str],
+                   timeout: float) -> str | None:
+        if self._session is None:  # made on the loop that sends
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.post(url, data=body, headers=dict(headers),
+                                          allow_redirects=False,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)
+                                          ) as response:
+                await response.read()
+                return None if 200 <= response.status < 300 else f"HTTP {response.status}"
+        except TimeoutError:
+            return f"no answer within {timeout:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # refused, reset, bad answer
+            return f"{type(exc).__name__}: {exc}"
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 WORKER_LISTENING = b"dimse worker listening\n"

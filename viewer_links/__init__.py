@@ -9,6 +9,7 @@ The composition root calls :func:`mount`; :class:`~viewer_links.service.LinkServ
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.core import Gateway
 from viewer_links.service import LinkService
@@ -22,12 +23,13 @@ def build_service(gateway: Gateway) -> LinkService:
     return LinkService(gateway, settings, keys)
 
 
-def mount_api(app: web.Application, gateway: Gateway, service: LinkService) -> None:
-    """Add ``/api``, ``/view/{token}`` and ``/iid`` to the root application."""
+def mount_api(app: web.Application, service: LinkService, errors: Middleware) -> None:
+    """Add ``/api``, ``/view/{token}`` and ``/iid`` to the root application; ``errors`` is
+    the middleware that answers their errors (the composition root gives DICOMweb's)."""
     from viewer_links.web import API_MOUNT, add_landing_routes, create_api_app
 
-    app.add_subapp(API_MOUNT, create_api_app(gateway, service))
-    add_landing_routes(app, gateway, service, ViewerFiles(service.settings.viewer_dir))
+    app.add_subapp(API_MOUNT, create_api_app(service, errors))
+    add_landing_routes(app, service, ViewerFiles(service.settings.viewer_dir), errors)
 
 
 def mount_viewer(app: web.Application, service: LinkService) -> None:

@@ -8,7 +8,9 @@ key, keep the old one until the links it signed have expired):
 
 Every token names its key in the ``kid`` header; only that key and its algorithm are tried, so a
 token can never choose a weaker algorithm (RFC 8725 §3.1). Errors follow itsdangerous's shape:
-:class:`LinkError` is the base; each subclass carries a machine-readable ``reason``.
+:class:`LinkError` is the base; each subclass carries a machine-readable ``reason`` and its
+HTTP status (a :class:`gateway.http_status.HTTPProblem`, so the portal API answers it as any
+other error, with ``reason`` in the problem document).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from gateway.http_status import HTTPProblem
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +73,15 @@ class Key:
         return self.secret.reveal() if self.secret is not None else self.public_key
 
 
-class LinkError(Exception):
+class LinkError(HTTPProblem):
     """A link that cannot be honoured. ``reason`` is stable and machine-readable."""
 
     reason = "invalid"
     status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(type(self).status, message,
+                         members={"reason": getattr(self, "rule", None) or self.reason})
 
 
 class MalformedLink(LinkError):
@@ -122,8 +130,8 @@ class PolicyRefused(LinkError):
     status = 403
 
     def __init__(self, message: str, rule: str) -> None:
-        super().__init__(message)
         self.rule = rule
+        super().__init__(message)
 
 
 class StudyUnavailable(LinkError):

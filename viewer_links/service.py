@@ -32,7 +32,7 @@ from gateway.access import Principal, PrincipalKind, Scope
 from gateway.auth import Authenticator
 from gateway.confidentiality import Level, Relationship, decide, normalise_date
 from gateway.core import Gateway
-from gateway.errors import Forbidden, InvalidQuery, NotFound
+from gateway.errors import Forbidden, NotFound, Unprocessable
 from gateway.uids import is_valid_uid, validate_uid
 from gateway.viewer_registry import LinkRecord, RegistryUnit, ViewerRegistry, aware
 from viewer_links.keys import (
@@ -57,7 +57,7 @@ MAX_SESSION_ID = 128
 UNVERIFIED_ACTOR = "unverified link"  # the trail's actor of refusals of unverifiable links
 
 
-class InvalidLinkRequest(InvalidQuery):
+class InvalidLinkRequest(Unprocessable):
     """A mint request is malformed (HTTP 422); the message names the field."""
 
 

@@ -31,18 +31,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway import audit, events
 from gateway.access import Principal, Scope
-from gateway.auth import Authenticator
 from gateway.core import Gateway
-from gateway.errors import (
-    Forbidden,
-    GatewayError,
-    InvalidQuery,
-    NotFound,
-    Unauthorized,
-)
+from gateway.errors import InvalidQuery
 from viewer_links.keys import LinkError
 from viewer_links.pages import CONTENT_SECURITY_POLICY, refusal_page
 from viewer_links.service import InvalidLinkRequest, LinkService, MintRequest, OpenedSession
@@ -51,12 +45,11 @@ from viewer_links.viewer import ViewerFiles
 logger = logging.getLogger(__name__)
 
 API_MOUNT = "/api"
+# The service holds what the routes need besides: the core (``service.gateway``) and the
+# bearer authenticator (``service.authenticator``).
 SERVICE = web.AppKey("link_service", LinkService)
-AUTHENTICATOR = web.AppKey("link_authenticator", Authenticator)
 VIEWER = web.AppKey("viewer_files", ViewerFiles)
-GATEWAY = web.AppKey("links_gateway", Gateway)
 PRINCIPAL = web.RequestKey("links_principal", Principal)
-MEDIA_PROBLEM = "application/problem+json"
 MEDIA_FHIR = "application/fhir+json"
 
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
@@ -66,54 +59,17 @@ REFUSAL_FLUSH_SECONDS = 5.0  # how often ended windows of refusals go to the tra
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-# -- problem+json (RFC 9457) for the portal API --------------------------------------------------
-def problem(status: int, title: str, detail: str, reason: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status,
-                            "detail": detail}
-    if reason:
-        body["reason"] = reason
-    headers = {"Cache-Control": "no-store"}
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="dicom-gateway"'
-    return web.Response(status=status, text=json.dumps(body), content_type=MEDIA_PROBLEM,
-                        headers=headers)
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map core errors once, at the edge, to problem+json (STYLE.md, "Errors")."""
-    try:
-        return await handler(request)
-    except LinkError as exc:
-        return problem(exc.status, "link refused", str(exc),
-                       getattr(exc, "rule", None) or exc.reason)
-    except InvalidLinkRequest as exc:
-        return problem(422, "invalid request", str(exc))
-    except InvalidQuery as exc:
-        return problem(400, "invalid request", str(exc))
-    except Unauthorized as exc:
-        return problem(401, "authentication required", str(exc))
-    except Forbidden as exc:
-        return problem(403, "forbidden", str(exc))
-    except NotFound as exc:
-        return problem(404, "not found", str(exc))
-    except GatewayError as exc:
-        logger.exception("portal API request failed")
-        return problem(500, "internal error", type(exc).__name__)
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return problem(exc.status, exc.reason, exc.text or exc.reason)
-        raise
+# -- the caller of the portal API -------------------------------------------------------------
+def gateway_of(request: web.Request) -> Gateway:
+    return request.config_dict[SERVICE].gateway
 
 
 async def authenticate(request: web.Request) -> Principal:
-    """The API principal of a bearer credential (API key or JWT, :mod:`gateway.auth`)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("send the portal's credential as 'Authorization: Bearer <key>'")
-    authenticator = request.config_dict[AUTHENTICATOR]
-    return await asyncio.to_thread(authenticator.principal_for_bearer, token)
+    """The API principal of a bearer credential (API key or JWT, :mod:`gateway.auth`); the
+    portal API and the IID launch take no session cookie and no demo principal."""
+    authorization = request.headers.get("Authorization")
+    authenticator = request.config_dict[SERVICE].authenticator
+    return await asyncio.to_thread(authenticator.principal_for, authorization)
 
 
 @web.middleware
@@ -128,13 +84,18 @@ def _require(request: web.Request, scope: Scope) -> Principal:
     return who
 
 
+async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
+    """Nothing the portal API answers, errors included, is kept by a cache."""
+    response.headers.setdefault("Cache-Control", "no-store")
+
+
 async def _json(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise InvalidLinkRequest("send a JSON body (Content-Type: application/json)")
     try:
         body = await request.json()
     except web.HTTPRequestEntityTooLarge as exc:
-        limit = request.config_dict[GATEWAY].settings.http.max_json_bytes
+        limit = gateway_of(request).settings.http.max_json_bytes
         raise web.HTTPRequestEntityTooLarge(
             max_size=limit, actual_size=limit + 1,
             text=f"the JSON body exceeds {limit} bytes (http.max_json_bytes)") from exc
@@ -146,8 +107,8 @@ async def _json(request: web.Request) -> dict[str, Any]:
 
 
 def base_url(request: web.Request) -> str:
-    configured = request.config_dict[GATEWAY].settings.http.base_url
-    return configured.rstrip("/") if configured else f"{request.scheme}://{request.host}"
+    """The server's absolute root for link URLs (``[http] base_url`` behind a proxy)."""
+    return gateway_of(request).settings.http.public_root(request.scheme, request.host)
 
 
 # -- the portal API -----------------------------------------------------------------------------
@@ -268,7 +229,7 @@ async def get_audit(request: web.Request) -> web.Response:
     if not 0 < limit:
         raise InvalidQuery("_count must be a positive integer")
     limit = min(limit, 10000)
-    index = request.config_dict[GATEWAY].index
+    index = gateway_of(request).index
     events = await asyncio.to_thread(audit.events_for_patient, index, patient, limit=limit)
     await asyncio.to_thread(audit.record, index, audit.Action.AUDIT_READ, principal=who,
                             patient_id=patient, address=request.remote or "",
@@ -291,17 +252,20 @@ async def get_changes(request: web.Request) -> web.Response:
     _require(request, Scope.EVENTS_READ)
     after, limit = events.parse_changes_query(request.query.get("after"),
                                               request.query.get("limit"))
-    index = request.config_dict[GATEWAY].index
+    index = gateway_of(request).index
     page = await asyncio.to_thread(events.changes, index, after, limit)
     return web.json_response(page, headers={"Cache-Control": "no-store"})
 
 
-def create_api_app(gateway: Gateway, service: LinkService) -> web.Application:
-    """The portal API, to be mounted at :data:`API_MOUNT`."""
-    app = web.Application(middlewares=[problem_middleware, auth_middleware])
-    app[GATEWAY] = gateway
+def create_api_app(service: LinkService, errors: Middleware) -> web.Application:
+    """The portal API, to be mounted at :data:`API_MOUNT`.
+
+    ``errors`` is the middleware that answers errors (the composition root gives DICOMweb's,
+    so that an error has the same status and problem document on every route).
+    """
+    app = web.Application(middlewares=[errors, auth_middleware])
+    app.on_response_prepare.append(_no_store)
     app[SERVICE] = service
-    app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)
     app.router.add_post("/links", create_link)
     app.router.add_get("/links", list_links)
     app.router.add_delete("/links/{jti}", revoke_link)
@@ -329,7 +293,7 @@ def session_redirect(request: web.Request, opened: OpenedSession,
     seconds = max(1, int((opened.expires_at - datetime.now(UTC)).total_seconds()))
     # Secure unless in demo mode (plain HTTP on loopback): behind a TLS proxy the request
     # arrives over plain HTTP, and without [http] base_url nothing here says so.
-    secure = not request.config_dict[GATEWAY].settings.demo
+    secure = not gateway_of(request).settings.demo
     response.set_cookie(
         cookie_name, opened.session_id, max_age=seconds, path="/", httponly=True,
         samesite="Strict", secure=secure or request.secure,
@@ -358,27 +322,21 @@ async def iid_launch(request: web.Request) -> web.StreamResponse:
     """IHE IID "Invoke Image Display": ``/iid?requestType=STUDY&studyUID=...&keyImagesOnly=``.
 
     For an authenticated API principal (bearer credential): opens a viewer session limited to
-    what the principal may see, and redirects to the viewer like a link does.
+    what the principal may see, and redirects to the viewer like a link does. Errors are
+    answered by the middleware :func:`add_landing_routes` is given, as on the portal API.
     """
-    try:
-        who = await authenticate(request)
-        query = request.query
-        if query.get("requestType", "").upper() != "STUDY":
-            raise InvalidQuery("requestType must be STUDY (patient-level display is not offered)")
-        study = query.get("studyUID", "")
-        if not study or "," in study:
-            raise InvalidQuery("studyUID must name one Study Instance UID")
-        key_images_only = query.get("keyImagesOnly", "false").lower() == "true"
-        service = request.config_dict[SERVICE]
-        opened = await asyncio.to_thread(service.open_iid, who, study,
-                                         key_images_only=key_images_only,
-                                         address=request.remote or "")
-    except LinkError as exc:
-        return problem(exc.status, "launch refused", str(exc), exc.reason)
-    except (Unauthorized, Forbidden, InvalidQuery) as exc:
-        status = 401 if isinstance(exc, Unauthorized) else (
-            403 if isinstance(exc, Forbidden) else 400)
-        return problem(status, "launch refused", str(exc))
+    who = await authenticate(request)
+    query = request.query
+    if query.get("requestType", "").upper() != "STUDY":
+        raise InvalidQuery("requestType must be STUDY (patient-level display is not offered)")
+    study = query.get("studyUID", "")
+    if not study or "," in study:
+        raise InvalidQuery("studyUID must name one Study Instance UID")
+    key_images_only = query.get("keyImagesOnly", "false").lower() == "true"
+    service = request.config_dict[SERVICE]
+    opened = await asyncio.to_thread(service.open_iid, who, study,
+                                     key_images_only=key_images_only,
+                                     address=request.remote or "")
     return session_redirect(request, opened, service.cookie_name)
 
 
@@ -410,17 +368,22 @@ def _refusal_trail(
     return context
 
 
-def add_landing_routes(app: web.Application, gateway: Gateway, service: LinkService,
-                       viewer: ViewerFiles) -> None:
-    """``/view/{token}`` and ``/iid`` on the root application."""
+def add_landing_routes(app: web.Application, service: LinkService, viewer: ViewerFiles,
+                       errors: Middleware) -> None:
+    """``/view/{token}`` and ``/iid`` on the root application; ``errors`` answers the errors
+    of ``/iid`` (the landing answers its refusals with pages of its own)."""
     app[SERVICE] = service
     app[VIEWER] = viewer
-    app[GATEWAY] = gateway
-    app[AUTHENTICATOR] = Authenticator(gateway.index, gateway.settings)
     app.cleanup_ctx.append(_refusal_trail(service))
+
+    async def iid(request: web.Request) -> web.StreamResponse:
+        response = await errors(request, iid_launch)
+        await _no_store(request, response)
+        return response
+
     # GET only: a HEAD (link previews) must not spend a use.
     app.router.add_route("GET", "/view/{token}", view)
-    app.router.add_route("GET", "/iid", iid_launch)
+    app.router.add_route("GET", "/iid", iid)
 
 
 def add_viewer_routes(app: web.Application, viewer: ViewerFiles) -> None:

@@ -1,7 +1,10 @@
-"""The gateway's own HTTP routes: health, readiness and metrics (Prometheus text format).
+"""The server's own HTTP routes at the root: health, readiness and metrics (Prometheus text
+format), and the middleware that times every request.
 
-The front ends' routes (``/dicomweb``, ``/api``, ``/view``, the viewer) are added by the
-composition root, :mod:`gateway.server`.
+The composition root (:mod:`gateway.server`) adds them to the root application, with
+:data:`~dicomweb.context.GATEWAY` set there, beside the front ends' routes (``/dicomweb``,
+``/fhir``, ``/api``, ``/view``, the viewer). They live in this package because it is the
+HTTP front end of the core's data; the core itself imports no aiohttp.
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.core import Gateway
+from dicomweb.context import GATEWAY
 from gateway.metrics import CONTENT_TYPE, METRICS
 
 logger = logging.getLogger(__name__)
 
-GATEWAY = web.AppKey("gateway", Gateway)
 MEDIA_PROMETHEUS = CONTENT_TYPE
 HTTP_LATENCY = "gateway_http_request_seconds"
 UNMATCHED_ROUTE = "unmatched"  # a path no route knows: not one label per path asked
