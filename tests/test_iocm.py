@@ -32,7 +32,7 @@ from gateway.apikeys import ApiKeys
 from gateway.audit import events_for_patient
 from gateway.core import Gateway
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study, key_object
-from tests.support.common import LiveServer, make_settings, part10
+from tests.support.common import LiveServer, make_settings, part10, stored_relpaths
 from tests.support.dicomweb_helpers import multipart_body, parse_multipart
 from tests.support.links_helpers import Client, cookie_of, fake_viewer, links_toml
 from tests.support.qr_helpers import identifier, store_scp, toml_value
@@ -331,10 +331,9 @@ def test_retention_expired_deletes_the_files(tmp_path: Path, database_url: str) 
         study = Study(seed=23, note_title=RETENTION)
         for ds in study.before_note:
             gateway.ingestor.ingest(part10(ds), source="test")
-        files = gateway.settings.data_dir / "files"
-
-        def stored(ds: Dataset) -> list[Path]:
-            return list(files.rglob(f"{uid(ds)}.*.dcm"))
+        def stored(ds: Dataset) -> list[str]:
+            return [p for p in stored_relpaths(gateway)
+                    if p.rsplit("/", 1)[-1].startswith(f"{uid(ds)}.")]
 
         assert stored(study.a1) and stored(study.a2)
         gateway.ingestor.ingest(part10(study.note), source="test")
