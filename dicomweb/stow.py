@@ -44,6 +44,7 @@ from gateway.dicom_json import Unsupported, read_file_meta
 from gateway.errors import (
     Forbidden,
     GatewayError,
+    Unavailable,
 )
 from gateway.http_status import HTTPProblem
 from gateway.ingest import IngestResult
@@ -73,6 +74,8 @@ class Outcome:
     series_instance_uid: str = ""
     failure: int | None = None
     reason: str = ""
+    # Refused because the index's database or the object store did not answer.
+    unavailable: Unavailable | None = None
 
 
 class Spool:
@@ -178,7 +181,8 @@ def _store_part(request: web.Request, spool: Spool, study: str | None, source: s
         sop_class, sop_instance = exc.sop_uids or _identify(data)
         logger.info("STOW-RS part refused (%s, 0x%04X): %s", sop_instance or "unreadable",
                     failure, exc)
-        return Outcome(sop_class, sop_instance, failure=failure, reason=str(exc))
+        return Outcome(sop_class, sop_instance, failure=failure, reason=str(exc),
+                       unavailable=exc if isinstance(exc, Unavailable) else None)
     except Exception as exc:
         logger.exception("STOW-RS part failed")
         sop_class, sop_instance = _identify(data)
@@ -331,6 +335,9 @@ async def store_instances(request: web.Request) -> web.Response:
                         success=bool(stored), stored=instances if stored else None)
     if not outcomes:
         raise HTTPProblem(400, "the multipart body holds no part")
+    down = next((o.unavailable for o in outcomes if o.unavailable is not None), None)
+    if down is not None and not stored:
+        raise down  # nothing kept and a dependency down: 503, send the whole body again
     status = 200 if len(stored) == len(outcomes) else 202 if stored else 409
     dataset = response_dataset(outcomes, base_url(request), study)
     if form == "xml":

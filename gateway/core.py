@@ -18,6 +18,7 @@ from gateway.errors import (
     InstanceRejected,
     InvalidInstance,
     TooLarge,
+    Unavailable,
 )
 from gateway.index import Index
 from gateway.ingest import Ingestor
@@ -48,7 +49,8 @@ def database_errors(settings: Settings) -> Iterator[None]:
     the setting (the URL shown without its password)."""
     try:
         yield
-    except (ArgumentError, NoSuchModuleError, ModuleNotFoundError, DBAPIError) as exc:
+    except (ArgumentError, NoSuchModuleError, ModuleNotFoundError, DBAPIError,
+            Unavailable) as exc:
         try:
             shown = make_url(settings.index_url).render_as_string(hide_password=True)
         except ArgumentError:
@@ -56,6 +58,8 @@ def database_errors(settings: Settings) -> Iterator[None]:
         if isinstance(exc, ModuleNotFoundError):
             reason = (f"its driver is not installed ({exc.name}); for PostgreSQL install "
                       f"the extra: pip install 'dicom-gateway[postgres]'")
+        elif isinstance(exc, Unavailable):
+            reason = str(exc)
         elif isinstance(exc, DBAPIError):
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         else:

@@ -44,9 +44,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.errors import IdentityConflict
+from gateway.errors import IdentityConflict, Unavailable
 from gateway.metadata import ParsedInstance
 from gateway.models import (
     Base,
@@ -66,6 +67,10 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 # How many units of work one group commit takes at most.
 MAX_BATCH = 64
+
+
+# Seconds to wait for a PostgreSQL connection before the request is refused as unavailable.
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def make_engine(url: str, *, writer: bool = False) -> Engine:
@@ -99,8 +104,39 @@ def make_engine(url: str, *, writer: bool = False) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
         return engine
-    return create_engine(url, pool_size=3 if writer else 10, max_overflow=0 if writer else 20,
-                         pool_pre_ping=True)
+    engine = create_engine(url, pool_size=3 if writer else 10,
+                           max_overflow=0 if writer else 20, pool_pre_ping=True,
+                           connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
+
+    @event.listens_for(engine, "handle_error")
+    def _unavailable(context: Any) -> BaseException | None:
+        """A database that cannot be reached is :class:`Unavailable` (C-STORE 0xA700,
+        HTTP 503), not an internal error; the pool reconnects once it is back."""
+        if context.is_disconnect:
+            return unavailable(context.original_exception, force=True)
+        return unavailable(context.original_exception)
+
+    return engine
+
+
+def unavailable(exc: BaseException, *, force: bool = False) -> Unavailable | None:
+    """The :class:`Unavailable` an error of the database driver stands for, if it says the
+    server cannot be reached: a PEP 249 ``OperationalError`` without an SQLSTATE (no answer
+    at all), or of class 08 (connection exception) or 57P (the server shutting down)."""
+    if isinstance(exc, Unavailable):
+        return exc
+    if isinstance(exc, OperationalError):  # SQLAlchemy's wrapper: judge the driver's error
+        exc = exc.orig or exc
+        force = force or bool(getattr(exc, "connection_invalidated", False))
+    state = getattr(exc, "sqlstate", None)
+    operational = any(cls.__name__ == "OperationalError" for cls in type(exc).__mro__)
+    if type(exc).__module__ == "sqlite3":  # no SQLSTATE: a file locked past the busy timeout
+        operational = operational and ("locked" in str(exc) or "unable to open" in str(exc))
+    if not force and not (operational and (state is None or state.startswith(("08", "57P")))):
+        return None
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return Unavailable(f"the index database did not answer ({reason[:160]}); nothing was "
+                       "changed, try again later")
 
 
 def _create_private(url: str) -> None:
@@ -354,13 +390,19 @@ class Index:
 
     def _write(self, unit: _Unit, future: _Result[T]) -> T:
         self._queue.put(unit)
-        with self._committer:
-            while not future.done():
-                batch = self._waiting_units()
-                if not batch:  # cannot happen: the unit was queued before the lock was taken
-                    raise RuntimeError("an index write left the queue uncommitted")
-                self._run_batch(batch)
-        return future.result()
+        try:
+            with self._committer:
+                while not future.done():
+                    batch = self._waiting_units()
+                    if not batch:  # cannot happen: the unit was queued before the lock
+                        raise RuntimeError("an index write left the queue uncommitted")
+                    self._run_batch(batch)
+            return future.result()
+        except Exception as exc:
+            down = unavailable(exc)
+            if down is None or down is exc:
+                raise
+            raise down from exc
 
     def _waiting_units(self) -> list[_Unit]:
         batch: list[_Unit] = []
@@ -444,28 +486,44 @@ class Index:
                 future.set_exception(value)
 
     def _commit_bare(self, batch: list[_Unit]) -> None:
-        """Commit units that need no savepoint on the DBAPI connection kept for them."""
-        if self._bare_connection is None:
-            self._bare_connection = self.write_engine.raw_connection()
-        connection = self._bare_connection
-        driver_connection = connection.driver_connection
-        try:
-            if self.dialect == "sqlite":  # autocommit mode: SQLAlchemy's BEGIN, by hand
-                driver_connection.execute("BEGIN IMMEDIATE")
-            results = [unit.work(driver_connection) for unit in batch]
-            driver_connection.commit()
-        except Exception as exc:
-            logger.exception("index commit failed for %d writes", len(batch))
+        """Commit units that need no savepoint on the DBAPI connection kept for them.
+
+        The kept connection may have died while idle (the database restarted): a failure to
+        reach the server before the commit was sent (nothing can have been written) is tried
+        once more on a new connection, so the first write after an outage does not fail.
+        """
+        for attempt in (1, 2):
+            if self._bare_connection is None:
+                self._bare_connection = self.write_engine.raw_connection()
+            connection = self._bare_connection
+            driver_connection = connection.driver_connection
+            committing = False
             try:
-                driver_connection.rollback()
-            except Exception:  # the connection itself is gone: a new one next time
-                connection.invalidate()
-                self._bare_connection = None
-            for unit in batch:
-                unit.future.set_exception(exc)
+                if self.dialect == "sqlite":  # autocommit mode: SQLAlchemy's BEGIN, by hand
+                    driver_connection.execute("BEGIN IMMEDIATE")
+                results = [unit.work(driver_connection) for unit in batch]
+                committing = True
+                driver_connection.commit()
+            except Exception as exc:
+                down = unavailable(exc) is not None
+                if down:  # the connection is gone: a new one next time
+                    connection.invalidate()
+                    self._bare_connection = None
+                    if attempt == 1 and not committing:
+                        continue
+                logger.exception("index commit failed for %d writes", len(batch))
+                if not down:
+                    try:
+                        driver_connection.rollback()
+                    except Exception:  # the connection itself is gone
+                        connection.invalidate()
+                        self._bare_connection = None
+                for unit in batch:
+                    unit.future.set_exception(exc)
+                return
+            for unit, result in zip(batch, results, strict=True):
+                unit.future.set_result(result)
             return
-        for unit, result in zip(batch, results, strict=True):
-            unit.future.set_result(result)
 
     # -- instances ----------------------------------------------------------------------------
     def find_instance(self, sop_instance_uid: str) -> Instance | None:

@@ -126,24 +126,26 @@ def test_a_bare_unit_that_fails_fails_its_batch(index: Index) -> None:
     assert patients(index) == {"after"}
 
 
-def test_a_lost_bare_connection_fails_one_batch_and_is_replaced(
-        index: Index, database_url: str) -> None:
-    """The DBAPI connection kept for bare batches, lost underneath (PostgreSQL: its server
-    process terminated, as by a restart; SQLite: closed): the next batch fails with the
-    driver's error, the one after runs on a new connection."""
+def test_a_lost_bare_connection_is_replaced(index: Index, database_url: str) -> None:
+    """The DBAPI connection kept for bare batches, lost underneath. PostgreSQL (its server
+    process terminated, as by a restart): the server was not reached, so the batch runs again
+    on a new connection and succeeds, once. SQLite (closed by hand, a programming error): the
+    batch fails with the driver's error, the one after runs on a new connection."""
     assert index.write_bare(add_patient_bare(index, "before"))
     kept = index.write_bare(lambda driver_connection: driver_connection)
     if database_url.startswith("postgresql"):
         with index.engine.connect() as other:
             assert other.execute(select(func.pg_terminate_backend(kept.info.backend_pid))).scalar()
+        assert index.write_bare(add_patient_bare(index, "lost"))
+        expected = {"before", "lost", "after"}
     else:
         kept.close()
-    lost_error = "terminating connection" if database_url.startswith("postgresql") else "closed"
-    with pytest.raises(Exception, match=lost_error):
-        index.write_bare(add_patient_bare(index, "lost"))
+        with pytest.raises(Exception, match="closed"):
+            index.write_bare(add_patient_bare(index, "lost"))
+        expected = {"before", "after"}
     assert index.write_bare(add_patient_bare(index, "after"))
     assert index.write_bare(lambda driver_connection: driver_connection) is not kept
-    assert patients(index) == {"before", "after"}
+    assert patients(index) == expected
 
 
 def test_bare_and_isolated_units_in_one_batch(index: Index) -> None:
