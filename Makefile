@@ -24,7 +24,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OHIF_VERSION := 3.13.2
 VIEWER_CACHE := .viewer-cache/ohif-$(OHIF_VERSION)
 
-.PHONY: run test check install lock system-deps viewer-cache bench fuzz lint typecheck clean
+.PHONY: run test test-s3 check install lock system-deps viewer-cache bench fuzz lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,8 +76,19 @@ run: $(RUN_STAMP)
 	$(BIN)/dicom-gateway demo
 	GATEWAY_DEMO=1 $(BIN)/dicom-gateway serve
 
+# The whole suite on the embedded default (and PostgreSQL when GATEWAY_TEST_DATABASE_URL is
+# set), then the DICOMweb and DIMSE suites again with every gateway's instances in a SeaweedFS
+# bucket (test-s3; its index on SQLite: the cluster tests cover PostgreSQL with S3).
 test: $(STAMP) system-deps viewer-cache lint typecheck
 	GATEWAY_TEST_VIEWER_DIR=$(CURDIR)/$(VIEWER_CACHE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-s3
+
+S3_SUITES := tests/test_wado.py tests/test_stow.py tests/test_qido.py tests/test_frames_http.py \
+	tests/test_dicomweb_http.py tests/test_dicomweb_delete.py tests/test_render.py \
+	tests/test_iocm.py tests/test_equivalent_resend.py $(wildcard tests/test_dimse_*.py)
+test-s3: $(STAMP)
+	env -u GATEWAY_TEST_DATABASE_URL GATEWAY_TEST_S3=1 $(BIN)/python -m pytest -q -n 2 \
+	  $(S3_SUITES) $(PYTEST_ARGS)
 
 # The tests not marked slow, with lint and types: the edit-test loop, meant to take under 3
 # minutes on an otherwise idle 2-core machine. `make test` stays the whole suite.
