@@ -55,6 +55,8 @@ HELP = {
     "gateway_storage_free_bytes": "Free bytes in the data folder's file system.",
     "gateway_object_store_put_seconds": "PUTs of instances to the object store.",
     "gateway_object_store_errors_total": "Requests the object store did not answer or refused.",
+    "gateway_object_store_read_bytes_total":
+        "Bytes read from the object store (whole objects, streams and byte ranges).",
     "gateway_orphan_objects_removed_total":
         "Objects without an index row removed by the sweeper (writes cut before their commit).",
 }

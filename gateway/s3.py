@@ -168,6 +168,7 @@ class S3Blob:
             raise
         except Exception as exc:
             raise self.storage.unavailable("read", exc) from None
+        METRICS.inc("gateway_object_store_read_bytes_total", len(data))
         return bytes(data)
 
     def open(self) -> io.BufferedReader:
@@ -290,7 +291,8 @@ class S3Storage:
             raise StoreUnusable(f"object store {self.url}"
                                 f"{' at ' + self.endpoint if self.endpoint else ''}: "
                                 f"{reason}; {hint}") from None
-        shutil.rmtree(self.cache, ignore_errors=True)
+        if is_referenced is not None:  # the node's first process: no reader uses the cache yet
+            shutil.rmtree(self.cache, ignore_errors=True)
         make_private_folders(self.cache)
         if is_referenced is not None and self.orphan_grace > 0:
             self._is_referenced = is_referenced
@@ -420,7 +422,9 @@ class S3Storage:
         """The whole object (for small ones: WADO-RS fetches several at once)."""
         try:
             result = await obstore.get_async(self.store, self.key(relpath))
-            return bytes(await result.bytes_async())
+            data = bytes(await result.bytes_async())
+            METRICS.inc("gateway_object_store_read_bytes_total", len(data))
+            return data
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -431,6 +435,7 @@ class S3Storage:
         try:
             result = await obstore.get_async(self.store, self.key(relpath))
             async for chunk in result.stream(min_chunk_size=CHUNK):
+                METRICS.inc("gateway_object_store_read_bytes_total", len(chunk))
                 yield bytes(chunk)
         except FileNotFoundError:
             raise
@@ -449,20 +454,24 @@ class S3Storage:
         """
         local = self.cache / relpath
         with self._cache_lock:
-            if relpath in self._cached:
+            # A copy another process of the node ([dimse] workers) removed is fetched again.
+            if relpath in self._cached and local.exists():
                 self._cached.move_to_end(relpath)
                 return local
             lock = self._fetching.setdefault(relpath, threading.Lock())
         with lock:
-            with self._cache_lock:
-                if relpath in self._cached:
-                    return local
-            size = self._fetch(relpath, local)
-            with self._cache_lock:
-                self._fetching.pop(relpath, None)
-                self._cached[relpath] = size
-                self._cached_bytes += size
-                self._evict(keep=relpath)
+            try:
+                with self._cache_lock:
+                    if relpath in self._cached and local.exists():
+                        return local
+                size = self._fetch(relpath, local)
+                with self._cache_lock:
+                    self._cached_bytes += size - self._cached.pop(relpath, 0)
+                    self._cached[relpath] = size
+                    self._evict(keep=relpath)
+            finally:
+                with self._cache_lock:
+                    self._fetching.pop(relpath, None)
         return local
 
     def _fetch(self, relpath: str, local: Path) -> int:
@@ -476,6 +485,7 @@ class S3Storage:
                 for chunk in result.stream(min_chunk_size=CHUNK):
                     f.write(chunk)
                     size += len(chunk)
+            METRICS.inc("gateway_object_store_read_bytes_total", size)
             os.replace(temp, local)
         except FileNotFoundError:
             temp.unlink(missing_ok=True)
