@@ -29,6 +29,7 @@ Without any HS256 key the gateway creates one in the data folder (``links-hs256.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from typing import Any
 
 from gateway.config import Settings, SettingsError
 from viewer_links.keys import KeyConfigError, KeyRing, key_from_table, local_secret
+
+logger = logging.getLogger(__name__)
 
 OHIF_VERSION = "3.13.2"
 DEFAULT_TTL = 30 * 60
@@ -102,6 +105,12 @@ def link_settings(settings: Settings) -> tuple[LinkSettings, KeyRing]:
         keys = [key_from_table(t, settings.data_dir) for t in table.get("keys", [])]
         if not any(k.can_sign for k in keys):
             keys.append(local_secret(settings.data_dir / "links-hs256.key"))
+            if settings.database_url or settings.storage.url:
+                # A shared index or store: likely one node of several, which would each sign
+                # with a key of its own and refuse the others' links.
+                logger.warning("links are signed with this node's own key (links-hs256.key in "
+                               "the data folder); other nodes refuse them: give every node the "
+                               "same [[links.keys]] (docs/deploy.md)")
         ring = KeyRing(keys, signing_kid=link.signing_kid, audience=link.audience,
                        issuer=link.issuer, leeway=link.leeway)
     except KeyConfigError as exc:
