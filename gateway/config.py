@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.errors import SettingsError
+from gateway.forwarded import parse_networks
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class HttpSettings:
     cors_origins: tuple[str, ...] = ()
     # Public base URL used in RetrieveURL and link URLs when the gateway sits behind a proxy.
     base_url: str | None = None
+    # Reverse proxies / load balancers (addresses or CIDR blocks) whose X-Forwarded-For names
+    # the client (the trail's address, the refusal limits); from others the header is ignored.
+    trusted_proxies: tuple[str, ...] = ()
 
     def public_root(self, scheme: str, host: str) -> str:
         """The server's absolute root for URLs in responses (RetrieveURL, BulkDataURI, link
@@ -239,6 +243,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_HTTP_IDLE_TIMEOUT": ("http", "idle_timeout"),
     "GATEWAY_HTTP_CORS_ORIGINS": ("http", "cors_origins"),
     "GATEWAY_HTTP_BASE_URL": ("http", "base_url"),
+    "GATEWAY_HTTP_TRUSTED_PROXIES": ("http", "trusted_proxies"),
     "GATEWAY_DIMSE_HOST": ("dimse", "host"),
     "GATEWAY_DIMSE_PORT": ("dimse", "port"),
     "GATEWAY_AE_TITLE": ("dimse", "ae_title"),
@@ -441,6 +446,7 @@ def _check(settings: Settings) -> None:
         raise SettingsError(f"storage.recovery_file_seconds {seconds} must be at least 1 "
                             "(CPU seconds, counted in whole seconds)")
     _check_storage(settings.storage)
+    parse_networks(settings.http.trusted_proxies)
     events = settings.events
     if not (events.stable_seconds > 0 and events.delivery_timeout > 0
             and events.retry_max_seconds >= 1):

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -42,6 +43,7 @@ from gateway.config import Settings, SettingsError
 from gateway.core import Gateway
 from gateway.errors import DemoNotOnLoopback, GatewayError
 from gateway.events import EventService
+from gateway.forwarded import Network, client_address, parse_networks
 from gateway.http_status import problem
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,21 @@ async def demo_host_middleware(request: web.Request,
     return await handler(request)
 
 
+def forwarded_middleware(networks: tuple[Network, ...]) -> Any:
+    """Give each request its client's address as ``request.remote`` when it comes through a
+    trusted proxy (:mod:`gateway.forwarded`), for every front end's trail and limits."""
+
+    @web.middleware
+    async def middleware(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                         ) -> web.StreamResponse:
+        peer = request.remote or ""
+        client = client_address(peer, request.headers.getall("X-Forwarded-For", []), networks)
+        return await handler(request if client == peer else request.clone(remote=client))
+
+    return middleware
+
+
 def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> web.Application:
     """The root aiohttp application with every HTTP front end mounted.
 
@@ -108,8 +125,10 @@ def create_app(gateway: Gateway, access_policy: AccessPolicy | None = None) -> w
     """
     # Every body read whole (the portal API's JSON) is bounded by http.max_json_bytes; STOW-RS
     # streams its body from request.content, bounded by http.max_upload_bytes itself.
+    proxies = parse_networks(gateway.settings.http.trusted_proxies)
     app = web.Application(client_max_size=gateway.settings.http.max_json_bytes,
-                          middlewares=[latency_middleware, demo_host_middleware])
+                          middlewares=[forwarded_middleware(proxies), latency_middleware,
+                                       demo_host_middleware])
     app[GATEWAY] = gateway
     add_routes(app)
     # Viewer links: the portal API, /view and /iid; their service is the AccessPolicy that

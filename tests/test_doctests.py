@@ -10,7 +10,7 @@ import pytest
 MODULES = [
     "gateway.uids", "gateway.part10", "gateway.metadata", "gateway.storage", "gateway.status",
     "gateway.query", "gateway.apikeys", "gateway.equivalence", "gateway.events", "gateway.cli",
-    "dimse.status", "gateway.http_status", "gateway.config", "dicomweb.media",
+    "dimse.status", "gateway.http_status", "gateway.forwarded", "gateway.config", "dicomweb.media",
     "dicomweb.problems", "dicomweb.wado", "dicomweb.stow", "dicomweb.xml", "dicomweb.capabilities",
 ]
 
