@@ -20,7 +20,7 @@ from gateway.errors import (
     TooLarge,
     Unavailable,
 )
-from gateway.index import Index
+from gateway.index import CHORE_OBJECT_SWEEP, Index
 from gateway.ingest import Ingestor
 from gateway.recovery import RecoveryReader
 from gateway.s3 import S3Storage
@@ -118,7 +118,9 @@ class Gateway:
             if isinstance(self.storage, S3Storage):
                 # No spool to recover: a write is done when its PUT and commit are. The
                 # sweeper runs in the first process only (not in [dimse] workers).
-                self.storage.attach(self.index.referenced_files if recover else None)
+                self.storage.attach(
+                    self.index.referenced_files if recover else None,
+                    lambda: self.index.exclusive(CHORE_OBJECT_SWEEP))
             elif not isinstance(self.storage, FileStorage):
                 raise TypeError(f"unknown blob store {type(self.storage).__name__}")
             elif recover:

@@ -69,6 +69,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_BATCH = 64
 
 
+# Advisory locks of the chores one node at a time does (Index.exclusive): (class, chore).
+CHORE_LOCK_CLASS = 0x4447  # "DG"
+CHORE_OBJECT_SWEEP = 1
+
 # Seconds to wait for a PostgreSQL connection before the request is refused as unavailable.
 CONNECT_TIMEOUT_SECONDS = 5
 
@@ -782,6 +786,25 @@ class Index:
         """Raise if the database cannot be reached (``/readyz``)."""
         with self.engine.connect() as connection:
             connection.exec_driver_sql("SELECT 1")
+
+    @contextlib.contextmanager
+    def exclusive(self, chore: int) -> Iterator[bool]:
+        """Whether this process may do ``chore`` (one of the ``CHORE_*`` numbers) now, no
+        other node doing it: a PostgreSQL session advisory lock taken without waiting, held
+        for the ``with`` block. On SQLite (one node) always ``True``."""
+        if self.dialect != "postgresql":
+            yield True
+            return
+        with self.engine.connect() as connection:
+            taken = bool(connection.execute(select(func.pg_try_advisory_lock(
+                CHORE_LOCK_CLASS, chore))).scalar())
+            connection.commit()
+            try:
+                yield taken
+            finally:
+                if taken:
+                    connection.execute(select(func.pg_advisory_unlock(CHORE_LOCK_CLASS, chore)))
+                    connection.commit()
 
 
 __all__ = ["Base", "Index", "make_engine"]

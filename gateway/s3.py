@@ -36,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ CHUNK = 1024 * 1024
 RANGE_BUFFER = 64 * 1024
 # /readyz asks the store at most this often (a probe per request would be a load of its own).
 READY_PROBE_SECONDS = 1.0
+# Keys the sweeper looks at per round (a round every quarter of the grace).
+SWEEP_KEYS_PER_ROUND = 20000
 _CODE = re.compile(r"<Code>([^<]{1,64})</Code>")
 
 
@@ -229,6 +232,13 @@ class S3Storage:
         if endpoint:
             config["endpoint"] = endpoint
             options["allow_http"] = endpoint.startswith("http://")
+        # The AWS variables, passed as they are (obstore would read the process's own).
+        for variable, key in (("AWS_ACCESS_KEY_ID", "access_key_id"),
+                              ("AWS_SECRET_ACCESS_KEY", "secret_access_key"),
+                              ("AWS_SESSION_TOKEN", "token"),
+                              ("AWS_REGION", "region"), ("AWS_DEFAULT_REGION", "region")):
+            if env.get(variable) and key not in config:
+                config[key] = env[variable]
         config.update(_profile(env))
         if "region" not in config and not (env.get("AWS_REGION")
                                            or env.get("AWS_DEFAULT_REGION")):
@@ -253,6 +263,8 @@ class S3Storage:
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._is_referenced: Callable[[list[str]], set[str]] | None = None
+        self._exclusive: Callable[[], AbstractContextManager[bool]] | None = None
+        self._sweep_offset: str | None = None
 
     # -- naming ------------------------------------------------------------------------------
     def key(self, relpath: str) -> str:
@@ -273,7 +285,7 @@ class S3Storage:
 
     # -- the processes sharing the store -----------------------------------------------------
     def attach(self, is_referenced: Callable[[list[str]], set[str]] | None = None,
-               *_: Any) -> None:
+               exclusive: Callable[[], AbstractContextManager[bool]] | None = None) -> None:
         """Check the bucket answers (else :class:`StoreUnusable`, one line), empty the local
         cache, and start the sweeper when ``is_referenced`` is given and a grace is set."""
         try:
@@ -296,6 +308,7 @@ class S3Storage:
         make_private_folders(self.cache)
         if is_referenced is not None and self.orphan_grace > 0:
             self._is_referenced = is_referenced
+            self._exclusive = exclusive or (lambda: nullcontext(True))
             self._sweeper = threading.Thread(target=self._sweep_loop, name="object-sweeper",
                                              daemon=True)
             self._sweeper.start()
@@ -519,32 +532,43 @@ class S3Storage:
         interval = max(self.orphan_grace / 4, 0.5)
         while not self._stop.wait(interval):
             try:
-                self.sweep()
+                assert self._exclusive is not None
+                with self._exclusive() as mine:  # one node at a time sweeps the bucket
+                    if mine:
+                        self.sweep()
             except Exception as exc:  # the store or the index down: the next round
                 logger.warning("object sweep stopped: %s", _reason(exc))
 
-    def sweep(self, now: datetime | None = None) -> int:
-        """Delete objects older than the grace that no index row names (an instance's or a
-        rejected instance's); return how many. Safe on several nodes at once."""
+    def sweep(self, now: datetime | None = None, budget: int = SWEEP_KEYS_PER_ROUND) -> int:
+        """Look at up to ``budget`` keys, from where the last round stopped (a bucket of
+        millions is swept a slice at a time), and delete those older than the grace that no
+        index row names (an instance's or a rejected instance's); return how many."""
         assert self._is_referenced is not None
         limit = (now or datetime.now(UTC)) - timedelta(seconds=self.orphan_grace)
-        removed = 0
-        for batch in obstore.list(self.store, prefix=self.prefix or None, chunk_size=500):
+        removed = seen = 0
+        last: str | None = None
+        for batch in obstore.list(self.store, prefix=self.prefix or None,
+                                  offset=self._sweep_offset, chunk_size=min(500, budget)):
             old: list[str] = []
             for meta in batch:
+                last = meta["path"]
                 relpath = self.relpath_of(meta["path"])
                 if relpath is not None and relpath.endswith(".dcm") \
                         and meta["last_modified"] < limit:
                     old.append(relpath)
-            if not old:
-                continue
-            named = self._is_referenced(old)
+            seen += len(batch)
+            named = self._is_referenced(old) if old else set()
             for relpath in old:
                 if relpath not in named and not self._stop.is_set():
                     logger.warning("removing object %s: no index row names it (a write "
                                    "interrupted before its commit)", relpath)
                     self._delete_key(relpath)
                     removed += 1
+            if seen >= budget:
+                break
+        else:
+            last = None  # the listing ended: the next round starts again from the first key
+        self._sweep_offset = last
         if removed:
             METRICS.inc("gateway_orphan_objects_removed_total", removed)
         return removed

@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,27 @@ def test_the_data_folder_holds_no_instance(live_s3: LiveServer) -> None:
     assert len(stored_relpaths(gateway)) == 1
     files = gateway.settings.data_dir / "files"
     assert not files.exists() or not any(files.rglob("*.dcm"))
+
+
+def test_the_sweeper_removes_unnamed_objects_a_slice_at_a_time(tmp_path: Path,
+                                                               store: SeaweedFS) -> None:
+    prefix = f"sweep{secrets.token_hex(3)}"
+    storage = S3Storage(f"s3://{BUCKET}/{prefix}", endpoint_url=store.endpoint,
+                        data_dir=tmp_path / "data", orphan_grace=600,
+                        environ={"AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+    relpaths = [f"1.2/1.2.3/1.2.3.{i}.0123456789ab.dcm" for i in range(7)]
+    named = set(relpaths[::3])  # rows name 0, 3, 6
+    storage.attach(lambda paths: named & set(paths))
+    try:
+        for relpath in relpaths:
+            storage.write(relpath, b"DICM")
+        later = datetime.now(UTC) + timedelta(seconds=601)
+        assert storage.sweep() == 0  # younger than the grace: kept, whatever the rows
+        # Keys 0-1 looked at (1 removed), then 2-3 (2), 4-5 (4, 5), then 6 and the end.
+        assert [storage.sweep(later, budget=2) for _ in range(4)] == [1, 1, 2, 0]
+        assert store.objects(prefix) == sorted(f"{prefix}/{p}" for p in named)
+        storage.write(relpaths[1], b"DICM")  # after a full pass the sweep starts over
+        assert storage.sweep(later, budget=2) == 1
+    finally:
+        storage.detach()

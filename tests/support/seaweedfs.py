@@ -133,11 +133,13 @@ class SeaweedFS:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        """Stop it (SIGTERM; ``weed server`` takes 20 s to stop by itself, so SIGKILL after
+        2: a test store's data need not outlive it)."""
         if self.process is None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=2)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=20)
