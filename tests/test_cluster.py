@@ -336,7 +336,10 @@ def test_object_store_outage_is_refused_then_recovered(cluster: dict[str, Any]) 
     # Back without restarting the nodes.
     for node in (a, b):
         assert wait_until(lambda n=node: n.request("GET", "/readyz")[0] == 200, 30)
+    # The first PUTs may still meet the store warming up (its volumes registering): the
+    # sender sends again, as a modality does after 0xA700, until it is taken.
     resumed = study("1.2.826.0.1.3680043.8.498.7003", 2)
+    assert wait_until(lambda: send(a, resumed[:1]) == [0], 60)
     assert send(a, resumed) == [0, 0]
     assert data_set(retrieve(b, cluster, resumed[1])) == data_set(part10(resumed[1]))
 

@@ -1,5 +1,5 @@
-"""Oracles for the hand-written DIMSE encoders: the command sets of :mod:`dimse.command_set` and
-the P-DATA-TF framing of :mod:`dimse.upper_layer`, held byte for byte to pynetdicom's own
+"""Oracles for the hand-written DIMSE encoders: the command sets of :mod:`dimse.loop.command_set` and
+the P-DATA-TF framing of :mod:`dimse.loop.upper_layer`, held byte for byte to pynetdicom's own
 message encoder (``DIMSEMessage.primitive_to_message`` / ``encode_msg``) and PDU codec
 (``pynetdicom.pdu.P_DATA_TF``) on many seeded random inputs.
 
@@ -24,7 +24,7 @@ from pynetdicom.dsutils import encode as pynetdicom_encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from dimse import command_set, upper_layer
+from dimse.loop import command_set, upper_layer
 
 CASES = 300
 STATUSES = [0x0000, 0xFF00, 0xFF01, 0xFE00, 0xA700, 0xA702, 0xA900, 0xB000, 0xB007, 0xC000,
