@@ -22,10 +22,7 @@ from tests.support.links_helpers import (
     Client,
     Reply,
     cookie_of,
-    fake_viewer,
-    links_settings,
-    live_links,
-    load,
+    links_env,
     small_study,
 )
 
@@ -37,23 +34,18 @@ STATUSES = {"registered", "available", "cancelled", "entered-in-error", "unknown
 
 @pytest.fixture
 def env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
-    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"))
-    with live_links(settings) as (server, gateway, tokens):
-        mine = small_study(MINE, "ACC1")
-        for ds in mine:
-            ds.TimezoneOffsetFromUTC = "+0100"
-            ds.StudyTime = "101530"
-        theirs = small_study(THEIRS, "ACC2", seed=2)
-        for ds in theirs:
-            ds.IssuerOfPatientID = ISSUER
-        sibling = small_study(MINE, "ACC3", study_date="20230101", seed=3)
-        load(gateway, mine), load(gateway, theirs), load(gateway, sibling)
-        portal = Client(server.http_url, bearer=tokens["portal"])
-        for patient in (MINE, THEIRS):
-            portal.request("PUT", f"/api/patients/{patient}/dsp", {"created": "2020-01-01"})
-        yield {"server": server, "gateway": gateway, "portal": portal, "mine": mine,
-               "theirs": theirs, "sibling": sibling, "tokens": tokens,
-               "reader": Client(server.http_url, bearer=tokens["reader"])}
+    mine = small_study(MINE, "ACC1")
+    for ds in mine:
+        ds.TimezoneOffsetFromUTC = "+0100"
+        ds.StudyTime = "101530"
+    theirs = small_study(THEIRS, "ACC2", seed=2)
+    for ds in theirs:
+        ds.IssuerOfPatientID = ISSUER
+    sibling = small_study(MINE, "ACC3", study_date="20230101", seed=3)
+    with links_env(tmp_path, database_url,
+                   datasets={"mine": mine, "theirs": theirs, "sibling": sibling},
+                   dsp_patients=(MINE, THEIRS)) as env:
+        yield env
 
 
 def fhir_json(reply: Reply, status: int = 200) -> dict[str, Any]:

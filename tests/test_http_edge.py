@@ -21,7 +21,7 @@ from dicomweb.fhir import outcome_middleware
 from dicomweb.problems import problem_middleware
 from gateway.errors import GatewayError, StorageFull, Unavailable
 from gateway.http_status import REALM, RETRY_AFTER_SECONDS
-from tests.support.links_helpers import Client, Reply, fake_viewer, links_settings, live_links
+from tests.support.links_helpers import Reply, links_env
 
 UNKNOWN_STUDY = "1.2.826.0.1.3680043.8.498.999"
 UNKNOWN_KEY = "dgw_0123456789abcdef_" + "x" * 32
@@ -30,9 +30,8 @@ PROBLEM_MEMBERS = {"type", "title", "status", "detail"}
 
 @pytest.fixture
 def edge(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
-    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"))
-    with live_links(settings) as (server, _gateway, tokens):
-        yield {"client": Client(server.http_url), **tokens}
+    with links_env(tmp_path, database_url) as env:
+        yield {"client": env["browser"], **env["tokens"]}
 
 
 # error -> (credential, request) on each front end: the same core error raised on each.

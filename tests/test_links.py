@@ -25,6 +25,7 @@ from tests.support.links_helpers import (
     Client,
     cookie_of,
     fake_viewer,
+    links_env,
     links_settings,
     live_links,
     load,
@@ -39,15 +40,10 @@ PATIENT = "LU0000001"
 
 @pytest.fixture
 def env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
-    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"))
-    with live_links(settings) as (server, gateway, tokens):
-        study = load(gateway, small_study(PATIENT, "ACC1"))
-        other = load(gateway, small_study("LU0000002", "ACC2", seed=2))
-        portal = Client(server.http_url, bearer=tokens["portal"])
-        assert portal.request("PUT", f"/api/patients/{PATIENT}/dsp",
-                              {"created": "2020-01-01"}).status == 200
-        yield {"server": server, "gateway": gateway, "tokens": tokens, "study": study,
-               "other": other, "portal": portal, "browser": Client(server.http_url)}
+    studies = {"study": small_study(PATIENT, "ACC1"),
+               "other": small_study("LU0000002", "ACC2", seed=2)}
+    with links_env(tmp_path, database_url, studies=studies, dsp_patients=(PATIENT,)) as env:
+        yield env
 
 
 def mint(env: dict[str, Any], *, relationship: str = "trust_circle", study: str | None = None,

@@ -27,8 +27,8 @@ from tests.support.links_helpers import (
     Reply,
     cookie_of,
     fake_viewer,
+    links_env,
     links_settings,
-    live_links,
     load,
     portal_token,
     small_study,
@@ -41,14 +41,9 @@ PATIENT = "LU0000001"
 
 @pytest.fixture
 def env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
-    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"))
-    with live_links(settings) as (server, gateway, tokens):
-        study = load(gateway, small_study(PATIENT, "ACC1"))
-        portal = Client(server.http_url, bearer=tokens["portal"])
-        assert portal.request("PUT", f"/api/patients/{PATIENT}/dsp",
-                              {"created": "2020-01-01"}).status == 200
-        yield {"server": server, "gateway": gateway, "tokens": tokens, "study": study,
-               "portal": portal, "browser": Client(server.http_url)}
+    with links_env(tmp_path, database_url, studies={"study": small_study(PATIENT, "ACC1")},
+                   dsp_patients=(PATIENT,)) as env:
+        yield env
 
 
 def key(env: dict[str, Any], scopes: str) -> str:
@@ -137,12 +132,9 @@ JWT_SECRET = "j" * 40
 @pytest.fixture
 def iid_env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     auth = f'\n[auth.jwt_keys.ehr-1]\nalgorithm = "HS256"\nkey = "{JWT_SECRET}"\n'
-    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"),
-                              extra=auth)
-    with live_links(settings) as (server, gateway, tokens):
-        study = load(gateway, small_study(PATIENT, "ACC1"))
-        yield {"server": server, "gateway": gateway, "tokens": tokens, "study": study,
-               "browser": Client(server.http_url)}
+    with links_env(tmp_path, database_url, studies={"study": small_study(PATIENT, "ACC1")},
+                   extra_toml=auth) as env:
+        yield env
 
 
 def iid(env: dict[str, Any], bearer: str) -> tuple[Reply, Client]:

@@ -18,10 +18,7 @@ from tests.support.links_helpers import (
     Client,
     Reply,
     cookie_of,
-    fake_viewer,
-    links_settings,
-    live_links,
-    load,
+    links_env,
     small_study,
 )
 
@@ -43,18 +40,12 @@ STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
 
 @pytest.fixture
 def env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
-    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"))
-    with live_links(settings) as (server, gateway, tokens):
-        mine = small_study(MINE, "ACC1")
-        theirs = small_study(THEIRS, "ACC2", seed=2)
-        # a second study of the same patient, which the link does not cover
-        sibling = small_study(MINE, "ACC3", seed=3)
-        load(gateway, mine), load(gateway, theirs), load(gateway, sibling)
-        portal = Client(server.http_url, bearer=tokens["portal"])
-        for patient in (MINE, THEIRS):
-            portal.request("PUT", f"/api/patients/{patient}/dsp", {"created": "2020-01-01"})
-        yield {"server": server, "gateway": gateway, "portal": portal, "mine": mine,
-               "theirs": theirs, "sibling": sibling, "tokens": tokens}
+    datasets = {"mine": small_study(MINE, "ACC1"), "theirs": small_study(THEIRS, "ACC2", seed=2),
+                # a second study of the same patient, which the link does not cover
+                "sibling": small_study(MINE, "ACC3", seed=3)}
+    with links_env(tmp_path, database_url, datasets=datasets,
+                   dsp_patients=(MINE, THEIRS)) as env:
+        yield env
 
 
 def open_session(env: dict[str, Any], **extra: Any) -> Client:

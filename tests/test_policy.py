@@ -15,11 +15,7 @@ import pytest
 
 from gateway.confidentiality import Reason, decide, normalise_date
 from tests.support.links_helpers import (
-    Client,
-    fake_viewer,
-    links_settings,
-    live_links,
-    load,
+    links_env,
     portal_token,
     small_study,
 )
@@ -108,11 +104,9 @@ def test_normalise_date_refuses(text: str) -> None:
 # -- the same matrix over HTTP, at mint time and at use time ------------------------------------
 @pytest.fixture
 def portal_env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
-    settings = links_settings(tmp_path, database_url, fake_viewer(tmp_path / "viewer"))
-    with live_links(settings) as (server, gateway, tokens):
-        study = load(gateway, small_study("LU0000001", "ACC1", study_date=STUDY_DATE))
-        yield {"study": study, "portal": Client(server.http_url, bearer=tokens["portal"]),
-               "browser": Client(server.http_url)}
+    study = small_study("LU0000001", "ACC1", study_date=STUDY_DATE)
+    with links_env(tmp_path, database_url, studies={"study": study}) as env:
+        yield env
 
 
 def test_matrix_over_http(portal_env: dict[str, Any]) -> None:

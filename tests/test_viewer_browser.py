@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from sample_dicom.generator import demo_study
-from tests.support.links_helpers import Client, links_settings, live_links, load
+from tests.support.links_helpers import links_env
 from viewer_links.settings import OHIF_VERSION
 from viewer_links.viewer import installed_version
 
@@ -57,19 +57,14 @@ def viewer_env(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     assert installed_version(VIEWER_DIR), (
         f"no OHIF bundle in {VIEWER_DIR}: run `make viewer-cache` (make test does it)")
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium"
-    settings = links_settings(tmp_path, database_url, VIEWER_DIR)
-    with live_links(settings) as (server, gateway, tokens):
-        datasets = demo_study()
-        study = load(gateway, datasets)
-        portal = Client(server.http_url, bearer=tokens["portal"])
-        patient = str(datasets[0].PatientID)
-        assert portal.request("PUT", f"/api/patients/{patient}/dsp",
-                              {"created": "2020-01-01"}).status == 200
+    datasets = demo_study()
+    with links_env(tmp_path, database_url, studies={"study": datasets}, viewer_dir=VIEWER_DIR,
+                   dsp_patients=(str(datasets[0].PatientID),)) as env:
         from gateway.keyimages import key_images
 
-        with gateway.index.Session() as session:
-            keys = [k.sop_instance_uid for k in key_images(session, study)]
-        yield {"server": server, "portal": portal, "study": study, "key_images": keys}
+        with env["gateway"].index.Session() as session:
+            env["key_images"] = [k.sop_instance_uid for k in key_images(session, env["study"])]
+        yield env
 
 
 def wait_for_image(page: Any, dicomweb: list[str]) -> list[dict[str, Any]]:

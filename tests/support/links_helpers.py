@@ -170,3 +170,38 @@ def live_links(settings: Settings) -> Iterator[tuple[LiveServer, Gateway, dict[s
             yield server, gateway, tokens
     finally:
         gateway.close()
+
+
+@contextmanager
+def links_env(tmp_path: Path, database_url: str, *,
+              studies: Mapping[str, list[Any]] | None = None,
+              datasets: Mapping[str, list[Any]] | None = None,
+              dsp_patients: tuple[str, ...] = (), extra_toml: str = "",
+              viewer_dir: Path | None = None) -> Iterator[dict[str, Any]]:
+    """A live gateway with [links] keys, studies loaded and DSP dates set, as a dict.
+
+    The dict holds ``server``, ``gateway``, ``tokens`` (see `live_links`), the clients
+    ``portal`` and ``reader`` (bearing those keys) and ``browser`` (none), then each of
+    ``studies`` under its name as its Study Instance UID and each of ``datasets`` under its
+    name as the data sets themselves; both are loaded, in that order. Each patient of
+    ``dsp_patients`` gets the DSP date 2020-01-01 through the portal API. The viewer is a
+    stand-in (`fake_viewer`) unless ``viewer_dir`` names a real one.
+    """
+    viewer = viewer_dir if viewer_dir is not None else fake_viewer(tmp_path / "viewer")
+    settings = links_settings(tmp_path, database_url, viewer, extra=extra_toml)
+    with live_links(settings) as (server, gateway, tokens):
+        env: dict[str, Any] = {
+            "server": server, "gateway": gateway, "tokens": tokens,
+            "portal": Client(server.http_url, bearer=tokens["portal"]),
+            "reader": Client(server.http_url, bearer=tokens["reader"]),
+            "browser": Client(server.http_url)}
+        for name, study in (studies or {}).items():
+            env[name] = load(gateway, study)
+        for name, study in (datasets or {}).items():
+            load(gateway, study)
+            env[name] = study
+        for patient in dsp_patients:
+            reply = env["portal"].request("PUT", f"/api/patients/{patient}/dsp",
+                                          {"created": "2020-01-01"})
+            assert reply.status == 200, reply.text
+        yield env
