@@ -1,4 +1,5 @@
-"""Oracles for the hand-written DIMSE encoders: the command sets of :mod:`dimse.loop.command_set` and
+"""Oracles for the hand-written DIMSE encoders: the command sets of
+:mod:`dimse.loop.command_set` and
 the P-DATA-TF framing of :mod:`dimse.loop.upper_layer`, held byte for byte to pynetdicom's own
 message encoder (``DIMSEMessage.primitive_to_message`` / ``encode_msg``) and PDU codec
 (``pynetdicom.pdu.P_DATA_TF``) on many seeded random inputs.
