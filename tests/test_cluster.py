@@ -361,6 +361,9 @@ def test_node_killed_mid_send_loses_no_acknowledged_instance(cluster: dict[str, 
         finally:
             if assoc.is_established:
                 assoc.abort()
+            transport = getattr(assoc.dul.socket, "socket", None)
+            if transport is not None:  # the peer died: pynetdicom leaves its socket open
+                transport.close()
 
     thread = threading.Thread(target=sender)
     thread.start()
