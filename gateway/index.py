@@ -58,6 +58,9 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 # How many units of work one group commit takes at most.
 MAX_BATCH = 64
+# The PostgreSQL advisory lock key the schema's migrations run under (Index.upgrade): any
+# fixed 64-bit value no other lock of the database uses ("dicomgw1" in ASCII).
+MIGRATION_LOCK = 0x6469636F6D677731
 
 
 def make_engine(url: str, *, writer: bool = False) -> Engine:
@@ -272,7 +275,16 @@ class Index:
 
     # -- schema -------------------------------------------------------------------------------
     def upgrade(self) -> None:
-        """Bring the schema to the newest Alembic revision (``dicom-gateway db upgrade``)."""
+        """Bring the schema to the newest Alembic revision (``dicom-gateway db upgrade``).
+
+        On PostgreSQL the migrations run under a transaction-level advisory lock
+        (:data:`MIGRATION_LOCK`), taken on Alembic's own connection before it reads the
+        schema's revision and released when that transaction ends: of several nodes started
+        at once on the same database, one migrates and the others, waiting, then find the
+        schema at the newest revision and change nothing. (Without it each created
+        ``alembic_version`` and all but one failed.) SQLite needs none: its writer takes the
+        database's write lock when the transaction begins.
+        """
         from alembic import command
         from alembic.config import Config
 
@@ -280,6 +292,8 @@ class Index:
         config.set_main_option("script_location", str(MIGRATIONS))
         config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
         with self.write_engine.begin() as connection:
+            if self.dialect == "postgresql":
+                connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
         self.flush()
