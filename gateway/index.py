@@ -591,22 +591,32 @@ class Index:
         when the series is not indexed yet or the SOP Instance UID is taken:
         :meth:`add_instance` and the caller's checks take over.
         """
-        sql = self._driver
         cursor = driver_connection.cursor()
         try:
-            f = parsed.fields
-            stamp = sql.stamp(now())
-            series = parsed.series_instance_uid
-            cursor.execute(sql.insert_instance, (
-                parsed.sop_instance_uid, parsed.sop_class_uid, f["instance_number"],
-                parsed.transfer_syntax_uid, f["rows"], f["columns"], f["bits_allocated"],
-                f["number_of_frames"], relpath, parsed.size, parsed.digest, metadata_json,
-                source[:200], stamp, series, parsed.study_instance_uid, f["patient_id"],
-                f["issuer_of_patient_id"], f["issuer_of_patient_id"], parsed.sop_instance_uid,
-            ))
+            cursor.execute(self._driver.insert_instance,
+                           self.new_instance_parameters(parsed, relpath, source, metadata_json))
             return bool(cursor.rowcount == 1)
         finally:
             cursor.close()
+
+    def new_instance_parameters(self, parsed: ParsedInstance, relpath: str, source: str,
+                                metadata_json: str) -> tuple[Any, ...]:
+        """The parameters of :meth:`add_new_instance`'s statement (:attr:`insert_new_instance`)
+        for one instance: a bulk loader (bench/scale.py) runs it for many at once."""
+        f = parsed.fields
+        return (
+            parsed.sop_instance_uid, parsed.sop_class_uid, f["instance_number"],
+            parsed.transfer_syntax_uid, f["rows"], f["columns"], f["bits_allocated"],
+            f["number_of_frames"], relpath, parsed.size, parsed.digest, metadata_json,
+            source[:200], self._driver.stamp(now()), parsed.series_instance_uid,
+            parsed.study_instance_uid, f["patient_id"], f["issuer_of_patient_id"],
+            f["issuer_of_patient_id"], parsed.sop_instance_uid,
+        )
+
+    @property
+    def insert_new_instance(self) -> str:
+        """The driver statement of :meth:`add_new_instance` (the writer's paramstyle)."""
+        return str(self._driver.insert_instance)
 
     def add_instance(self, session: Session, parsed: ParsedInstance, relpath: str,
                      source: str, metadata_json: str) -> None:

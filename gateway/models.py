@@ -33,13 +33,18 @@ class Base(DeclarativeBase):
 
 class Patient(Base):
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id"),
+        # Bytewise on PostgreSQL, so that it serves LIKE 'PREFIX%' (migration 0008).
+        Index("ix_patient_patient_name_norm", "patient_name_norm",
+              postgresql_ops={"patient_name_norm": "varchar_pattern_ops"}),
+    )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), index=True)
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
     patient_name: Mapped[str] = mapped_column(String(324), default="")
-    patient_name_norm: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_name_norm: Mapped[str] = mapped_column(String(324), default="")
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
 
@@ -51,7 +56,8 @@ class Study(Base):
     __table_args__ = (
         Index("ix_study_date_time", "study_date", "study_time"),
         Index("ix_study_patient_date", "patient_pk", "study_date"),
-        Index("ix_study_referring_physician_name_norm", "referring_physician_name_norm"),
+        Index("ix_study_referring_physician_name_norm", "referring_physician_name_norm",
+              postgresql_ops={"referring_physician_name_norm": "varchar_pattern_ops"}),
         Index("ix_study_study_id", "study_id"),
     )
 

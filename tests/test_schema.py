@@ -172,3 +172,34 @@ def test_dsp_dates_recorded_before_0005_are_kept_per_patient_identity(
         assert dsp_created(session, "P2", "") is None
         columns = {c["name"] for c in inspect(session.connection()).get_columns("patient")}
         assert "dsp_created" not in columns
+
+
+@pytest.mark.parametrize(("model", "column", "index_name"), [
+    ("Patient", "patient_name_norm", "ix_patient_patient_name_norm"),
+    ("Study", "referring_physician_name_norm", "ix_study_referring_physician_name_norm"),
+])
+def test_person_name_prefix_is_answered_from_an_index(database_url: str, model: str,
+                                                      column: str, index_name: str) -> None:
+    """``PatientName=SCHM*`` is ``LIKE 'SCHM%'`` on PostgreSQL: its B-tree must be bytewise
+    (``varchar_pattern_ops``, migration 0008) to serve it in a non-C collation; else every row
+    is read. (SQLite's GLOB uses the plain index.)"""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's LIKE and operator classes")
+    from sqlalchemy import select
+
+    from gateway import models
+    from gateway.query import Wildcard
+
+    table = getattr(models, model).__table__
+    index = Index(database_url)
+    try:
+        index.upgrade()
+        stmt = select(table.c.pk).where(Wildcard(table.c[column], "SCHM*"))
+        compiled = stmt.compile(index.engine)
+        with index.engine.connect() as connection:
+            connection.execute(text("SET enable_seqscan = off"))  # the table is tiny here
+            plan = "\n".join(connection.exec_driver_sql(
+                "EXPLAIN " + str(compiled), compiled.params).scalars())
+    finally:
+        index.close()
+    assert index_name in plan, plan
