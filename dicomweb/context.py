@@ -89,14 +89,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def audit(request: web.Request, action: Action, study_uids: tuple[str, ...] = (),
                 detail: str = "", success: bool = True,
-                stored: StoredInstances | None = None) -> None:
+                stored: StoredInstances | None = None,
+                patients: tuple[tuple[str, str], ...] = ()) -> None:
     """Record an access in the trail (PS3.15 A.5) through the injected sink; ``stored``
     names the instances a STOW-RS request stored, per study."""
     who = request.get(PRINCIPAL)
     event = AuditEvent(
         action=action, principal=who.audit_name if who else "unauthenticated",
         address=request.remote or "", study_uids=study_uids, detail=detail, success=success,
-        jti=who.jti if who else None, stored=stored,
+        jti=who.jti if who else None, stored=stored, patients=patients,
     )
     sink = request.config_dict[AUDIT]
     try:

@@ -141,7 +141,7 @@ async def _audit(request: web.Request, services: PixelServices, action: Action,
 def _pixel_file(gateway: Gateway, image: InstanceRef) -> PixelFile:
     if not image.has_pixels:
         raise PixelDataError(f"instance {image.sop_instance_uid} has no pixel data")
-    return open_pixel_file(gateway.storage.blob(image.file_path))
+    return open_pixel_file(gateway.storage.blob(image.file_path, image.file_size))
 
 
 # -- Accept negotiation (PS3.18 §8.7.3.5) ----------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -77,7 +78,8 @@ async def _search(request: web.Request, level: Level, study: str | None = None,
     # response leaves (the record precedes the disclosure).
     recording = asyncio.create_task(audit(
         request, Action.QUERY, result.study_uids,
-        detail=f"{level.value} query, {len(result.matches)} matches"))
+        detail=f"{level.value} query, {len(result.matches)} matches",
+        patients=_patients_of(result.matches)))
     try:
         # PS3.18 §8.3.4.4.1 as corrected by CP-2473: a search with no match answers 200 (OK)
         # with an empty result (an empty JSON array), not 204.
@@ -90,6 +92,17 @@ async def _search(request: web.Request, level: Level, study: str | None = None,
     finally:
         await recording
     return response
+
+
+def _patients_of(matches: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """(StudyInstanceUID, PatientID) of the matches that carry both, for the trail."""
+    pairs = []
+    for match in matches:
+        study = match.get("0020000D", {}).get("Value")
+        patient = match.get("00100020", {}).get("Value")
+        if study and patient and isinstance(patient[0], str):
+            pairs.append((study[0], patient[0]))
+    return tuple(pairs)
 
 
 def _xml_response(result: QueryResult, headers: dict[str, str]) -> web.Response:

@@ -26,7 +26,7 @@ import enum
 import json
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -184,8 +184,11 @@ def add_many(
     jti: str | None = None,
     detail: str = "",
     stored: StoredInstances | None = None,
+    patients: Mapping[str, str] | None = None,
 ) -> None:
     """Append one entry per study in one statement; the same fields as :func:`add`.
+
+    ``patients`` gives the PatientID of studies the caller knows (not looked up again).
 
     With ``stored``, each study's entry lists the instances stored in it (and says how many
     there were) instead of ``instance_uids``.
@@ -201,8 +204,8 @@ def add_many(
         if len(uids) > MAX_INSTANCES:
             detail = f"{detail} ({len(uids)} instances, first {MAX_INSTANCES} listed)".strip()
             uids = uids[:MAX_INSTANCES]
-    known = [uid for uid in dict.fromkeys(study_uids) if uid]
-    patients: dict[str, str] = {}
+    patients = dict(patients or {})
+    known = [uid for uid in dict.fromkeys(study_uids) if uid and uid not in patients]
     for start in range(0, len(known), 500):
         chunk = known[start:start + 500]
         for study_uid, patient_id in session.execute(
@@ -266,6 +269,9 @@ class AuditEvent:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
     instance_uids: tuple[str, ...] = ()
     stored: StoredInstances | None = None
+    # (study, PatientID) pairs the front end already knows (a search's matches): those
+    # studies' patients are not looked up again.
+    patients: tuple[tuple[str, str], ...] = ()
 
 
 class AuditSink(Protocol):
@@ -345,7 +351,7 @@ class DatabaseAudit:
                      actor=event.principal, actor_name=name, relationship=relationship,
                      address=event.address, jti=event.jti,
                      instance_uids=event.instance_uids or None, detail=event.detail,
-                     stored=event.stored)
+                     stored=event.stored, patients=dict(event.patients))
 
         try:
             self.index.write(work)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import json
 import logging
 import re
 import time
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
+import orjson
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from sqlalchemy import (
     Boolean,
@@ -892,7 +892,7 @@ class QueryEngine:
                 else:
                     stored = (row.study_attributes if source is Level.STUDY
                               else row.series_attributes)
-                parsed[source] = json.loads(stored) if stored else {}
+                parsed[source] = orjson.loads(stored) if stored else {}
             if not condition.matches(parsed[source]):
                 return False
         return True
@@ -1035,7 +1035,7 @@ class QueryEngine:
         out: dict[str, Any] = {}
         level = query.level
         if level is Level.STUDY:
-            _copy(out, json.loads(row.attributes), shape.tags)
+            _copy(out, orjson.loads(row.attributes), shape.tags)
             n_series = counts.get(("study_series", row.pk), 0)
             n_instances = counts.get(("study", row.pk), 0)
             computed: dict[str, Any] = {
@@ -1048,8 +1048,8 @@ class QueryEngine:
             if retrieve_base is not None:
                 computed["RetrieveURL"] = f"{retrieve_base}/studies/{row.study_instance_uid}"
         elif level is Level.SERIES:
-            _copy(out, json.loads(row.study_attributes), shape.study_tags)
-            _copy(out, json.loads(row.attributes), shape.tags)
+            _copy(out, orjson.loads(row.study_attributes), shape.study_tags)
+            _copy(out, orjson.loads(row.attributes), shape.tags)
             n_instances = counts.get(("series", row.pk), 0)
             computed = {
                 "StudyInstanceUID": row.study_instance_uid,
@@ -1061,12 +1061,12 @@ class QueryEngine:
                 computed["RetrieveURL"] = (f"{retrieve_base}/studies/{row.study_instance_uid}"
                                            f"/series/{row.series_instance_uid}")
         else:
-            _copy(out, json.loads(row.study_attributes), shape.study_tags)
+            _copy(out, orjson.loads(row.study_attributes), shape.study_tags)
             if shape.asks_series:
-                _copy(out, json.loads(row.series_attributes), shape.tags)
+                _copy(out, orjson.loads(row.series_attributes), shape.tags)
             metadata = getattr(row, "metadata_json", None)
             if metadata is not None:
-                _copy(out, json.loads(metadata), shape.tags)
+                _copy(out, orjson.loads(metadata), shape.tags)
             computed = {
                 "StudyInstanceUID": row.study_instance_uid,
                 "SeriesInstanceUID": row.series_instance_uid,

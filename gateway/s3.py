@@ -57,6 +57,8 @@ CHUNK = 1024 * 1024
 RANGE_BUFFER = 64 * 1024
 # /readyz asks the store at most this often (a probe per request would be a load of its own).
 READY_PROBE_SECONDS = 1.0
+# A PUT slower than this is logged (a sender's DIMSE timeout is often 30 s in all).
+SLOW_PUT_SECONDS = 2.0
 # Keys the sweeper looks at per round (a round every quarter of the grace).
 SWEEP_KEYS_PER_ROUND = 20000
 _CODE = re.compile(r"<Code>([^<]{1,64})</Code>")
@@ -143,12 +145,12 @@ class _RangeReader(io.RawIOBase):
 class S3Blob:
     """One stored object, read by byte ranges (:class:`gateway.storage.Blob`)."""
 
-    def __init__(self, storage: S3Storage, relpath: str) -> None:
+    def __init__(self, storage: S3Storage, relpath: str, size: int | None = None) -> None:
         self.storage = storage
         self.relpath = relpath
         self.key: Hashable = ("s3", storage.key(relpath))
         self.name = relpath.rsplit("/", 1)[-1]
-        self._size: int | None = None
+        self._size = size  # the index's file_size when known: no HEAD request
 
     def size(self) -> int:
         if self._size is None:
@@ -363,15 +365,19 @@ class S3Storage:
             The store did not take it (down, full, refused): nothing was kept.
         """
         started = time.perf_counter()
+        size = len(spooled.data)
         try:
             obstore.put(self.store, self.key(relpath), bytes(spooled.data),
-                        use_multipart=len(spooled.data) > 64 * CHUNK)
+                        use_multipart=size > 64 * CHUNK)
         except Exception as exc:
             logger.error("object store PUT of %s failed: %s", relpath, _reason(exc))
             raise self.unavailable("write", exc) from None
         finally:
             spooled.data = b""
-        METRICS.observe("gateway_object_store_put_seconds", time.perf_counter() - started)
+        took = time.perf_counter() - started
+        METRICS.observe("gateway_object_store_put_seconds", took)
+        if took > SLOW_PUT_SECONDS:
+            logger.warning("object store PUT of %s (%d bytes) took %.1f s", relpath, size, took)
         return PendingWrite(relpath, "")
 
     def write(self, relpath: str, data: bytes) -> PendingWrite:
@@ -428,8 +434,9 @@ class S3Storage:
             raise self.unavailable("read", exc) from None
         return True
 
-    def blob(self, relpath: str) -> S3Blob:
-        return S3Blob(self, relpath)
+    def blob(self, relpath: str, size: int | None = None) -> S3Blob:
+        """The object read by byte ranges; ``size`` (the index's ``file_size``) saves a HEAD."""
+        return S3Blob(self, relpath, size)
 
     async def fetch_async(self, relpath: str) -> bytes:
         """The whole object (for small ones: WADO-RS fetches several at once)."""

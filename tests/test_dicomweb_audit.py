@@ -41,6 +41,8 @@ def test_accesses_are_recorded(gateway) -> None:  # noqa: ANN001
         (Action.STORE, ("1.2.826.0.1.3680043.8.498.66",)),
         (Action.DELETE, (c.study_b,)),
     ]
+    # The search's matches name their patients: the trail needs no lookup for them.
+    assert sink.events[0].patients == ((c.study_b, "P-002"),)
     for event in sink.events:
         assert event.principal == "api_key:ops" and event.address == "127.0.0.1"
         assert token not in repr(event)
