@@ -83,23 +83,33 @@ def _ready() -> bool:
 def send_files(port: int, paths: list[str]) -> int:
     """One association sending ``paths`` as stored; the number acknowledged with success."""
     from pydicom import dcmread
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
 
     first = dcmread(paths[0], stop_before_pixels=True)
     ae = AE(ae_title="BENCHSCU")
     ae.maximum_pdu_size = 0
     ae.add_requested_context(first.SOPClassUID, [first.file_meta.TransferSyntaxUID])
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGW")
+    seen: list[str] = []
+    handlers = [(evt.EVT_ABORTED, lambda e: seen.append("A-ABORT received")),
+                (evt.EVT_ACSE_RECV, lambda e: seen.append(type(e.primitive).__name__)),
+                (evt.EVT_CONN_CLOSE, lambda e: seen.append("connection closed"))]
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGW", evt_handlers=handlers)
     if not assoc.is_established:
         raise RuntimeError("association refused")
     done = 0
+    last = None
     try:
         for path in paths:
+            if not assoc.is_established:
+                raise RuntimeError(f"association ended after {done} of {len(paths)} "
+                                   f"instances (last status {last}; {', '.join(seen)})")
             status = assoc.send_c_store(path)
+            last = f"0x{status.Status:04X}" if status and "Status" in status else "none"
             if status and status.Status == 0x0000:
                 done += 1
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     return done
 
 
@@ -152,9 +162,14 @@ def gateway(backend: str, root: Path, store: SeaweedFS, databases: Databases,
     env = {"GATEWAY_DEMO": "1"}  # anonymous reads on loopback, for the WADO-RS part
     if backend == "s3":
         env.update(store.env(tag))
+    log = root / f"{tag}.log"
     with databases.fresh() as database, \
-            GatewayServer(root / tag, env={**env, **database}) as server:
-        yield server
+            GatewayServer(root / tag, env={**env, **database}, log=log) as server:
+        try:
+            yield server
+        except Exception:
+            print(f"{backend} gateway's log:\n{log.read_text()[-3000:]}", flush=True)
+            raise
 
 
 # -- measurement -----------------------------------------------------------------------------
@@ -229,13 +244,21 @@ def ingest(args: argparse.Namespace, root: Path, store: SeaweedFS, databases: Da
             store_cpu: list[float] = []
             for run in range(args.repeat):
                 for backend in turns(run):
-                    with gateway(backend, root, store, databases) as server:
-                        assert server.proc is not None and store.process is not None
-                        gw0 = process_cpu_seconds(server.proc.pid)
-                        st0 = process_cpu_seconds(store.process.pid)
-                        seconds = send(pool, server.dimse_port, data[kind], n)
-                        gw1 = process_cpu_seconds(server.proc.pid)
-                        st1 = process_cpu_seconds(store.process.pid)
+                    for attempt in (1, 2):  # a failed send is reported, then run once more
+                        try:
+                            with gateway(backend, root, store, databases) as server:
+                                assert server.proc is not None and store.process is not None
+                                gw0 = process_cpu_seconds(server.proc.pid)
+                                st0 = process_cpu_seconds(store.process.pid)
+                                seconds = send(pool, server.dimse_port, data[kind], n)
+                                gw1 = process_cpu_seconds(server.proc.pid)
+                                st1 = process_cpu_seconds(store.process.pid)
+                            break
+                        except RuntimeError as exc:
+                            print(f"FAILED {kind} x{n} on {backend} (attempt {attempt}): {exc}",
+                                  flush=True)
+                            if attempt == 2:
+                                raise
                     rate[backend].append(args.count / seconds)
                     cpu[backend].append((gw1 - gw0) / args.count * 1000)
                     if backend == "s3":
