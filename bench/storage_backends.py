@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import http.client
+import logging
 import secrets
 import statistics
 import sys
@@ -40,6 +41,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,7 +92,14 @@ def send_files(port: int, paths: list[str]) -> int:
     ae.maximum_pdu_size = 0
     ae.add_requested_context(first.SOPClassUID, [first.file_meta.TransferSyntaxUID])
     seen: list[str] = []
-    handlers = [(evt.EVT_ABORTED, lambda e: seen.append("A-ABORT received")),
+
+    class Seen(logging.Handler):  # pynetdicom's own account of an abort (a timeout, say)
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    catch = Seen(logging.WARNING)
+    logging.getLogger("pynetdicom").addHandler(catch)
+    handlers: list[Any] = [(evt.EVT_ABORTED, lambda e: seen.append("aborted")),
                 (evt.EVT_ACSE_RECV, lambda e: seen.append(type(e.primitive).__name__)),
                 (evt.EVT_CONN_CLOSE, lambda e: seen.append("connection closed"))]
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGW", evt_handlers=handlers)
@@ -98,11 +107,13 @@ def send_files(port: int, paths: list[str]) -> int:
         raise RuntimeError("association refused")
     done = 0
     last = None
+    started = time.perf_counter()
     try:
         for path in paths:
             if not assoc.is_established:
                 raise RuntimeError(f"association ended after {done} of {len(paths)} "
-                                   f"instances (last status {last}; {', '.join(seen)})")
+                                   f"instances, {time.perf_counter() - started:.1f} s in "
+                                   f"(last status {last}; {', '.join(seen)})")
             status = assoc.send_c_store(path)
             last = f"0x{status.Status:04X}" if status and "Status" in status else "none"
             if status and status.Status == 0x0000:
@@ -110,6 +121,7 @@ def send_files(port: int, paths: list[str]) -> int:
     finally:
         if assoc.is_established:
             assoc.release()
+        logging.getLogger("pynetdicom").removeHandler(catch)
     return done
 
 
