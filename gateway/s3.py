@@ -18,9 +18,9 @@ bounded memory; :meth:`S3Storage.path` gives the readers that need a whole local
 C-GET, transcoding) a copy in ``<data>/cache/objects``, at most ``[storage] cache_bytes`` of
 them, least recently used ones removed first.
 
-The client is obstore (Rust's ``object_store``): measured against boto3 and minio on the same
-store (``bench/s3_clients.py``), it spent a fifth to an eighth of boto3's CPU per request and
-served two to three times the requests (docs/design.md).
+The client is obstore (Rust's ``object_store``), chosen by measurement against boto3 and minio
+on the same store (``bench/s3_clients.py``, docs/benchmarks.md): about a tenth of boto3's CPU
+per request for small objects and ranged reads, and two to six times its requests per second.
 """
 
 from __future__ import annotations
