@@ -329,6 +329,13 @@ def test_object_store_outage_is_refused_then_recovered(cluster: dict[str, Any]) 
                      "Content-Type": f'multipart/related; type="application/dicom"; '
                                      f'boundary={boundary}'})
         assert status == 503 and "Retry-After" in headers
+        first = study(STUDY_A, 1)[0]
+        status, headers, _ = b.request(
+            "GET", f"/dicomweb/studies/{STUDY_A}/series/{first.SeriesInstanceUID}/instances/"
+                   f"{first.SOPInstanceUID}",
+            headers={**bearer(cluster, "reader"),
+                     "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert status == 503 and "Retry-After" in headers  # WADO-RS: the object unreachable
         for node in (a, b):
             assert wait_until(lambda n=node: n.request("GET", "/readyz")[0] == 503, 15)
     finally:
