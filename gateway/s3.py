@@ -48,7 +48,7 @@ from obstore.store import S3Store
 from gateway.config import SettingsError
 from gateway.errors import StorageFull, Unavailable
 from gateway.metrics import METRICS
-from gateway.storage import PRIVATE_FILE, PendingWrite, make_private_folders
+from gateway.storage import PRIVATE_FILE, PendingWrite, delete_unnamed, make_private_folders
 
 logger = logging.getLogger(__name__)
 
@@ -407,12 +407,7 @@ class S3Storage:
 
     def delete_unindexed(self, relpaths: list[str], is_indexed: Callable[[str], bool]) -> int:
         """Delete the objects of rows already deleted (committed): those no row names now."""
-        done = 0
-        for relpath in relpaths:
-            if not is_indexed(relpath):
-                self._delete_key(relpath)
-                done += 1
-        return done
+        return delete_unnamed(relpaths, is_indexed, self._delete_key)
 
     def _delete_key(self, relpath: str) -> None:
         self._uncache(relpath)

@@ -177,6 +177,19 @@ class BlobStore(Protocol):
     def stream_async(self, relpath: str) -> AsyncIterator[bytes]: ...
 
 
+def delete_unnamed(relpaths: list[str], is_indexed: Callable[[str], bool],
+                   delete: Callable[[str], None]) -> int:
+    """Delete those of ``relpaths`` no index row names (their rows deleted and committed
+    first); return how many. An identical re-send committed meanwhile names its path again:
+    its file or object stays."""
+    removed = 0
+    for relpath in relpaths:
+        if not is_indexed(relpath):
+            delete(relpath)
+            removed += 1
+    return removed
+
+
 def relative_path(study: str, series: str, sop: str, digest: str) -> str:
     """Return the stored file's path relative to the files folder.
 
@@ -724,12 +737,7 @@ class FileStorage:
         its file must stay. Returns how many files were removed.
         """
         self.settle()  # no spool name of theirs left for recovery to store them again
-        removed = 0
-        for relpath in relpaths:
-            if not is_indexed(relpath):
-                self.delete(relpath)
-                removed += 1
-        return removed
+        return delete_unnamed(relpaths, is_indexed, self.delete)
 
     def unfinished(self) -> list[Path]:
         """The files in ``.incoming`` that hold a write not finished or undone yet, once the

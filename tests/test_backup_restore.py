@@ -32,11 +32,19 @@ from sqlalchemy import create_engine, make_url, text
 from gateway.apikeys import ApiKeys
 from gateway.index import Index
 from tests.support.common import ct_dataset, part10
+from tests.support.databases import new_databases
 from tests.support.dicomweb_helpers import parse_multipart
 from tests.support.dimse_helpers import associate, wait_until
 from tests.support.gateway_process import GatewayProcess
 from tests.support.links_helpers import fake_viewer, links_toml
-from tests.support.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS, weed_binary
+from tests.support.seaweedfs import (
+    ACCESS_KEY,
+    BUCKET,
+    SECRET_KEY,
+    SeaweedFS,
+    running_seaweedfs,
+    weed_binary,
+)
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "")
 PG_DUMP = shutil.which("pg_dump") or "pg_dump"
@@ -68,32 +76,14 @@ def libpq(url: str) -> str:
 @pytest.fixture
 def databases() -> Iterator[Any]:
     """Make databases of their own (``databases()`` returns a new one's URL); all dropped."""
-    made: list[str] = []
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-
-    def new() -> str:
-        name = f"restore_{secrets.token_hex(5)}"
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        made.append(name)
-        return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-
-    try:
+    with new_databases("restore") as new:
         yield new
-    finally:
-        with admin.connect() as connection:
-            for name in made:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
 def weed(tmp_path: Path) -> Iterator[SeaweedFS]:
-    store = SeaweedFS(tmp_path / "seaweedfs").start()
-    try:
+    with running_seaweedfs(tmp_path / "seaweedfs") as store:
         yield store
-    finally:
-        store.stop()
 
 
 class Node:

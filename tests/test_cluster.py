@@ -21,17 +21,17 @@ from urllib.parse import urlsplit
 import obstore
 import pytest
 from pydicom import Dataset
-from sqlalchemy import create_engine, make_url, text
 
 from gateway.apikeys import ApiKeys
 from gateway.index import Index
 from gateway.metadata import dataset_offset
 from tests.support.common import ct_dataset, part10
+from tests.support.databases import new_databases
 from tests.support.dicomweb_helpers import multipart_body, parse_multipart
 from tests.support.dimse_helpers import associate, wait_until
 from tests.support.gateway_process import GatewayProcess
 from tests.support.links_helpers import fake_viewer, links_toml
-from tests.support.seaweedfs import SeaweedFS, weed_binary
+from tests.support.seaweedfs import SeaweedFS, running_seaweedfs, weed_binary
 
 PG_URL = __import__("os").environ.get("GATEWAY_TEST_DATABASE_URL", "")
 
@@ -78,26 +78,15 @@ class Node:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    weed = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
-    try:
+    with running_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as weed:
         yield weed
-    finally:
-        weed.stop()
 
 
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
     """A database of its own with no schema: the nodes create it."""
-    name = f"cluster_{secrets.token_hex(5)}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with new_databases("cluster") as new:
+        yield new()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ but one fail with a unique violation; with it, one migrates while the others wai
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, make_url, text
 
 from gateway.index import MIGRATIONS
+from tests.support.databases import new_databases
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "")
 NODES = 3
@@ -33,16 +33,8 @@ pytestmark = pytest.mark.skipif(not PG_URL, reason="needs GATEWAY_TEST_DATABASE_
 @pytest.fixture
 def empty_database() -> Iterator[str]:
     """The URL of a new, empty database on the test server, dropped afterwards."""
-    name = f"t_cluster_{secrets.token_hex(6)}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with new_databases("t_cluster") as new:
+        yield new()
 
 
 def _waiting_on_locks(connection: object, database: str) -> int:

