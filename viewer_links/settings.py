@@ -105,9 +105,9 @@ def link_settings(settings: Settings) -> tuple[LinkSettings, KeyRing]:
         keys = [key_from_table(t, settings.data_dir) for t in table.get("keys", [])]
         if not any(k.can_sign for k in keys):
             keys.append(local_secret(settings.data_dir / "links-hs256.key"))
-            if settings.database_url or settings.storage.url:
-                # A shared index or store: likely one node of several, which would each sign
-                # with a key of its own and refuse the others' links.
+            if settings.storage.url:
+                # Instances in a shared bucket: likely one node of several, which would each
+                # sign with a key of its own and refuse the others' links.
                 logger.warning("links are signed with this node's own key (links-hs256.key in "
                                "the data folder); other nodes refuse them: give every node the "
                                "same [[links.keys]] (docs/deploy.md)")
