@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GatewayServer, library_versions, process_cpu_seconds  # noqa: E402
+from soak import keep_responses_for_sender  # noqa: E402
 
 from sample_dicom.generator import SeriesSpec, StudySpec, generate_study  # noqa: E402
 from tests.support.seaweedfs import SeaweedFS  # noqa: E402
@@ -105,6 +106,9 @@ def send_files(port: int, paths: list[str]) -> int:
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGW", evt_handlers=handlers)
     if not assoc.is_established:
         raise RuntimeError("association refused")
+    # pynetdicom 3.0.4's requestor may drop a C-STORE-RSP it received ("Received unexpected
+    # C-STORE service message") and wait 30 s for it: the soak's work-around (bench/scu_race.py).
+    keep_responses_for_sender(assoc)
     done = 0
     last = None
     started = time.perf_counter()
