@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, insert, make_url, select
 from sqlalchemy.orm import Session
 
-from gateway.index import Index
+from gateway.index import CHORE_OBJECT_SWEEP, Index
 from gateway.models import Patient
 
 
@@ -237,7 +237,7 @@ _WRITES = {
 _CHILD = """
 import os, sys
 from sqlalchemy import insert
-from gateway.index import Index
+from gateway.index import CHORE_OBJECT_SWEEP, Index
 from gateway.models import Patient
 index = Index(sys.argv[1])
 def add(connection, patient_id="bare"):
@@ -276,3 +276,18 @@ def test_only_writes_recovery_can_make_again_leave_the_log_unflushed(
     baseline = _log_flushes(tmp_path / "baseline", "")
     flushes = _log_flushes(tmp_path / "writes", _WRITES[writes])
     assert len(flushes) - len(baseline) == (0 if writes == "ingest" else 1), flushes
+
+
+def test_a_chore_is_done_by_one_node_at_a_time(index: Index, database_url: str) -> None:
+    """``Index.exclusive``: on PostgreSQL a second index (another node) is told no while the
+    first holds the chore, and yes once it let go; on SQLite (one node) always yes."""
+    other = Index(database_url)
+    try:
+        with index.exclusive(CHORE_OBJECT_SWEEP) as mine:
+            assert mine
+            with other.exclusive(CHORE_OBJECT_SWEEP) as theirs:
+                assert theirs is (not database_url.startswith("postgresql"))
+        with other.exclusive(CHORE_OBJECT_SWEEP) as theirs:
+            assert theirs
+    finally:
+        other.close()

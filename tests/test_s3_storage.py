@@ -183,3 +183,20 @@ def test_the_sweeper_removes_unnamed_objects_a_slice_at_a_time(tmp_path: Path,
         assert storage.sweep(later, budget=2) == 1
     finally:
         storage.detach()
+
+
+def test_a_node_on_a_shared_bucket_warns_when_it_signs_with_its_own_key(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without [[links.keys]] each node makes a key of its own and refuses the others' links:
+    said at start when the instances are in a shared bucket, not on a lone node."""
+    from gateway.config import load_settings
+    from viewer_links.settings import link_settings
+
+    alone = load_settings(environ={"GATEWAY_DATA_DIR": str(tmp_path / "alone")})
+    shared = load_settings(environ={"GATEWAY_DATA_DIR": str(tmp_path / "shared"),
+                                    "GATEWAY_STORAGE_URL": f"s3://{BUCKET}/node"})
+    with caplog.at_level("WARNING", logger="viewer_links.settings"):
+        link_settings(alone)
+        assert not caplog.records
+        link_settings(shared)
+    assert any("[[links.keys]]" in r.getMessage() for r in caplog.records)
